@@ -1,0 +1,3 @@
+from ptools.cli.app import main
+
+main()

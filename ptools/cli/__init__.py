@@ -1,0 +1,1 @@
+"""The ``ptools`` command line: one module per command over :mod:`ptools.core`."""

@@ -1,0 +1,91 @@
+"""The ``ptools`` Typer app, its error edge and its entry point.
+
+Command modules are imported here to register them; they import torch only inside the
+functions that need it, so ``ptools --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ptools import __version__
+from ptools.cli import output
+from ptools.errors import PtoolsError
+
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="ptools",
+    help="A toolbox for people who train and ship PyTorch models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def error_edge(function: F) -> F:
+    """Turn typed ptools errors into ``error: …`` and their exit code; Ctrl-C into 130.
+
+    Anything else is a bug and propagates with its traceback.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except PtoolsError as failure:
+            if os.environ.get("PTOOLS_DEBUG") == "1":
+                traceback.print_exc()
+            output.error(str(failure))
+            raise typer.Exit(failure.exit_code) from None
+        except KeyboardInterrupt:
+            output.info("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"ptools {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True,
+        help="Print the version and exit.")] = False,
+) -> None:
+    """A toolbox for people who train and ship PyTorch models.
+
+    Exit codes: 0 success, 1 error, 2 usage error, 3 a requirement you asked for is not
+    met, 130 interrupted. Set PTOOLS_DEBUG=1 for tracebacks.
+    """
+
+
+def _register() -> None:
+    from ptools.cli import gpu_info
+
+    for module in (gpu_info,):
+        app.command(module.NAME, help=module.HELP, short_help=module.SHORT_HELP,
+                    no_args_is_help=False)(error_edge(module.command))
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="ptools")

@@ -1,0 +1,214 @@
+"""``ptools gpu-info``: what a person or a script wants to know before launching a job."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from ptools.cli import output
+from ptools.cli.options import JsonOption
+from ptools.core import gpu
+from ptools.core.units import format_bytes, parse_size
+from ptools.errors import BadInputError
+
+NAME = "gpu-info"
+SHORT_HELP = "Show GPUs, memory, utilization, processes and CUDA/torch versions; pick free GPUs."
+HELP = f"""{SHORT_HELP}
+
+Asks NVML first (no CUDA context is created); torch is imported once, only for its own build and only in the full report. --select, --require and --no-torch never import it.
+
+[bold]Examples[/bold]
+
+  ptools gpu-info
+
+  ptools gpu-info --json | jq '.devices[].memory_free_bytes'
+
+  CUDA_VISIBLE_DEVICES=$(ptools gpu-info --select 2 --min-free-memory 20GiB) python train.py
+
+  ptools gpu-info --require 4 && torchrun --nproc-per-node 4 train.py
+
+  ptools gpu-info --watch 2
+"""
+
+
+def command(
+    json_output: JsonOption = False,
+    no_torch: Annotated[bool, typer.Option(
+        "--no-torch", help="Do not import torch: NVML only (fast; no torch/cuDNN/NCCL versions).")] = False,
+    require: Annotated[int | None, typer.Option(
+        "--require", min=1, metavar="N",
+        help="Exit 3 unless at least N usable GPUs (within the limits below) exist. "
+             "Prints nothing on success unless --json.")] = None,
+    select: Annotated[int | None, typer.Option(
+        "--select", min=1, metavar="N",
+        help="Print the CUDA_VISIBLE_DEVICES value naming the N best GPUs, best first "
+             "(it becomes cuda:0); exit 3 if fewer qualify.")] = None,
+    min_free_memory: Annotated[str | None, typer.Option(
+        "--min-free-memory", metavar="SIZE",
+        help="Only GPUs with at least this much free memory, e.g. 20GiB, 8GB, 512MiB.")] = None,
+    max_utilization: Annotated[float | None, typer.Option(
+        "--max-utilization", min=0, max=100, metavar="PCT",
+        help="Only GPUs whose utilization is at most PCT percent.")] = None,
+    order: Annotated[str, typer.Option(
+        "--order", metavar="POLICY",
+        help="Ranking for --select: free-memory (most free, then least busy, then lowest "
+             "index), utilization (least busy, then most free, then lowest index) or index.")
+    ] = "free-memory",
+    watch: Annotated[float | None, typer.Option(
+        "--watch", min=0.1, metavar="SECONDS",
+        help="Refresh every SECONDS until Ctrl-C (with --json: one JSON object per line).")] = None,
+) -> None:
+    if order not in gpu.SELECT_ORDERS:
+        raise BadInputError(f"unknown --order {order!r}; choose one of: {', '.join(gpu.SELECT_ORDERS)}")
+    min_free = parse_size(min_free_memory) if min_free_memory is not None else None
+    limits = {"min_free_memory_bytes": min_free, "max_utilization_percent": max_utilization}
+    gating = select is not None or require is not None
+    if watch is not None and gating:
+        raise BadInputError("--watch cannot be combined with --select or --require")
+
+    if watch is not None:
+        _watch(watch, use_torch=not no_torch, json_output=json_output)
+        return
+
+    report = gpu.query_devices(use_torch=not (no_torch or gating))
+    if select is not None:
+        chosen = gpu.select_devices(report, select, order=order, **limits)
+        value = ",".join(d.visible_devices_entry or str(d.cuda_index) for d in chosen)
+        if json_output:
+            output.print_json({"cuda_visible_devices": value,
+                               "devices": [d.to_dict() for d in chosen]})
+        else:
+            sys.stdout.write(value + "\n")
+        return
+    if require is not None:
+        gpu.require_devices(report, require, **limits)
+        if json_output:
+            output.print_json(report.to_dict())
+        return
+
+    data = report.to_dict()
+    if json_output:
+        output.print_json(data)
+        return
+    console = output.stdout_console()
+    for renderable in render(data):
+        console.print(renderable)
+    for problem in data["problems"]:
+        output.info(f"note: {problem}")
+
+
+def _watch(interval: float, *, use_torch: bool, json_output: bool) -> None:
+    """Refresh until Ctrl-C; torch (if used) is asked once, NVML on every refresh."""
+    first = gpu.query_devices(use_torch=use_torch)
+    cached_torch = _torch_info_of(first) if use_torch else None
+
+    def refresh() -> dict[str, Any]:
+        if cached_torch is None:
+            return gpu.query_devices(use_torch=False).to_dict()
+        return gpu.query_devices(torch_probe=lambda: cached_torch).to_dict()
+
+    data = first.to_dict()
+    if json_output or not sys.stdout.isatty():
+        while True:
+            if json_output:
+                output.print_ndjson([data])
+            else:
+                console = output.stdout_console()
+                for renderable in render(data):
+                    console.print(renderable)
+            time.sleep(interval)
+            data = refresh()
+    from rich.console import Group
+    from rich.live import Live
+
+    with Live(Group(*render(data)), console=output.stdout_console(), auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            live.update(Group(*render(refresh())), refresh=True)
+
+
+def _torch_info_of(report: gpu.GpuReport) -> gpu.TorchInfo | None:
+    system = report.system
+    if system.torch_version is None:
+        return None
+    return gpu.TorchInfo(
+        version=system.torch_version, cuda_version=system.torch_cuda_version,
+        cudnn_version=system.torch_cudnn_version, nccl_version=system.torch_nccl_version,
+        hip_version=system.torch_hip_version, cuda_available=bool(system.torch_cuda_available),
+        device_count=system.torch_device_count or 0, mps_available=bool(system.mps_available),
+        devices=[{"uuid": d.uuid} for d in report.addressable_devices])
+
+
+def _percent(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}%"
+
+
+def render(data: dict[str, Any]) -> list[Any]:
+    """Rich renderables for a report dict (the same data ``--json`` prints)."""
+    system = data["system"]
+    sources = data["sources"]
+    torch_line = system["torch_version"]
+    if torch_line is not None:
+        build = f"CUDA {system['torch_cuda_version']}" if system["torch_cuda_version"] else (
+            f"ROCm/HIP {system['torch_hip_version']}" if system["torch_hip_version"] else "CPU-only")
+        torch_line = f"{torch_line} ({build})"
+    else:
+        torch_line = "not asked (--no-torch)" if sources["torch"] == "skipped" else "not installed"
+    rows = [
+        ("NVIDIA driver", system["driver_version"] or "not found"),
+        ("CUDA driver API", system["cuda_driver_version"]),
+        ("torch", torch_line),
+    ]
+    if sources["torch"] == "torch":
+        rows += [
+            ("cuDNN", system["torch_cudnn_version"]),
+            ("NCCL", system["torch_nccl_version"]),
+            ("torch sees CUDA", f"{system['torch_cuda_available']} "
+                                f"({system['torch_device_count']} device(s))"),
+            ("MPS (Apple)", system["mps_available"]),
+        ]
+    rows += [
+        ("CUDA_VISIBLE_DEVICES", system["cuda_visible_devices"] if system["cuda_visible_devices"]
+         is not None else "(unset)"),
+        ("CUDA_DEVICE_ORDER", system["cuda_device_order"]),
+        ("sources", f"devices: {sources['devices']}, CUDA order: {sources['cuda_order']}, "
+                    f"torch: {sources['torch']}"),
+    ]
+    renderables: list[Any] = [output.make_table("System", ["", "value"], rows)]
+
+    devices = data["devices"]
+    device_rows = []
+    for d in devices:
+        used, total = d["memory_used_bytes"], d["memory_total_bytes"]
+        memory = f"{format_bytes(used)} / {format_bytes(total)}" if total is not None else None
+        power = None
+        if d["power_draw_watts"] is not None:
+            limit = f" / {d['power_limit_watts']:.0f} W" if d["power_limit_watts"] else " W"
+            power = f"{d['power_draw_watts']:.0f}{limit}"
+        name = d["name"] if d["kind"] == "gpu" else f"  └ MIG {d['mig_index']}: {d['name']}"
+        device_rows.append((
+            d["cuda_index"], d["nvml_index"], name, d["compute_capability"], memory,
+            format_bytes(d["memory_free_bytes"]), _percent(d["utilization_gpu_percent"]),
+            f"{d['temperature_c']} °C" if d["temperature_c"] is not None else None, power,
+            d["mig_mode"] if d["kind"] == "gpu" else "instance", len(d["processes"]),
+            d["uuid"], d["pci_bus_id"]))
+    renderables.append(output.make_table(
+        f"Devices ({sum(d['cuda_index'] is not None for d in devices)} usable by CUDA)",
+        [("CUDA", "right"), ("NVML", "right"), "Name", "CC", ("Memory used / total", "right"),
+         ("Free", "right"), ("Util", "right"), ("Temp", "right"), ("Power", "right"), "MIG",
+         ("Procs", "right"), "UUID", "PCI bus"],
+        device_rows))
+
+    process_rows = [
+        (d["cuda_index"], d["nvml_index"], p["pid"], p["user"] or "?",
+         format_bytes(p["used_memory_bytes"]), p["command"] or "(not visible from here)")
+        for d in devices for p in d["processes"]
+    ]
+    if process_rows:
+        renderables.append(output.make_table(
+            "Compute processes", [("CUDA", "right"), ("NVML", "right"), ("PID", "right"), "User",
+                                  ("GPU memory", "right"), "Command"], process_rows))
+    return renderables

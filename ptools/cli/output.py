@@ -1,0 +1,86 @@
+"""The one output layer: data to stdout (Rich tables for people, JSON for programs),
+messages to stderr. Colour only on a terminal and never with ``NO_COLOR``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+# Off a terminal Rich would wrap tables at 80 columns; a file or pipe deserves whole rows.
+_PIPE_WIDTH = 200
+
+
+def _console(stream: Any) -> Console:
+    from rich.console import Console
+
+    terminal = stream.isatty()
+    width = None if terminal or os.environ.get("COLUMNS") else _PIPE_WIDTH
+    return Console(file=stream, width=width, no_color=bool(os.environ.get("NO_COLOR")) or None,
+                   highlight=False, soft_wrap=not terminal)
+
+
+def stdout_console() -> Console:
+    """A console on stdout, for data meant for people."""
+    return _console(sys.stdout)
+
+
+def stderr_console() -> Console:
+    """A console on stderr, for messages, warnings, progress and live views."""
+    return _console(sys.stderr)
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` to stdout as one indented JSON document."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def print_ndjson(rows: Iterable[Any]) -> None:
+    """Print each row to stdout as one compact JSON object per line."""
+    for row in rows:
+        sys.stdout.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _message(prefix: str, text: str) -> None:
+    sys.stderr.write(f"{prefix}{text}\n")
+    sys.stderr.flush()
+
+
+def info(text: str) -> None:
+    """A message for people, on stderr."""
+    _message("", text)
+
+
+def warn(text: str) -> None:
+    """A warning, on stderr."""
+    _message("warning: ", text)
+
+
+def error(text: str) -> None:
+    """An error, on stderr (the caller decides the exit code)."""
+    _message("error: ", text)
+
+
+def make_table(title: str | None, columns: Sequence[str | tuple[str, str]],
+               rows: Iterable[Sequence[Any]]) -> Table:
+    """A Rich table; a column given as ``(name, "right")`` is right-aligned.
+
+    Cells are shown with ``str``; None is shown as ``-``.
+    """
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        name, justify = column if isinstance(column, tuple) else (column, "left")
+        table.add_column(name, justify=justify)
+    for row in rows:
+        table.add_row(*("-" if cell is None else str(cell) for cell in row))
+    return table

@@ -1,0 +1,108 @@
+"""The app as a whole: version, help, start-up cost, error edge, and README coverage."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import ptools
+from ptools.cli.app import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "torchvision", "numpy")
+
+
+def registered_commands() -> list:
+    return [c for c in app.registered_commands if not c.hidden]
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert (result.exit_code, result.stdout) == (0, f"ptools {ptools.__version__}\n")
+
+
+def test_root_help_lists_every_command_with_one_line() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in registered_commands():
+        assert command.name in result.stdout
+        assert command.short_help and "\n" not in command.short_help
+
+
+def test_no_arguments_shows_help() -> None:
+    result = runner.invoke(app, [])
+    assert "Usage" in result.output
+
+
+@pytest.mark.parametrize("command", [c.name for c in registered_commands()])
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    result = runner.invoke(app, [command, "-h"])
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout
+    assert f"ptools {command}" in result.stdout
+
+
+@pytest.mark.parametrize("command", [c.name for c in registered_commands()])
+def test_every_command_is_described_in_readme(command: str) -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(rf"^#+ `ptools {re.escape(command)}", readme, re.MULTILINE), (
+        f"README.md has no section for `ptools {command}`")
+
+
+def test_readme_quick_start_has_exactly_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start\n+```(?:bash|sh)\n(.*?)```", readme, re.DOTALL)
+    assert block, "README must open with a Quick start code block"
+    commands = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    assert "pytest" in commands[1] and ".[test]" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci, ".ci/run must run the README's second quick-start command"
+
+
+def imported_heavy_modules(*args: str) -> set[str]:
+    """Run ptools in a fresh interpreter; return the heavy top-level modules it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "ptools", *args],
+                            capture_output=True, text=True, timeout=120)
+    modules = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+               for line in result.stderr.splitlines() if line.startswith("import time:")}
+    return modules & set(HEAVY)
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["--version"], *[[c.name, "--help"] for c in registered_commands()],
+    ["gpu-info", "--no-torch"], ["gpu-info", "--require", "1"], ["gpu-info", "--select", "1"],
+])
+def test_startup_never_imports_torch(args: list[str]) -> None:
+    assert imported_heavy_modules(*args) == set()
+
+
+def test_full_gpu_report_does_import_torch() -> None:
+    """The start-up check above can fail: the full report really imports torch."""
+    assert "torch" in imported_heavy_modules("gpu-info")
+
+
+def test_console_script_entry_point() -> None:
+    script = Path(sys.executable).with_name("ptools")
+    if not script.exists():
+        pytest.skip("ptools is not installed as a console script in this environment")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.stdout == f"ptools {ptools.__version__}\n"
+
+
+def test_pick_gpus_example_runs() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "pick_gpus.py"), "1"],
+                            capture_output=True, text=True, timeout=60)
+    from tests.conftest import nvidia_gpu_count
+
+    if nvidia_gpu_count():
+        assert result.returncode == 0 and result.stdout.strip()
+    else:
+        assert result.returncode == 3
+        assert "cannot pick GPUs: 1 usable GPU required, 0 found" in result.stderr

@@ -1,0 +1,277 @@
+"""``ptools gpu-info`` through CliRunner with recorded NVML answers, and as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pynvml
+import pytest
+from typer.testing import CliRunner
+
+from ptools.cli.app import app
+from ptools.core import gpu
+from tests.conftest import nvidia_gpu_count
+from tests.fake_nvml import GIB, FakeNvml, hidden_processes, make_gpu, servers
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch):
+    """Install a recorded NVML (and a torch that must not be asked unless allowed)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    state = {"torch_asked": 0}
+
+    def install(nvml: FakeNvml, *, describer=None) -> dict:
+        monkeypatch.setattr(gpu, "load_nvml", lambda: nvml)
+
+        def probe() -> gpu.TorchInfo:
+            state["torch_asked"] += 1
+            return gpu.TorchInfo(version="2.14.1+cu130", cuda_version="13.0", cuda_available=True,
+                                 device_count=len(nvml.gpus),
+                                 devices=[{"uuid": g["uuid"]} for g in nvml.gpus])
+
+        monkeypatch.setattr(gpu, "probe_torch", probe)
+        if describer is not None:
+            monkeypatch.setattr(gpu, "describe_process", describer)
+        return state
+
+    return install
+
+
+def run(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, ["gpu-info", *args], env=env)
+
+
+def test_human_report_lists_devices_and_processes(machine) -> None:
+    machine(FakeNvml([make_gpu(0, processes=[(4242, 2 * GIB)]), make_gpu(1)]),
+            describer=hidden_processes)
+    result = run()
+    assert result.exit_code == 0, result.output
+    assert "Devices (2 usable by CUDA)" in result.stdout
+    assert "NVIDIA H100 80GB HBM3" in result.stdout
+    assert "580.159.04" in result.stdout
+    assert "4242" in result.stdout and "(not visible from here)" in result.stdout
+    assert "\x1b[" not in result.stdout  # no colour off a terminal
+    assert "note: 1 GPU process(es) are not visible" in result.stderr
+    assert "note:" not in result.stdout
+
+
+def test_json_is_the_same_data_as_the_core_report(machine) -> None:
+    state = machine(servers(4))
+    result = run("--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data == gpu.query_devices(env={}).to_dict()
+    assert data["sources"] == {"devices": "nvml", "cuda_order": "torch", "torch": "torch"}
+    assert [d["cuda_index"] for d in data["devices"]] == [0, 1, 2, 3]
+    assert state["torch_asked"] == 2
+
+
+@pytest.mark.parametrize("flags", [["--no-torch"], ["--require", "1"], ["--select", "1"],
+                                   ["--require", "1", "--json"]])
+def test_fast_paths_never_ask_torch(machine, flags: list[str]) -> None:
+    state = machine(servers(2))
+    result = run(*flags)
+    assert result.exit_code == 0, result.output
+    assert state["torch_asked"] == 0
+
+
+def test_select_prints_visible_devices_value_best_first(machine) -> None:
+    machine(FakeNvml([make_gpu(0, used_gib=40), make_gpu(1, used_gib=1), make_gpu(2, used_gib=20)]))
+    result = run("--select", "2")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "1,2\n", "")
+
+
+def test_select_inside_a_restricted_environment(machine) -> None:
+    machine(FakeNvml([make_gpu(i, used_gib=10 - i) for i in range(4)]))
+    result = run("--select", "1", env={"CUDA_VISIBLE_DEVICES": "1,2"})
+    assert result.stdout == "2\n"
+
+
+def test_select_json(machine) -> None:
+    machine(servers(3))
+    data = json.loads(run("--select", "2", "--order", "index", "--json").stdout)
+    assert data["cuda_visible_devices"] == "0,1"
+    assert [d["nvml_index"] for d in data["devices"]] == [0, 1]
+
+
+def test_select_that_cannot_be_met_exits_3(machine) -> None:
+    machine(servers(2))
+    result = run("--select", "3")
+    assert result.exit_code == 3
+    assert result.stdout == ""
+    assert result.stderr == "error: 3 usable GPUs required, 2 found\n"
+
+
+def test_select_with_filters(machine) -> None:
+    machine(FakeNvml([make_gpu(0, used_gib=70, util=0), make_gpu(1, used_gib=1, util=90),
+                      make_gpu(2, used_gib=5, util=10)]))
+    result = run("--select", "1", "--min-free-memory", "20GiB", "--max-utilization", "50")
+    assert result.stdout == "2\n"
+
+
+def test_require_success_prints_nothing(machine) -> None:
+    machine(servers(4))
+    result = run("--require", "4")
+    assert (result.exit_code, result.stdout) == (0, "")
+
+
+def test_require_failure(machine) -> None:
+    machine(FakeNvml([], init_error=pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH))
+    result = run("--require", "1")
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: 1 usable GPU required, 0 found: driver/library version mismatch")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_no_driver_still_succeeds(machine) -> None:
+    machine(FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+    result = run("--no-torch")
+    assert result.exit_code == 0
+    assert "Devices (0 usable by CUDA)" in result.stdout
+    assert "note: no NVIDIA driver found" in result.stderr
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--min-free-memory", "lots"], "error: invalid size 'lots'"),
+    (["--order", "fastest"], "error: unknown --order 'fastest'; choose one of: free-memory, utilization, index"),
+    (["--watch", "1", "--select", "1"], "error: --watch cannot be combined with --select or --require"),
+])
+def test_bad_values_exit_1_with_one_line(machine, flags: list[str], message: str) -> None:
+    machine(servers(1))
+    result = run(*flags)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(message)
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("flags", [["--select", "0"], ["--require", "-1"], ["--max-utilization", "101"],
+                                   ["--watch", "0"], ["--bogus"]])
+def test_usage_errors_exit_2(machine, flags: list[str]) -> None:
+    machine(servers(1))
+    assert run(*flags).exit_code == 2
+
+
+def test_debug_shows_traceback(machine) -> None:
+    machine(servers(1))
+    result = run("--min-free-memory", "lots", env={"PTOOLS_DEBUG": "1"})
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "error: invalid size" in result.stderr
+
+
+# ---------------------------------------------------------------- the real process, this machine
+
+
+def ptools(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptools", *args], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def test_real_json_report() -> None:
+    result = ptools("gpu-info", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["sources"]["torch"] == "torch"
+    assert data["system"]["torch_version"]
+    if nvidia_gpu_count() == 0:
+        assert data["devices"] == []
+        assert data["problems"], "a machine without GPUs must say why"
+
+
+def test_real_require_without_gpu_exits_3() -> None:
+    if nvidia_gpu_count():
+        pytest.skip("this machine has a GPU")
+    result = ptools("gpu-info", "--require", "1")
+    assert result.returncode == 3
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: 1 usable GPU required, 0 found")
+
+
+def test_real_watch_stops_cleanly_on_ctrl_c() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ptools", "gpu-info", "--watch", "0.2", "--json", "--no-torch"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        assert all(json.loads(line)["sources"]["torch"] == "skipped" for line in lines)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+
+
+def test_human_watch_off_a_terminal_repeats_tables() -> None:
+    process = subprocess.Popen([sys.executable, "-m", "ptools", "gpu-info", "--watch", "0.1", "--no-torch"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert stdout.count("System") >= 2
+
+
+@pytest.mark.cuda
+def test_real_gpu_report_matches_nvidia_smi() -> None:
+    result = ptools("gpu-info", "--json", "--no-torch")
+    data = json.loads(result.stdout)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=uuid,memory.total,name", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split(", ") for line in smi.strip().splitlines()]
+    gpus = [d for d in data["devices"] if d["kind"] == "gpu"]
+    assert [d["uuid"] for d in gpus] == [r[0] for r in rows]
+    assert [d["memory_total_bytes"] // 2**20 for d in gpus] == [int(r[1]) for r in rows]
+    assert [d["name"] for d in gpus] == [r[2] for r in rows]
+
+
+@pytest.mark.cuda
+def test_real_cuda_indices_match_torch() -> None:
+    script = ("import json, torch; print(json.dumps([[torch.cuda.get_device_properties(i).name, "
+              "str(torch.cuda.get_device_properties(i).uuid)] for i in range(torch.cuda.device_count())]))")
+    data = json.loads(ptools("gpu-info", "--json", "--no-torch").stdout)
+    first = next(d for d in data["devices"] if d["cuda_index"] == 0)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": first["uuid"]}
+    seen = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                     check=True, env=env).stdout)
+    assert len(seen) == 1 and seen[0][0] == first["name"]
+    assert first["uuid"].lower().endswith(seen[0][1].lower())
+    selected = ptools("gpu-info", "--select", "1", "--order", "index", env=env)
+    assert selected.stdout.strip() == first["uuid"]
+
+
+@pytest.mark.cuda
+def test_real_report_creates_no_cuda_context() -> None:
+    """The full report (which imports torch) must not appear among the GPU's processes."""
+    script = """
+import os, sys, pynvml
+from ptools.core.gpu import query_devices
+def my_gpu_pids():
+    pynvml.nvmlInit()
+    try:
+        return {p.pid for i in range(pynvml.nvmlDeviceGetCount())
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i))}
+    finally:
+        pynvml.nvmlShutdown()
+report = query_devices(use_torch=True)
+assert report.sources["torch"] == "torch" and report.system.torch_cuda_available, report
+before = os.getpid() in my_gpu_pids()
+import torch
+torch.ones(1, device="cuda")
+after = os.getpid() in my_gpu_pids()
+print(before, after)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    before, after = result.stdout.split()
+    if after != "True":
+        pytest.skip("NVML does not show this process's PID here (PID namespace), cannot check")
+    assert before == "False"

@@ -1,0 +1,26 @@
+import pytest
+
+from ptools.core.units import format_bytes, parse_size
+from ptools.errors import BadInputError
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("1048576", 2**20), ("0", 0), ("20GiB", 20 * 2**30), ("20 gib", 20 * 2**30), ("8GB", 8 * 10**9),
+    ("512M", 512 * 2**20), ("1.5G", 3 * 2**29), ("2TB", 2 * 10**12), ("100B", 100), (".5KiB", 512),
+])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-1GB", "12 parsecs", "1e9", "nan", "1,5G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(BadInputError, match="invalid size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("size", "binary", "text"), [
+    (None, True, "-"), (0, True, "0 B"), (1023, True, "1023 B"), (1024, True, "1.0 KiB"),
+    (80 * 2**30, True, "80.0 GiB"), (1_500_000, False, "1.5 MB"), (2**60, True, "1024.0 PiB"),
+])
+def test_format_bytes(size: int | None, binary: bool, text: str) -> None:
+    assert format_bytes(size, binary=binary) == text
