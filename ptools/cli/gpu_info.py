@@ -123,11 +123,17 @@ def _watch(interval: float, *, use_torch: bool, json_output: bool) -> None:
             data = refresh()
     from rich.console import Group
     from rich.live import Live
+    from rich.text import Text
 
-    with Live(Group(*render(data)), console=output.stdout_console(), auto_refresh=False) as live:
+    def view(data: dict[str, Any]) -> Group:
+        # A live screen has no separate stderr lines, so the notes go under the tables.
+        notes = Text("\n".join(f"note: {p}" for p in data["problems"]), style="dim")
+        return Group(*render(data), notes)
+
+    with Live(view(data), console=output.stdout_console(), auto_refresh=False) as live:
         while True:
             time.sleep(interval)
-            live.update(Group(*render(refresh())), refresh=True)
+            live.update(view(refresh()), refresh=True)
 
 
 def _torch_info_of(report: gpu.GpuReport) -> gpu.TorchInfo | None:
