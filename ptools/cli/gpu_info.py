@@ -77,6 +77,8 @@ def command(
     if select is not None:
         chosen = gpu.select_devices(report, select, order=order, **limits)
         value = ",".join(d.visible_devices_entry or str(d.cuda_index) for d in chosen)
+        for problem in report.problems:  # e.g. a guessed CUDA order: worth seeing before a launch
+            output.info(f"note: {problem}")
         if json_output:
             output.print_json({"cuda_visible_devices": value,
                                "devices": [d.to_dict() for d in chosen]})

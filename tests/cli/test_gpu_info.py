@@ -95,6 +95,16 @@ def test_select_inside_a_restricted_environment(machine) -> None:
     assert result.stdout == "2\n"
 
 
+def test_select_notes_a_guessed_order_on_stderr(machine) -> None:
+    machine(FakeNvml([make_gpu(0, name="NVIDIA GeForce RTX 3090", cc=(8, 6), used_gib=1),
+                      make_gpu(1, name="NVIDIA GeForce RTX 4090", cc=(8, 9), used_gib=2)]))
+    result = run("--select", "1")
+    assert result.stdout == "1\n"  # the 3090 is guessed to be cuda:1 (4090 first)
+    assert "note: the GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID" in result.stderr
+    pci = run("--select", "1", env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    assert (pci.stdout, pci.stderr) == ("0\n", "")
+
+
 def test_select_json(machine) -> None:
     machine(servers(3))
     data = json.loads(run("--select", "2", "--order", "index", "--json").stdout)
