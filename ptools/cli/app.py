@@ -76,9 +76,9 @@ def _root(
 
 
 def _register() -> None:
-    from ptools.cli import gpu_info
+    from ptools.cli import gpu_info, inspect_state_dict
 
-    for module in (gpu_info,):
+    for module in (gpu_info, inspect_state_dict):
         app.command(module.NAME, help=module.HELP, short_help=module.SHORT_HELP,
                     no_args_is_help=False)(error_edge(module.command))
 

@@ -84,3 +84,12 @@ def make_table(title: str | None, columns: Sequence[str | tuple[str, str]],
     for row in rows:
         table.add_row(*("-" if cell is None else str(cell) for cell in row))
     return table
+
+
+def progress(items: Iterable[Any], total: int, description: str) -> Iterable[Any]:
+    """Iterate ``items`` with a progress bar on stderr when it is a terminal."""
+    if not sys.stderr.isatty() or total < 2:
+        return items
+    from rich.progress import track
+
+    return track(items, total=total, description=description, console=stderr_console(), transient=True)

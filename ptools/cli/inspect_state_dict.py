@@ -1,0 +1,238 @@
+"""``ptools inspect-state-dict``: what is in a checkpoint, without loading it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ptools.cli import output
+from ptools.cli.options import JsonOption, NdjsonOption, TrustOption
+from ptools.core.units import format_bytes
+from ptools.errors import BadInputError
+
+NAME = "inspect-state-dict"
+SHORT_HELP = "List a checkpoint's tensors (names, shapes, dtypes, devices, sharing) without loading it; stats, diff."
+HELP = f"""{SHORT_HELP}
+
+Reads PyTorch zip and legacy files, TorchScript archives, safetensors (single, or sharded through *.index.json), and torch.distributed.checkpoint folders, by content. Listing reads metadata only, so it costs the same for 10 MB or 10 GB, and never runs code from the file (see --trust).
+
+[bold]Examples[/bold]
+
+  ptools inspect-state-dict last.ckpt
+
+  ptools inspect-state-dict model.safetensors --filter 'attn' --tree --depth 3
+
+  ptools inspect-state-dict run/epoch_90.pth --key model_ema --stats
+
+  ptools inspect-state-dict ckpt.pt --check-finite
+
+  ptools inspect-state-dict ddp.pt --diff plain.pt --values
+
+  ptools inspect-state-dict big.pt --ndjson | jq -r 'select(.dtype=="float16") | .name'
+"""
+
+
+def command(
+    file: Annotated[str, typer.Argument(help="Checkpoint file, *.index.json, or a sharded/DCP folder.",
+                                        show_default=False)],
+    key: Annotated[str, typer.Option(
+        "--key", metavar="KEY",
+        help="Dotted path to the state dict inside a training checkpoint (e.g. model_state_dict, "
+             "state_dict_ema); 'auto' finds the model weights and says which key it picked.")] = "auto",
+    name_filter: Annotated[str | None, typer.Option(
+        "--filter", metavar="REGEX", help="Only tensors whose name matches REGEX (searched).")] = None,
+    tree: Annotated[bool, typer.Option("--tree", help="Group by dotted module prefix with subtotals.")] = False,
+    depth: Annotated[int, typer.Option("--depth", min=1, metavar="N",
+                                       help="Levels of prefixes shown by --tree.")] = 2,
+    stats: Annotated[bool, typer.Option(
+        "--stats", help="Read values: min, max, mean, std, NaN and Inf counts per tensor "
+                        "(one tensor in memory at a time).")] = False,
+    check_finite: Annotated[bool, typer.Option(
+        "--check-finite", help="Read values; exit 1 listing every tensor holding NaN or Inf.")] = False,
+    diff: Annotated[str | None, typer.Option(
+        "--diff", metavar="OTHER",
+        help="Compare with another checkpoint (any format): keys only in one side, shape and dtype "
+             "mismatches; a constant prefix difference (module., _orig_mod., model.) is detected "
+             "and its fix shown.")] = None,
+    values: Annotated[bool, typer.Option(
+        "--values", help="With --diff: also the max absolute difference per common tensor.")] = False,
+    trust: TrustOption = False,
+    json_output: JsonOption = False,
+    ndjson: NdjsonOption = False,
+) -> None:
+    from ptools.core import checkpoint as core
+
+    if json_output and ndjson:
+        raise BadInputError("choose one of --json and --ndjson")
+    if values and diff is None:
+        raise BadInputError("--values needs --diff OTHER")
+    if diff is not None and (stats or check_finite or tree):
+        raise BadInputError("--diff cannot be combined with --stats, --check-finite or --tree")
+
+    checkpoint = core.open_checkpoint(file, trust=trust)
+    listing = core.list_checkpoint(checkpoint, key=key, name_filter=name_filter)
+    output.info(f"state dict: {listing.state_dict_key or '(top level)'} — {listing.state_dict_how}")
+    for note in listing.notes:
+        output.info(f"note: {note}")
+
+    if diff is not None:
+        other = core.open_checkpoint(diff, trust=trust)
+        other_listing = core.list_checkpoint(other, key="auto", name_filter=name_filter)
+        result = core.diff_state_dicts(listing, checkpoint, other_listing, other, values=values)
+        _emit_diff(result.to_dict(), json_output, ndjson)
+        return
+
+    data = listing.to_dict()
+    if tree:
+        data["tree"] = core.group_by_prefix(listing.rows, depth)
+    want_values = stats or check_finite
+    if ndjson and not tree:
+        # Stream: each tensor's line is printed as soon as its statistics are known.
+        rows = core.iter_stats(checkpoint, listing.rows) if want_values else ((r, None) for r in listing.rows)
+        bad = []
+        for row, tensor_stats in rows:
+            line = row.to_dict()
+            if want_values:
+                line["stats"] = _stats_dict(tensor_stats)
+                bad += _non_finite(row.name, tensor_stats)
+            output.print_ndjson([line])
+        _finish_check(check_finite, bad, len(listing.rows))
+        return
+
+    bad = []
+    if want_values:
+        computed = output.progress(core.iter_stats(checkpoint, listing.rows), len(listing.rows), "reading values")
+        for row_data, (row, tensor_stats) in zip(data["tensors"], computed):
+            row_data["stats"] = _stats_dict(tensor_stats)
+            bad += _non_finite(row.name, tensor_stats)
+    if ndjson:
+        output.print_ndjson(data["tree"])
+    elif json_output:
+        output.print_json(data)
+    else:
+        console = output.stdout_console()
+        for renderable in render(data, tree=tree, stats=want_values):
+            console.print(renderable)
+    _finish_check(check_finite, bad, len(listing.rows))
+
+
+def _stats_dict(tensor_stats: Any) -> dict[str, Any] | None:
+    if tensor_stats is None:
+        return None
+    return {"min": tensor_stats.min, "max": tensor_stats.max, "mean": tensor_stats.mean,
+            "std": tensor_stats.std, "nan": tensor_stats.nan, "inf": tensor_stats.inf}
+
+
+def _non_finite(name: str, tensor_stats: Any) -> list[str]:
+    if tensor_stats is None or not (tensor_stats.nan or tensor_stats.inf):
+        return []
+    return [f"{name} ({tensor_stats.nan} NaN, {tensor_stats.inf} Inf)"]
+
+
+def _finish_check(check_finite: bool, bad: list[str], count: int) -> None:
+    if not check_finite:
+        return
+    if bad:
+        raise BadInputError(f"{len(bad)} of {count} tensors hold NaN or Inf: {'; '.join(bad)}")
+    output.info(f"all {count} tensors are finite")
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:.6g}"
+
+
+def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
+    """Rich renderables for the listing dict (the same data ``--json`` prints)."""
+    renderables: list[Any] = []
+    renderables.append(f"[bold]{data['file']}[/bold]  {data['format']}, {format_bytes(data['size_bytes'])}")
+    if data["structure"]:
+        renderables.append(output.make_table(
+            "Checkpoint structure", ["Key", "Type", "Contents"],
+            [(s["key"], s["type"], s["summary"]) for s in data["structure"]]))
+    totals = data["totals"]
+    if tree:
+        renderables.append(output.make_table(
+            "Tensors by module prefix", ["Prefix", ("Tensors", "right"), ("Elements", "right"),
+                                         ("Bytes", "right"), ("Share", "right")],
+            [("  " * (g["depth"] - 1) + g["prefix"], g["tensors"], f"{g['numel']:,}",
+              format_bytes(g["bytes"]), f"{100 * g['bytes'] / totals['bytes']:.1f}%" if totals["bytes"] else "-")
+             for g in data["tree"]]))
+    if not tree or stats:
+        columns: list[Any] = ["Name", "Shape", "Dtype", ("Elements", "right"), ("Bytes", "right"), "Device",
+                              "Kind", "Shares storage with"]
+        if stats:
+            columns += [("Min", "right"), ("Max", "right"), ("Mean", "right"), ("Std", "right"),
+                        ("NaN", "right"), ("Inf", "right")]
+        rows = []
+        for t in data["tensors"]:
+            shared = t["shares_storage_with"]
+            row = [t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['numel']:,}",
+                   format_bytes(t["bytes"]), t["device"], t["kind"],
+                   (shared[0] + (f" (+{len(shared) - 1})" if len(shared) > 1 else "")) if shared else ""]
+            if stats:
+                s = t.get("stats") or {}
+                row += [_number(s.get("min")), _number(s.get("max")), _number(s.get("mean")),
+                        _number(s.get("std")), s.get("nan"), s.get("inf")]
+            rows.append(row)
+        renderables.append(output.make_table(f"State dict ({len(rows)} tensors)", columns, rows))
+    if data["non_tensors"]:
+        renderables.append(output.make_table(
+            "Other entries in the state dict", ["Name", "Type", "Value"],
+            [(n["name"], n["type"], str(n["value"])[:80]) for n in data["non_tensors"]]))
+    dtype_rows = [(dtype, d["tensors"], f"{d['numel']:,}", format_bytes(d["bytes"]))
+                  for dtype, d in totals["by_dtype"].items()]
+    dtype_rows.append(("total", totals["tensors"], f"{totals['numel']:,}", format_bytes(totals["bytes"])))
+    renderables.append(output.make_table("Totals", ["Dtype", ("Tensors", "right"), ("Elements", "right"),
+                                                    ("Bytes", "right")], dtype_rows))
+    inferred = " (inferred from names)" if totals["kinds_inferred_from_names"] else ""
+    shared = ""
+    if totals["storage_bytes"] != totals["bytes"]:
+        shared = f"; storages hold {format_bytes(totals['storage_bytes'])} (shared storages counted once)"
+    renderables.append(
+        f"parameters: {totals['parameters']['tensors']} tensors, {totals['parameters']['numel']:,} elements; "
+        f"buffers: {totals['buffers']['tensors']} tensors, {totals['buffers']['numel']:,} elements"
+        f"{inferred}{shared}")
+    return renderables
+
+
+def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
+    if json_output:
+        output.print_json(data)
+        return
+    if ndjson:
+        lines = [{"change": "only_in_a", "name": n} for n in data["only_in_a"]]
+        lines += [{"change": "only_in_b", "name": n} for n in data["only_in_b"]]
+        lines += [{"change": "shape", **m} for m in data["shape_mismatches"]]
+        lines += [{"change": "dtype", **m} for m in data["dtype_mismatches"]]
+        lines += [{"change": "values", **v} for v in data["values"] or []]
+        output.print_ndjson(lines)
+        return
+    console = output.stdout_console()
+    prefix = data["prefix"]
+    summary = [
+        ("A", f"{data['a']['file']} ({data['a']['format']}, {data['a']['tensors']} tensors)"),
+        ("B", f"{data['b']['file']} ({data['b']['format']}, {data['b']['tensors']} tensors)"),
+        ("prefix", f"every key of {prefix['side'].upper()} starts with {prefix['prefix']!r}; "
+                   f"compared without it. Fix: {prefix['fix']}" if prefix else "none"),
+        ("common keys", data["common"]),
+        ("only in A", len(data["only_in_a"])),
+        ("only in B", len(data["only_in_b"])),
+        ("shape mismatches", len(data["shape_mismatches"])),
+        ("dtype mismatches", len(data["dtype_mismatches"])),
+        ("identical", "yes" if data["identical"] else "no"),
+    ]
+    console.print(output.make_table("Diff", ["", "value"], summary))
+    for title, names in (("Only in A", data["only_in_a"]), ("Only in B", data["only_in_b"])):
+        if names:
+            console.print(output.make_table(title, ["Name"], [(n,) for n in names]))
+    if data["shape_mismatches"] or data["dtype_mismatches"]:
+        rows = [(m["name"], "shape", "×".join(map(str, m["a"])), "×".join(map(str, m["b"])))
+                for m in data["shape_mismatches"]]
+        rows += [(m["name"], "dtype", m["a"], m["b"]) for m in data["dtype_mismatches"]]
+        console.print(output.make_table("Mismatches", ["Name", "What", "A", "B"], rows))
+    if data["values"] is not None:
+        differing = [(v["name"], _number(v["max_abs_diff"])) for v in data["values"] if v["max_abs_diff"] != 0]
+        console.print(output.make_table(
+            f"Values: {len(differing)} of {len(data['values'])} compared tensors differ",
+            ["Name", ("Max |A − B|", "right")], differing))

@@ -1,0 +1,116 @@
+"""Comparing two state dicts: keys, shapes, dtypes, and optionally values.
+
+A constant prefix on one side (``module.`` from DataParallel/DDP, ``_orig_mod.`` from
+torch.compile, ``model.`` from wrappers) is detected and reported with its fix, and the
+comparison goes on with names aligned, instead of listing every key as missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ptools.core.checkpoint.listing import Listing, TensorRow
+from ptools.core.checkpoint.readers import Checkpoint
+from ptools.core.checkpoint.values import max_abs_difference, read_tensor
+
+KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "module._orig_mod.", "_orig_mod.module.")
+
+
+@dataclass
+class PrefixDifference:
+    """Every key of ``side`` carries ``prefix``; stripping it aligns the two state dicts."""
+
+    side: str
+    prefix: str
+    fix: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"side": self.side, "prefix": self.prefix, "fix": self.fix}
+
+
+@dataclass
+class StateDictDiff:
+    """The differences between state dicts ``a`` and ``b`` (names as aligned)."""
+
+    a: dict[str, Any]
+    b: dict[str, Any]
+    prefix: PrefixDifference | None
+    common: int
+    only_in_a: list[str]
+    only_in_b: list[str]
+    shape_mismatches: list[dict[str, Any]]
+    dtype_mismatches: list[dict[str, Any]]
+    values: list[dict[str, Any]] | None = field(default=None)
+
+    @property
+    def identical(self) -> bool:
+        """Same keys (after alignment), shapes and dtypes, and equal values when compared."""
+        same = not (self.only_in_a or self.only_in_b or self.shape_mismatches or self.dtype_mismatches)
+        if self.values is not None:
+            same = same and all(v["max_abs_diff"] == 0 for v in self.values)
+        return same
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a, "b": self.b, "prefix": self.prefix.to_dict() if self.prefix else None,
+            "common": self.common, "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
+            "shape_mismatches": self.shape_mismatches, "dtype_mismatches": self.dtype_mismatches,
+            "values": self.values, "identical": self.identical,
+        }
+
+
+def detect_prefix(names_a: list[str], names_b: list[str], file_a: str = "A",
+                  file_b: str = "B") -> PrefixDifference | None:
+    """The prefix whose removal from every key of one side best aligns it with the other."""
+    set_a, set_b = set(names_a), set(names_b)
+    best: tuple[int, str, str] | None = None
+    baseline = len(set_a & set_b)
+    for side, these, others in (("a", set_a, set_b), ("b", set_b, set_a)):
+        candidates = set(KNOWN_PREFIXES)
+        heads = {name.split(".", 1)[0] for name in these}
+        if len(heads) == 1 and all("." in name for name in these):
+            candidates.add(next(iter(heads)) + ".")
+        for prefix in candidates:
+            if not these or not all(name.startswith(prefix) for name in these):
+                continue
+            overlap = len({name[len(prefix):] for name in these} & others)
+            if overlap > baseline and (best is None or overlap > best[0]):
+                best = (overlap, side, prefix)
+    if best is None:
+        return None
+    _, side, prefix = best
+    source = file_a if side == "a" else file_b
+    fix = f"ptools convert-ckpt {source} OUT --strip-prefix {prefix}"
+    return PrefixDifference(side=side, prefix=prefix, fix=fix)
+
+
+def diff_state_dicts(listing_a: Listing, checkpoint_a: Checkpoint, listing_b: Listing,
+                     checkpoint_b: Checkpoint, *, values: bool = False) -> StateDictDiff:
+    """Compare two listings; with ``values``, the max absolute difference of each common
+    tensor of equal shape, read one pair at a time."""
+    prefix = detect_prefix([r.name for r in listing_a.rows], [r.name for r in listing_b.rows],
+                           listing_a.file, listing_b.file)
+
+    def aligned(rows: list[TensorRow], side: str) -> dict[str, TensorRow]:
+        strip = prefix.prefix if prefix is not None and prefix.side == side else ""
+        return {row.name[len(strip):]: row for row in rows}
+
+    rows_a, rows_b = aligned(listing_a.rows, "a"), aligned(listing_b.rows, "b")
+    common = [name for name in rows_a if name in rows_b]
+    shapes, dtypes, compared = [], [], []
+    for name in common:
+        ta, tb = rows_a[name].tensor, rows_b[name].tensor
+        if ta.shape != tb.shape:
+            shapes.append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
+        if ta.dtype != tb.dtype:
+            dtypes.append({"name": name, "a": ta.dtype, "b": tb.dtype})
+        if values and ta.shape == tb.shape:
+            difference = max_abs_difference(read_tensor(checkpoint_a, ta), read_tensor(checkpoint_b, tb))
+            compared.append({"name": name, "max_abs_diff": difference})
+    describe = lambda listing: {"file": listing.file, "format": listing.format,  # noqa: E731
+                                "state_dict_key": listing.state_dict_key, "tensors": len(listing.rows)}
+    return StateDictDiff(
+        a=describe(listing_a), b=describe(listing_b), prefix=prefix, common=len(common),
+        only_in_a=[n for n in rows_a if n not in rows_b], only_in_b=[n for n in rows_b if n not in rows_a],
+        shape_mismatches=shapes, dtype_mismatches=dtypes, values=compared if values else None)

@@ -1,0 +1,605 @@
+"""Opening checkpoints by content: PyTorch zip and legacy pickle, TorchScript, safetensors
+(single and sharded through ``*.index.json``), and torch.distributed.checkpoint folders.
+
+Only metadata is read here; the cost does not grow with the size of the tensor data.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import struct
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, contiguous_stride
+from ptools.core.checkpoint.unpickle import Opaque, TorchDType, unpickle
+from ptools.errors import BadInputError
+
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+LFS_MAGIC = b"version https://git-lfs"
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # the reference implementation's bound
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+FORMATS = ("torch-zip", "torch-legacy", "torchscript", "safetensors", "sharded", "dcp")
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its structure with :class:`TensorInfo` leaves, and where data is.
+
+    Attributes:
+        path: what the user named (file or folder).
+        format: one of :data:`FORMATS`.
+        root: the unpickled object (dicts, lists, numbers, TensorInfo, Opaque…).
+        size_bytes: bytes on disk (all shards / files of a folder).
+        metadata: safetensors ``__metadata__`` (merged over shards), else empty.
+        parameter_names: names known to be parameters (TorchScript), else None.
+        notes: facts about how the file was read, for the user.
+    """
+
+    path: str
+    format: str
+    root: Any
+    size_bytes: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    parameter_names: set[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    # Byte offset of a storage's first byte in ``ref.file``; None for a compressed zip record,
+    # which ``read_record`` then reads through zipfile.
+    locate: Callable[[StorageRef], int | None] = lambda ref: ref.offset
+    read_record: Callable[[StorageRef, int, int], bytes] | None = None
+
+    def read(self, ref: StorageRef, start: int, length: int) -> bytes:
+        """``length`` bytes of a storage from byte ``start``; one tensor's worth, never more."""
+        if start < 0 or start + length > ref.size_bytes:
+            raise BadInputError(f"{self.path}: a tensor reaches past the end of storage {ref.key}")
+        offset = self.locate(ref)
+        if offset is None:
+            if self.read_record is None:
+                raise BadInputError(f"{self.path}: no data location for storage {ref.key}")
+            data = self.read_record(ref, start, length)
+        else:
+            try:
+                with open(ref.file, "rb") as handle:
+                    handle.seek(offset + start)
+                    data = handle.read(length)
+            except OSError as failure:
+                raise BadInputError(f"cannot read {ref.file}: {failure.strerror or failure}") from None
+        if len(data) != length:
+            raise BadInputError(f"{ref.file}: truncated: storage {ref.key} ends early")
+        return data
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:
+    """Open a checkpoint of any supported format, reading metadata only.
+
+    Args:
+        path: a file, a ``*.index.json``, a folder holding one, or a DCP folder.
+        trust: allow pickled globals outside the allowlist (runs code from the file).
+
+    Raises:
+        BadInputError: unreadable, unknown, corrupt or inconsistent input.
+        UnsafeFileError: the file needs code to be read and ``trust`` is off.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _open_folder(path, trust)
+    head = _read_head(path, 64)
+    if not head:
+        raise BadInputError(f"{path}: empty file, not a checkpoint")
+    if head.startswith(LFS_MAGIC):
+        raise BadInputError(f"{path}: this is a Git LFS pointer, not the checkpoint itself",
+                            "run `git lfs pull` to download the real file")
+    if head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC):
+        return _open_zip(path, trust)
+    if head.startswith(LEGACY_MAGIC):
+        return _open_legacy(path, trust)
+    if head.lstrip()[:1] == b"{" and path.endswith(".json"):
+        return _open_index(path, trust)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return _open_safetensors(path)
+    raise BadInputError(
+        f"{path}: unknown format: not a PyTorch (zip or legacy), TorchScript, safetensors, "
+        "index.json or DCP checkpoint")
+
+
+def _read_head(path: str, count: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(count)
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such file") from None
+    except OSError as failure:
+        raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
+
+
+def _open_folder(path: str, trust: bool) -> Checkpoint:
+    if os.path.exists(os.path.join(path, ".metadata")):
+        return _open_dcp(path)
+    indexes = sorted(name for name in os.listdir(path) if name.endswith(".index.json"))
+    if indexes:
+        # Prefer safetensors when a folder ships both (it needs no pickle).
+        indexes.sort(key=lambda name: "safetensors" not in name)
+        return _open_index(os.path.join(path, indexes[0]), trust)
+    raise BadInputError(f"{path}: folder is neither a DCP checkpoint (no .metadata) nor a "
+                        "sharded checkpoint (no *.index.json)")
+
+
+# --------------------------------------------------------------------------- PyTorch zip
+
+
+def _zip_locator(path: str, zip_file: zipfile.ZipFile, records: dict[str, str]) -> Callable[[StorageRef], int | None]:
+    """Byte offset of each stored (uncompressed) record, read from its local header on demand."""
+    cache: dict[str, int | None] = {}
+
+    def locate(ref: StorageRef) -> int | None:
+        name = records[ref.key]
+        if name not in cache:
+            info = zip_file.getinfo(name)
+            if info.compress_type != zipfile.ZIP_STORED:
+                cache[name] = None
+            else:
+                with open(path, "rb") as handle:
+                    handle.seek(info.header_offset)
+                    header = handle.read(30)
+                if len(header) < 30 or header[:4] != ZIP_MAGIC:
+                    raise BadInputError(f"{path}: corrupt zip: bad local header for {name}")
+                name_length, extra_length = struct.unpack("<HH", header[26:30])
+                cache[name] = info.header_offset + 30 + name_length + extra_length
+        return cache[name]
+
+    return locate
+
+
+def _open_zip(path: str, trust: bool) -> Checkpoint:
+    try:
+        zip_file = zipfile.ZipFile(path)
+        names = zip_file.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as failure:
+        raise BadInputError(f"{path}: corrupt or truncated zip archive ({failure})") from None
+    pickles = sorted((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")),
+                     key=lambda n: n.count("/"))
+    if not pickles:
+        raise BadInputError(f"{path}: a zip archive without data.pkl, not a PyTorch checkpoint")
+    prefix = pickles[0][: -len("data.pkl")]
+    is_script = f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names)
+    byteorder = "little"
+    if f"{prefix}byteorder" in names:
+        byteorder = _zip_read(zip_file, path, f"{prefix}byteorder").decode(errors="replace").strip()
+        if byteorder not in ("little", "big"):
+            raise BadInputError(f"{path}: corrupt checkpoint: byteorder record says {byteorder!r}")
+    records: dict[str, str] = {}
+    sizes = {info.filename: info.file_size for info in zip_file.infolist()}
+
+    def storage_ref(key: str, location: str, size: int) -> StorageRef:
+        record = f"{prefix}data/{key}"
+        if record not in sizes:
+            raise BadInputError(f"{path}: corrupt checkpoint: storage record {record} is missing")
+        if sizes[record] < size:
+            raise BadInputError(f"{path}: corrupt checkpoint: storage {key} holds {sizes[record]} "
+                                f"bytes, its tensors need {size}")
+        records[key] = record
+        return StorageRef(file=path, key=key, size_bytes=size, location=location, byteorder=byteorder)
+
+    data = _zip_read(zip_file, path, pickles[0])
+    extra = _torchscript_globals() if is_script else None
+    root = unpickle(data, storage_ref, what=path, trust=trust, extra_globals=extra)
+    def read_record(ref: StorageRef, start: int, length: int) -> bytes:
+        try:
+            with zip_file.open(records[ref.key]) as record:
+                record.read(start)
+                return record.read(length)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError) as failure:
+            raise BadInputError(f"{path}: corrupt zip record for storage {ref.key} ({failure})") from None
+
+    checkpoint = Checkpoint(path=path, format="torchscript" if is_script else "torch-zip", root=root,
+                            size_bytes=os.path.getsize(path),
+                            locate=_zip_locator(path, zip_file, records), read_record=read_record)
+    if is_script:
+        checkpoint.root, checkpoint.parameter_names = _flatten_script_module(
+            root, _script_parameter_lists(zip_file, path, prefix))
+        checkpoint.notes.append("TorchScript archive: parameters and buffers of the scripted "
+                                "module, read from its data without running its code")
+    return checkpoint
+
+
+def _zip_read(zip_file: zipfile.ZipFile, path: str, name: str) -> bytes:
+    try:
+        return zip_file.read(name)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as failure:
+        raise BadInputError(f"{path}: corrupt or truncated zip archive ({failure})") from None
+
+
+class ScriptObject(Opaque):
+    """A TorchScript module object (``__torch__.…`` class): its attributes, kept as data."""
+
+
+def _script_class(qualified: str) -> type[ScriptObject]:
+    return type("ScriptObject", (ScriptObject,), {"qualified_name": qualified})
+
+
+class _ScriptGlobals(dict):
+    """Allowed globals of TorchScript pickles: module classes as data, list builders."""
+
+    _IDENTITY = {f"torch.jit._pickle.build_{kind}list" for kind in ("int", "float", "bool", "tensor", "double")}
+
+    def __contains__(self, qualified: object) -> bool:
+        return isinstance(qualified, str) and (
+            qualified.startswith("__torch__.") or qualified in self._IDENTITY
+            or qualified == "torch.jit._pickle.restore_type_tag")
+
+    def __getitem__(self, qualified: str) -> Any:
+        if qualified.startswith("__torch__."):
+            return _script_class(qualified)
+        if qualified == "torch.jit._pickle.restore_type_tag":
+            return lambda value, _type_name=None: value
+        return lambda value: value
+
+
+def _torchscript_globals() -> dict[str, Any]:
+    return _ScriptGlobals()
+
+
+_PARAMS_RE = re.compile(r"__parameters__\s*=\s*\[([^\]]*)\]")
+_BUFFERS_RE = re.compile(r"__buffers__\s*=\s*\[([^\]]*)\]")
+_CLASS_RE = re.compile(r"^class\s+(\w+)\(", re.MULTILINE)
+
+
+def _script_parameter_lists(zip_file: zipfile.ZipFile, path: str, prefix: str) -> dict[str, set[str]]:
+    """Class name -> its ``__parameters__``, from the archive's generated code (never run)."""
+    found: dict[str, set[str]] = {}
+    for name in zip_file.namelist():
+        if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
+            continue
+        text = _zip_read(zip_file, path, name).decode(errors="replace")
+        classes = list(_CLASS_RE.finditer(text))
+        for index, match in enumerate(classes):
+            end = classes[index + 1].start() if index + 1 < len(classes) else len(text)
+            body = text[match.end():end]
+            params = _PARAMS_RE.search(body)
+            if params:
+                found[match.group(1)] = set(re.findall(r'"([^"]+)"', params.group(1)))
+    return found
+
+
+def _flatten_script_module(root: Any, parameter_lists: dict[str, set[str]]) -> tuple[Any, set[str] | None]:
+    """Flatten a scripted module's attribute tree into ``{dotted name: TensorInfo}``."""
+    flat: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    parameters: set[str] = set()
+    known = True
+
+    def walk(obj: Any, prefix: str) -> None:
+        nonlocal known
+        state = obj.state if isinstance(obj, ScriptObject) else None
+        if not isinstance(state, dict):
+            return
+        class_name = obj.qualified_name.rsplit(".", 1)[-1]
+        params = parameter_lists.get(class_name)
+        if params is None:
+            known = False
+        for key, value in state.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, TensorInfo):
+                flat[name] = value
+                if params is not None and key in params:
+                    parameters.add(name)
+            elif isinstance(value, ScriptObject):
+                walk(value, f"{name}.")
+
+    walk(root, "")
+    if not isinstance(root, ScriptObject):
+        return root, None
+    return flat, parameters if known and parameter_lists else None
+
+
+# --------------------------------------------------------------------------- legacy pickle
+
+
+def _open_legacy(path: str, trust: bool) -> Checkpoint:
+    keys_seen: dict[str, tuple[str, int]] = {}
+
+    def storage_ref(key: str, location: str, size: int) -> StorageRef:
+        keys_seen[key] = (location, size)
+        return StorageRef(file=path, key=key, size_bytes=size, location=location)
+
+    try:
+        handle = open(path, "rb")
+    except OSError as failure:
+        raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
+    with handle:
+        for what in ("magic number", "protocol version", "system info"):
+            unpickle(handle, storage_ref, what=f"{path} ({what})")
+        root = unpickle(handle, storage_ref, what=path, trust=trust)
+        storage_keys = unpickle(handle, storage_ref, what=f"{path} (storage keys)")
+        if not isinstance(storage_keys, list) or not all(isinstance(k, str) for k in storage_keys):
+            raise BadInputError(f"{path}: corrupt legacy checkpoint: storage key list")
+        offsets = _walk_legacy_storages(handle, path, storage_keys, keys_seen)
+    return Checkpoint(path=path, format="torch-legacy", root=root, size_bytes=os.path.getsize(path),
+                      locate=lambda ref: offsets[ref.key])
+
+
+def _walk_legacy_storages(handle: Any, path: str, storage_keys: list[str],
+                          keys_seen: dict[str, tuple[str, int]]) -> dict[str, int]:
+    """Each storage is an int64 element count then its bytes; skip over them, noting offsets."""
+    file_size = os.fstat(handle.fileno()).st_size
+    offsets: dict[str, int] = {}
+    position = handle.tell()
+    for key in storage_keys:
+        if key not in keys_seen:
+            raise BadInputError(f"{path}: corrupt legacy checkpoint: unknown storage {key!r}")
+        handle.seek(position)
+        count_bytes = handle.read(8)
+        if len(count_bytes) < 8:
+            raise BadInputError(f"{path}: truncated legacy checkpoint (storage {key} is missing)")
+        count = int.from_bytes(count_bytes, "little", signed=True)
+        size = keys_seen[key][1]
+        if count < 0 or position + 8 + size > file_size:
+            raise BadInputError(f"{path}: truncated or corrupt legacy checkpoint (storage {key})")
+        offsets[key] = position + 8
+        # The count is in elements; the size we derived from the pickle is in bytes.
+        position += 8 + size
+    missing = set(keys_seen) - set(offsets)
+    if missing:
+        raise BadInputError(f"{path}: corrupt legacy checkpoint: no data for storage(s) "
+                            f"{', '.join(sorted(missing))}")
+    return offsets
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Returns:
+        ``(tensors by name in file order, __metadata__, file size)``.
+
+    Raises:
+        BadInputError: the header is absurd, not JSON, or lies about the data.
+    """
+    try:
+        with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise BadInputError(f"{path}: too short to be a safetensors file")
+            header_size = int.from_bytes(prefix, "little")
+            if header_size > min(file_size - 8, SAFETENSORS_HEADER_LIMIT):
+                raise BadInputError(f"{path}: safetensors header claims {header_size} bytes but the "
+                                    f"file has {file_size - 8} after the length field")
+            raw = handle.read(header_size)
+    except OSError as failure:
+        raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as failure:
+        raise BadInputError(f"{path}: safetensors header is not valid JSON ({failure})") from None
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadInputError(f"{path}: safetensors __metadata__ must map strings to strings")
+    data_start = 8 + header_size
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        dtype, shape, begin, end = _safetensors_entry(path, name, entry)
+        nbytes = ITEMSIZE[dtype] * _product(shape)
+        if end - begin != nbytes:
+            raise BadInputError(f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes, "
+                                f"its dtype and shape need {nbytes}")
+        spans.append((begin, end, name))
+        tensors[name] = TensorInfo(
+            dtype=dtype, shape=shape, stride=contiguous_stride(shape),
+            storage=StorageRef(file=path, key=name, size_bytes=nbytes))
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise BadInputError(f"{path}: tensors {previous!r} and {name!r} overlap in the data")
+        if begin > position:
+            raise BadInputError(f"{path}: a gap of {begin - position} bytes before tensor {name!r}")
+        position, previous = end, name
+    if data_start + position != file_size:
+        raise BadInputError(f"{path}: header describes {position} bytes of data but the file holds "
+                            f"{file_size - data_start}; the file is truncated or padded")
+    offsets = {name: data_start + begin for begin, _, name in spans}
+    for name, tensor in tensors.items():
+        tensor.storage = StorageRef(file=path, key=name, size_bytes=tensor.nbytes, offset=offsets[name])
+    return tensors, metadata, file_size
+
+
+def _product(shape: tuple[int, ...]) -> int:
+    result = 1
+    for size in shape:
+        result *= size
+    return result
+
+
+def _safetensors_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    if not isinstance(entry, dict):
+        raise BadInputError(f"{path}: tensor {name!r}: header entry is not an object")
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise BadInputError(f"{path}: tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                            for s in shape)):
+        raise BadInputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise BadInputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} are invalid")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _open_safetensors(path: str) -> Checkpoint:
+    tensors, metadata, file_size = read_safetensors_header(path)
+    root: collections.OrderedDict[str, Any] = collections.OrderedDict(tensors)
+    aliases = restore_aliases(root, metadata)
+    checkpoint = Checkpoint(path=path, format="safetensors", root=root, size_bytes=file_size,
+                            metadata=metadata)
+    if aliases:
+        checkpoint.notes.append(f"{aliases} tied tensor name(s) restored from __metadata__")
+    return checkpoint
+
+
+def restore_aliases(tensors: dict[str, Any], metadata: dict[str, str]) -> int:
+    """Re-add tied names that safetensors' ``save_model`` stored as ``{alias: kept name}``."""
+    added = 0
+    for alias, kept in metadata.items():
+        if alias not in tensors and kept in tensors and isinstance(tensors[kept], TensorInfo):
+            tensors[alias] = tensors[kept]
+            added += 1
+    return added
+
+
+# --------------------------------------------------------------------------- sharded
+
+
+def _open_index(path: str, trust: bool) -> Checkpoint:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except OSError as failure:
+        raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
+    except ValueError as failure:
+        raise BadInputError(f"{path}: not valid JSON ({failure})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BadInputError(f"{path}: not a sharded-checkpoint index (no weight_map of name -> file)")
+    folder = os.path.dirname(os.path.abspath(path))
+    shards: dict[str, Checkpoint] = {}
+    root: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    metadata: dict[str, str] = {}
+    for name, shard_name in weight_map.items():
+        if shard_name not in shards:
+            shard_path = os.path.join(folder, shard_name)
+            if os.path.isabs(shard_name) or os.path.normpath(shard_name).startswith(".."):
+                raise BadInputError(f"{path}: shard {shard_name!r} points outside the index's folder")
+            if not os.path.isfile(shard_path):
+                raise BadInputError(f"{path}: shard {shard_name!r} listed in the index is missing")
+            shard = open_checkpoint(shard_path, trust=trust)
+            if shard.format not in ("safetensors", "torch-zip", "torch-legacy"):
+                raise BadInputError(f"{path}: shard {shard_name!r} is a {shard.format} file")
+            if not isinstance(shard.root, dict):
+                raise BadInputError(f"{path}: shard {shard_name!r} does not hold a flat state dict")
+            shards[shard_name] = shard
+            metadata.update(shard.metadata)
+        tensor = shards[shard_name].root.get(name)
+        if tensor is None:
+            raise BadInputError(f"{path}: tensor {name!r} is not in shard {shard_name!r}")
+        root[name] = tensor
+    restore_aliases(root, metadata)
+    by_file = {shard.path: shard for shard in shards.values()}
+    return Checkpoint(
+        path=path, format="sharded", root=root,
+        size_bytes=os.path.getsize(path) + sum(s.size_bytes for s in shards.values()),
+        metadata=metadata, locate=lambda ref: by_file[ref.file].locate(ref),
+        read_record=lambda ref, start, length: by_file[ref.file].read(ref, start, length),
+        notes=[f"{len(weight_map)} tensors in {len(shards)} shard(s)"])
+
+
+# --------------------------------------------------------------------------- DCP
+
+
+class _DcpRecord(Opaque):
+    """A torch.distributed.checkpoint metadata object, kept as data (never its real class)."""
+
+
+class _DcpGlobals(dict):
+    def __contains__(self, qualified: object) -> bool:
+        return isinstance(qualified, str) and qualified.startswith("torch.distributed.checkpoint.")
+
+    def __getitem__(self, qualified: str) -> Any:
+        return type("DcpRecord", (_DcpRecord,), {"qualified_name": qualified})
+
+
+def _record_field(record: Any, name: str, position: int | None = None) -> Any:
+    state = record.state if isinstance(record, Opaque) else None
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+        state = {**(state[0] or {}), **state[1]}  # (dict state, slot state)
+    if isinstance(state, dict):
+        return state.get(name)
+    if isinstance(state, tuple) and position is not None and position < len(state):
+        return state[position]
+    if isinstance(record, Opaque) and position is not None and position < len(record.args):
+        return record.args[position]
+    return None
+
+
+def _open_dcp(path: str) -> Checkpoint:
+    metadata_path = os.path.join(path, ".metadata")
+    try:
+        with open(metadata_path, "rb") as handle:
+            data = handle.read()
+    except OSError as failure:
+        raise BadInputError(f"cannot read {metadata_path}: {failure.strerror or failure}") from None
+
+    def no_storage(key: str, location: str, size: int) -> StorageRef:
+        raise BadInputError(f"{metadata_path}: unexpected tensor storage in DCP metadata")
+
+    metadata = unpickle(data, no_storage, what=metadata_path, extra_globals=_DcpGlobals())
+    entries = _record_field(metadata, "state_dict_metadata")
+    storage_data = _record_field(metadata, "storage_data") or {}
+    if not isinstance(entries, dict):
+        raise BadInputError(f"{metadata_path}: not DCP metadata (no state_dict_metadata)")
+    locations: dict[tuple[str, tuple[int, ...]], StorageRef] = {}
+    for index, info in storage_data.items() if isinstance(storage_data, dict) else ():
+        fqn, offset = _record_field(index, "fqn", 0), _record_field(index, "offset", 1)
+        relative, start, length = (_record_field(info, "relative_path", 0), _record_field(info, "offset", 1),
+                                   _record_field(info, "length", 2))
+        if _record_field(info, "transform_descriptors", 3):
+            raise BadInputError(f"{path}: DCP chunks written with transforms (e.g. compression) "
+                                "are not supported")
+        if not (isinstance(relative, str) and isinstance(start, int) and isinstance(length, int)):
+            raise BadInputError(f"{metadata_path}: corrupt storage entry for {fqn!r}")
+        file = os.path.join(path, relative)
+        locations[(str(fqn), tuple(offset or ()))] = StorageRef(file=file, key=f"{relative}@{start}",
+                                                                size_bytes=length, offset=start)
+    root: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    for fqn, entry in entries.items():
+        chunks = _record_field(entry, "chunks")
+        if chunks is None:  # BytesStorageMetadata: a pickled non-tensor object
+            root[fqn] = _DcpBytes(fqn)
+            continue
+        properties = _record_field(entry, "properties")
+        dtype = _record_field(properties, "dtype", 0)
+        shape = _record_field(entry, "size")
+        if not isinstance(dtype, TorchDType) or not isinstance(shape, tuple):
+            raise BadInputError(f"{metadata_path}: corrupt tensor entry for {fqn!r}")
+        tensor = TensorInfo(dtype=dtype.name, shape=shape, stride=contiguous_stride(shape))
+        for chunk in chunks:
+            offsets, sizes = _record_field(chunk, "offsets", 0), _record_field(chunk, "sizes", 1)
+            ref = locations.get((fqn, tuple(offsets or ())))
+            if ref is None:
+                raise BadInputError(f"{metadata_path}: no stored data for a chunk of {fqn!r}")
+            if not os.path.isfile(ref.file):
+                raise BadInputError(f"{path}: DCP shard {os.path.basename(ref.file)!r} is missing")
+            tensor.chunks.append((tuple(offsets), tuple(sizes), ref))
+        root[fqn] = tensor
+    files = {os.path.join(path, n) for n in os.listdir(path)}
+    return Checkpoint(path=path, format="dcp", root=root,
+                      size_bytes=sum(os.path.getsize(f) for f in files if os.path.isfile(f)),
+                      notes=["torch.distributed.checkpoint folder: tensors assembled from chunks"])
+
+
+class _DcpBytes:
+    """A non-tensor object stored in a DCP checkpoint (its bytes are a pickle, not read)."""
+
+    def __init__(self, fqn: str) -> None:
+        self.fqn = fqn
+
+    def __repr__(self) -> str:
+        return "<pickled object in DCP>"

@@ -1,0 +1,201 @@
+"""Finding the model weights inside a training checkpoint, and describing what else is there."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ptools.core.checkpoint.tensors import TensorInfo
+from ptools.core.checkpoint.unpickle import Opaque, TorchDType, TorchMarker
+from ptools.errors import BadInputError
+
+# Where training code usually keeps the model weights, most specific first. EMA weights
+# (timm's state_dict_ema, model_ema) come after the live ones.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net",
+                   "network", "weights", "params", "state_dict_ema", "model_ema", "ema")
+
+
+def iter_tensors(node: Any, prefix: str = "") -> Iterator[tuple[str, TensorInfo]]:
+    """Every tensor under ``node`` with its dotted path (list items by index)."""
+    if isinstance(node, TensorInfo):
+        yield prefix.rstrip("."), node
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from iter_tensors(value, f"{prefix}{key}.")
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            yield from iter_tensors(value, f"{prefix}{index}.")
+
+
+def is_state_dict(node: Any) -> bool:
+    """A mapping of names to tensors (``_extra_state`` entries may hold anything)."""
+    if not isinstance(node, Mapping) or not node:
+        return False
+    tensors = 0
+    for key, value in node.items():
+        if isinstance(value, TensorInfo):
+            tensors += 1
+        elif not str(key).endswith("_extra_state"):
+            return False
+    return tensors > 0
+
+
+def navigate(root: Any, path: str) -> Any:
+    """Follow a dotted path through nested dicts and lists. Keys may contain dots themselves:
+    the longest key matching at each level wins.
+
+    Raises:
+        BadInputError: the path names nothing, listing what exists at the failing level.
+    """
+    node, rest, walked = root, path, []
+    while rest:
+        if isinstance(node, Mapping):
+            parts = rest.split(".")
+            for cut in range(len(parts), 0, -1):
+                candidate = ".".join(parts[:cut])
+                if candidate in node:
+                    node, rest = node[candidate], ".".join(parts[cut:])
+                    walked.append(candidate)
+                    break
+            else:
+                keys = ", ".join(map(str, list(node)[:12]))
+                where = ".".join(walked) or "the top level"
+                raise BadInputError(f"--key {path!r}: no key {parts[0]!r} at {where}; there are: {keys}")
+        elif isinstance(node, (list, tuple)):
+            head, _, rest = rest.partition(".")
+            if not head.isdigit() or int(head) >= len(node):
+                raise BadInputError(f"--key {path!r}: {head!r} is not an index of a list of {len(node)}")
+            node = node[int(head)]
+            walked.append(head)
+        else:
+            raise BadInputError(f"--key {path!r}: {'.'.join(walked)!r} holds a {type_name(node)}, "
+                                "not a dict or list")
+    return node
+
+
+def find_state_dict(root: Any, key: str | None = "auto") -> tuple[str, Any, str]:
+    """Locate the model weights.
+
+    Args:
+        root: the checkpoint's object.
+        key: a dotted path (``--key``), or ``auto``/None to search.
+
+    Returns:
+        ``(path, node, how)``: the dotted path ("" for the top level), the node, and a phrase
+        saying how it was chosen.
+
+    Raises:
+        BadInputError: ``key`` names nothing, or no tensors exist anywhere.
+    """
+    if key not in (None, "auto"):
+        return key, navigate(root, key), "given with --key"
+    if is_state_dict(root):
+        return "", root, "the file is a state dict"
+    path = _search_known_keys(root, "")
+    if path is not None:
+        return path, navigate(root, path), "a conventional key for model weights"
+    best = max(_state_dicts(root, ""), key=lambda found: len(found[1]), default=None)
+    if best is not None:
+        return best[0], best[1], "the largest dict of tensors in the file"
+    if any(True for _ in iter_tensors(root)):
+        return "", root, "every tensor in the file (no dict of tensors found)"
+    raise BadInputError("no tensors found in this checkpoint")
+
+
+def _search_known_keys(node: Any, prefix: str) -> str | None:
+    if not isinstance(node, Mapping):
+        return None
+    for key in STATE_DICT_KEYS:
+        value = node.get(key)
+        if is_state_dict(value):
+            return f"{prefix}{key}"
+        nested = _search_known_keys(value, f"{prefix}{key}.")
+        if nested is not None:
+            return nested
+    return None
+
+
+def _state_dicts(node: Any, prefix: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    if is_state_dict(node):
+        yield prefix.rstrip("."), node
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _state_dicts(value, f"{prefix}{key}.")
+
+
+def flatten(node: Any) -> collections.OrderedDict[str, Any]:
+    """The chosen sub-tree as ``{name: TensorInfo or other value}``; nested containers dotted."""
+    if isinstance(node, Mapping):
+        flat: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        for key, value in node.items():
+            if isinstance(value, (Mapping, list, tuple)) and any(True for _ in iter_tensors(value)):
+                for name, tensor in iter_tensors(value, f"{key}."):
+                    flat[name] = tensor
+            else:
+                flat[str(key)] = value
+        return flat
+    if isinstance(node, TensorInfo):
+        return collections.OrderedDict([("", node)])
+    return collections.OrderedDict(iter_tensors(node))
+
+
+def type_name(value: Any) -> str:
+    """A short, familiar name for the type of a checkpoint value."""
+    if isinstance(value, TensorInfo):
+        return "tensor"
+    if isinstance(value, Opaque):
+        return value.qualified_name
+    if isinstance(value, argparse.Namespace):
+        return "argparse.Namespace"
+    if isinstance(value, (TorchDType, TorchMarker)):
+        return "torch." + type(value).__name__.replace("Torch", "").lower()
+    module = type(value).__module__
+    return type(value).__name__ if module == "builtins" else f"{module}.{type(value).__name__}"
+
+
+def describe(value: Any) -> str:
+    """One line about a top-level value: what it is and how much it holds."""
+    if isinstance(value, TensorInfo):
+        return f"{value.dtype} {list(value.shape)}"
+    if isinstance(value, Mapping) and {"state", "param_groups"} <= set(value):
+        groups = value["param_groups"]
+        state = value["state"]
+        tensors = sum(1 for _ in iter_tensors(state))
+        return (f"optimizer state: {len(groups) if isinstance(groups, list) else '?'} param group(s), "
+                f"state for {len(state) if isinstance(state, Mapping) else '?'} parameter(s) "
+                f"({tensors} tensors)")
+    if isinstance(value, (Mapping, list, tuple)):
+        tensors = list(iter_tensors(value))
+        kind = "dict" if isinstance(value, Mapping) else type(value).__name__
+        if tensors:
+            numel = sum(t.numel for _, t in tensors)
+            others = len(value) - len(tensors) if isinstance(value, Mapping) and is_state_dict(value) else None
+            extra = f", {others} other entries" if others else ""
+            return f"{kind} of {len(value)}: {len(tensors)} tensors, {numel:,} elements{extra}"
+        return f"{kind} of {len(value)}: {short_repr(value)}"
+    if isinstance(value, argparse.Namespace):
+        return f"{len(vars(value))} fields: {short_repr(vars(value))}"
+    return short_repr(value)
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready form of a non-tensor value: numbers, strings, lists, dicts; else repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, argparse.Namespace):
+        return {k: plain(v) for k, v in vars(value).items()}
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item) and type(value).__module__ == "numpy":
+        return plain(item())
+    return repr(value)

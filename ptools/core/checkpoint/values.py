@@ -1,0 +1,205 @@
+"""Reading tensor values from a checkpoint with numpy, one tensor at a time.
+
+Memory stays near the largest tensor: only the bytes a tensor spans are read, and
+statistics are accumulated over fixed-size chunks.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ptools.core.checkpoint.tensors import COMPLEX, FLOATING, ITEMSIZE, StorageRef, TensorInfo
+from ptools.errors import BadInputError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ptools.core.checkpoint.readers import Checkpoint
+
+_NUMPY_CODES = {
+    "float64": "f8", "float32": "f4", "float16": "f2", "complex128": "c16", "complex64": "c8",
+    "int64": "i8", "int32": "i4", "int16": "i2", "int8": "i1", "uint64": "u8", "uint32": "u4",
+    "uint16": "u2", "uint8": "u1", "bool": "?", "qint8": "i1", "quint8": "u1", "qint32": "i4",
+    "quint4x2": "u1", "quint2x4": "u1",
+}
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _float8_e4m3fn_table() -> np.ndarray:
+    """All 256 float8_e4m3fn values: 1 sign, 4 exponent (bias 7), 3 mantissa bits, no inf."""
+    import numpy as np
+
+    table = np.empty(256, dtype=np.float32)
+    for code in range(256):
+        sign = -1.0 if code & 0x80 else 1.0
+        exponent, mantissa = (code >> 3) & 0xF, code & 0x7
+        if exponent == 0xF and mantissa == 0x7:
+            table[code] = np.nan
+        elif exponent == 0:
+            table[code] = sign * mantissa / 8 * 2.0**-6
+        else:
+            table[code] = sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+    return table
+
+
+def decode(raw: bytes, dtype: str, byteorder: str = "little") -> np.ndarray:
+    """Raw storage bytes as a 1-D numpy array; bfloat16 and float8 widen to float32.
+
+    Raises:
+        BadInputError: numpy cannot represent the dtype's values.
+    """
+    import numpy as np
+
+    order = "<" if byteorder == "little" else ">"
+    if dtype == "bfloat16":
+        return (np.frombuffer(raw, dtype=f"{order}u2").astype(np.uint32) << 16).view(np.float32)
+    if dtype == "float8_e5m2":  # the top byte of a float16
+        return (np.frombuffer(raw, dtype=np.uint8).astype(np.uint16) << 8).view(np.float16).astype(np.float32)
+    if dtype == "float8_e4m3fn":
+        return _float8_e4m3fn_table()[np.frombuffer(raw, dtype=np.uint8)]
+    code = _NUMPY_CODES.get(dtype)
+    if code is None:
+        raise BadInputError(f"reading values of dtype {dtype} is not supported")
+    return np.frombuffer(raw, dtype=np.dtype(code).newbyteorder(order) if code not in ("?", "i1", "u1")
+                         else code)
+
+
+def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
+    """The tensor's values as a numpy array of its shape (a view where possible).
+
+    Raises:
+        BadInputError: the data is missing, truncated, or the dtype unsupported; meta tensors.
+    """
+    import numpy as np
+
+    if tensor.chunks:
+        return _read_chunked(checkpoint, tensor)
+    if tensor.storage is None:
+        raise BadInputError("a meta tensor has no values")
+    itemsize = ITEMSIZE[tensor.dtype]
+    extent = tensor.extent
+    raw = checkpoint.read(tensor.storage, tensor.storage_offset * itemsize, extent * itemsize)
+    flat = decode(raw, tensor.dtype, tensor.storage.byteorder)
+    if tensor.numel == 0:
+        return np.empty(tensor.shape, dtype=flat.dtype)
+    if tensor.is_contiguous:
+        return flat[: tensor.numel].reshape(tensor.shape)
+    return np.lib.stride_tricks.as_strided(
+        flat, shape=tensor.shape, strides=[s * flat.itemsize for s in tensor.stride], writeable=False)
+
+
+def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
+    """A DCP tensor: each chunk is a small torch.save archive inside a shard file."""
+    import numpy as np
+
+    from ptools.core.checkpoint.readers import Checkpoint as _Checkpoint
+    from ptools.core.checkpoint.unpickle import unpickle
+
+    result: np.ndarray | None = None
+    for offsets, sizes, ref in tensor.chunks:
+        blob = checkpoint.read(ref, 0, ref.size_bytes)
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(blob))
+            names = archive.namelist()
+            pickle_name = next(n for n in names if n.endswith("data.pkl"))
+        except (zipfile.BadZipFile, StopIteration, ValueError) as failure:
+            raise BadInputError(f"{ref.file}: corrupt DCP chunk at byte {ref.offset} ({failure})") from None
+        prefix = pickle_name[: -len("data.pkl")]
+
+        def storage_ref(key: str, location: str, size: int, _prefix: str = prefix) -> StorageRef:
+            return StorageRef(file=ref.file, key=f"{_prefix}data/{key}", size_bytes=size, location=location)
+
+        chunk_info = unpickle(archive.read(pickle_name), storage_ref, what=f"{ref.file} chunk")
+        if not isinstance(chunk_info, TensorInfo) or tuple(chunk_info.shape) != tuple(sizes):
+            raise BadInputError(f"{ref.file}: DCP chunk does not hold a tensor of shape {list(sizes)}")
+        inner = _Checkpoint(path=ref.file, format="torch-zip", root=chunk_info, size_bytes=len(blob),
+                            locate=lambda _ref: None,
+                            read_record=lambda r, start, length, a=archive: a.read(r.key)[start:start + length])
+        values = read_tensor(inner, chunk_info)
+        if result is None:
+            result = np.empty(tensor.shape, dtype=values.dtype)
+        result[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = values
+    if result is None:
+        return np.empty(tensor.shape, dtype=np.float32)
+    return result
+
+
+@dataclass
+class TensorStats:
+    """Statistics of one tensor's finite values (complex: of magnitudes).
+
+    ``std`` is the sample standard deviation (``torch.std``'s default, correction 1).
+    """
+
+    min: float | None
+    max: float | None
+    mean: float | None
+    std: float | None
+    nan: int
+    inf: int
+
+
+def tensor_stats(values: np.ndarray, dtype: str) -> TensorStats:
+    """Min, max, mean, std, NaN and Inf counts, accumulated over chunks (Chan et al. merge)."""
+    import numpy as np
+
+    flat = values.reshape(-1)
+    count, mean, m2 = 0, 0.0, 0.0
+    low, high = math.inf, -math.inf
+    nan = inf = 0
+    for start in range(0, flat.size, CHUNK_ELEMENTS):
+        chunk = flat[start:start + CHUNK_ELEMENTS]
+        if dtype in COMPLEX:
+            nan += int(np.isnan(chunk).sum())
+            inf += int((np.isinf(chunk) & ~np.isnan(chunk)).sum())
+            chunk = np.abs(chunk[np.isfinite(chunk)]).astype(np.float64)
+        elif dtype in FLOATING:
+            chunk = chunk.astype(np.float64)
+            finite = np.isfinite(chunk)
+            nan += int(np.isnan(chunk).sum())
+            inf += int(np.isinf(chunk).sum())
+            chunk = chunk[finite]
+        else:
+            chunk = chunk.astype(np.float64)
+        if chunk.size == 0:
+            continue
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        chunk_mean = float(chunk.mean())
+        chunk_m2 = float(((chunk - chunk_mean) ** 2).sum())
+        total = count + chunk.size
+        delta = chunk_mean - mean
+        mean += delta * chunk.size / total
+        m2 += chunk_m2 + delta * delta * count * chunk.size / total
+        count = total
+    if count == 0:
+        return TensorStats(None, None, None, None, nan, inf)
+    std = math.sqrt(m2 / (count - 1)) if count > 1 else None
+    return TensorStats(low, high, mean, std, nan, inf)
+
+
+def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Largest |a - b| over elements, chunked; NaN where either side is NaN; None when empty."""
+    import numpy as np
+
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    worst: float | None = None
+    for start in range(0, flat_a.size, CHUNK_ELEMENTS):
+        left = flat_a[start:start + CHUNK_ELEMENTS]
+        right = flat_b[start:start + CHUNK_ELEMENTS]
+        kind = np.complex128 if np.iscomplexobj(left) or np.iscomplexobj(right) else np.float64
+        difference = np.abs(left.astype(kind) - right.astype(kind))
+        both_nan = np.isnan(left.astype(kind)) & np.isnan(right.astype(kind))
+        difference = np.where(both_nan, 0.0, difference)
+        # Equal infinities differ by nothing, although inf - inf is NaN.
+        same = left.astype(kind) == right.astype(kind)
+        difference = np.where(same, 0.0, difference)
+        value = float(np.nan) if np.isnan(difference).any() else float(difference.max())
+        worst = value if worst is None or math.isnan(value) or value > worst else worst
+        if math.isnan(worst):
+            break
+    return worst
+
