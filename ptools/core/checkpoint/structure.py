@@ -159,7 +159,9 @@ def describe(value: Any) -> str:
     """One line about a top-level value: what it is and how much it holds."""
     if isinstance(value, TensorInfo):
         return f"{value.dtype} {list(value.shape)}"
-    if isinstance(value, Mapping) and {"state", "param_groups"} <= set(value):
+    if isinstance(value, list) and value and all(_is_optimizer_state(v) for v in value):
+        return f"{len(value)} optimizer state(s): " + "; ".join(describe(v) for v in value[:3])
+    if _is_optimizer_state(value):
         groups = value["param_groups"]
         state = value["state"]
         tensors = sum(1 for _ in iter_tensors(state))
@@ -180,6 +182,10 @@ def describe(value: Any) -> str:
     return short_repr(value)
 
 
+def _is_optimizer_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and {"state", "param_groups"} <= set(value)
+
+
 def short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -195,7 +201,9 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if isinstance(value, argparse.Namespace):
         return {k: plain(v) for k, v in vars(value).items()}
-    item = getattr(value, "item", None)  # numpy scalars
-    if callable(item) and type(value).__module__ == "numpy":
-        return plain(item())
+    if type(value).__module__ == "numpy":
+        size = getattr(value, "size", 1)
+        if size <= 64:
+            return plain(value.tolist())  # numpy scalars and small arrays
+        return f"<numpy array {getattr(value, 'shape', '')} {getattr(value, 'dtype', '')}>"
     return repr(value)

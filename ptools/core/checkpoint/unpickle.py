@@ -10,9 +10,11 @@ imported and called, as ``torch.load(weights_only=False)`` would).
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import io
+import pathlib
 import pickle
 from collections.abc import Callable
 from typing import IO, Any
@@ -67,6 +69,10 @@ class Opaque:
     """
 
     qualified_name = "?"
+    # Class defaults: NEWOBJ builds instances with __new__ alone, skipping __init__.
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    state: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
@@ -234,6 +240,12 @@ _SAFE_GLOBALS: dict[str, Any] = {
     "builtins.range": range,
     "_codecs.encode": _codecs_encode,
     "argparse.Namespace": argparse.Namespace,
+    "torch.serialization._get_layout": lambda name: TorchMarker(str(name)),
+    # Paths (e.g. DCP's checkpoint_id) are kept as their text; nothing touches the disk.
+    "pathlib.PosixPath": lambda *parts: str(pathlib.PurePosixPath(*parts)),
+    "pathlib.WindowsPath": lambda *parts: str(pathlib.PureWindowsPath(*parts)),
+    "pathlib.PurePosixPath": lambda *parts: str(pathlib.PurePosixPath(*parts)),
+    "pathlib.PureWindowsPath": lambda *parts: str(pathlib.PureWindowsPath(*parts)),
     "numpy.core.multiarray.scalar": _numpy_global("scalar"),
     "numpy._core.multiarray.scalar": _numpy_global("scalar"),
     "numpy.dtype": _numpy_global("dtype"),
@@ -261,10 +273,13 @@ class CheckpointUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
         self._storage_ref = storage_ref
         self._trust = trust
-        self._extra = extra_globals or {}
+        self._extra = extra_globals if extra_globals is not None else {}
         self.unknown_globals: set[str] = set()
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2 (torch.save's) spells some globals the Python 2 way (__builtin__.set).
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         qualified = f"{module}.{name}"
         if qualified in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[qualified]
