@@ -214,7 +214,7 @@ def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
         ("A", f"{data['a']['file']} ({data['a']['format']}, {data['a']['tensors']} tensors)"),
         ("B", f"{data['b']['file']} ({data['b']['format']}, {data['b']['tensors']} tensors)"),
         ("prefix", f"every key of {prefix['side'].upper()} starts with {prefix['prefix']!r}; "
-                   f"compared without it. Fix: {prefix['fix']}" if prefix else "none"),
+                   "compared without it" if prefix else "none"),
         ("common keys", data["common"]),
         ("only in A", len(data["only_in_a"])),
         ("only in B", len(data["only_in_b"])),
@@ -223,6 +223,8 @@ def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
         ("identical", "yes" if data["identical"] else "no"),
     ]
     console.print(output.make_table("Diff", ["", "value"], summary))
+    if prefix:
+        console.print(f"Fix: {prefix['fix']}", markup=False)
     for title, names in (("Only in A", data["only_in_a"]), ("Only in B", data["only_in_b"])):
         if names:
             console.print(output.make_table(title, ["Name"], [(n,) for n in names]))

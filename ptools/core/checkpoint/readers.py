@@ -31,6 +31,9 @@ SAFETENSORS_DTYPES = {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }
+# What zipfile raises on damaged archives (it has no single error type for them).
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, RuntimeError,
+              NotImplementedError, struct.error, KeyError, IndexError, OverflowError)
 FORMATS = ("torch-zip", "torch-legacy", "torchscript", "safetensors", "sharded", "dcp")
 
 
@@ -146,7 +149,10 @@ def _zip_locator(path: str, zip_file: zipfile.ZipFile, records: dict[str, str]) 
     def locate(ref: StorageRef) -> int | None:
         name = records[ref.key]
         if name not in cache:
-            info = zip_file.getinfo(name)
+            try:
+                info = zip_file.getinfo(name)
+            except ZIP_ERRORS as failure:
+                raise BadInputError(f"{path}: corrupt zip archive ({failure})") from None
             if info.compress_type != zipfile.ZIP_STORED:
                 cache[name] = None
             else:
@@ -166,7 +172,7 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
     try:
         zip_file = zipfile.ZipFile(path)
         names = zip_file.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as failure:
+    except ZIP_ERRORS as failure:
         raise BadInputError(f"{path}: corrupt or truncated zip archive ({failure})") from None
     pickles = sorted((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")),
                      key=lambda n: n.count("/"))
@@ -200,7 +206,7 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
             with zip_file.open(records[ref.key]) as record:
                 record.read(start)
                 return record.read(length)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError) as failure:
+        except ZIP_ERRORS as failure:
             raise BadInputError(f"{path}: corrupt zip record for storage {ref.key} ({failure})") from None
 
     checkpoint = Checkpoint(path=path, format="torchscript" if is_script else "torch-zip", root=root,
@@ -217,7 +223,7 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
 def _zip_read(zip_file: zipfile.ZipFile, path: str, name: str) -> bytes:
     try:
         return zip_file.read(name)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as failure:
+    except ZIP_ERRORS as failure:
         raise BadInputError(f"{path}: corrupt or truncated zip archive ({failure})") from None
 
 

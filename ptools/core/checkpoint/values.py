@@ -96,6 +96,7 @@ def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
     """A DCP tensor: each chunk is a small torch.save archive inside a shard file."""
     import numpy as np
 
+    from ptools.core.checkpoint.readers import ZIP_ERRORS
     from ptools.core.checkpoint.readers import Checkpoint as _Checkpoint
     from ptools.core.checkpoint.unpickle import unpickle
 
@@ -106,7 +107,7 @@ def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
             archive = zipfile.ZipFile(io.BytesIO(blob))
             names = archive.namelist()
             pickle_name = next(n for n in names if n.endswith("data.pkl"))
-        except (zipfile.BadZipFile, StopIteration, ValueError) as failure:
+        except (StopIteration, *ZIP_ERRORS) as failure:
             raise BadInputError(f"{ref.file}: corrupt DCP chunk at byte {ref.offset} ({failure})") from None
         prefix = pickle_name[: -len("data.pkl")]
 

@@ -1,0 +1,166 @@
+"""``ptools inspect-state-dict`` through CliRunner and as a real process."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ptools.cli.app import app
+from tests.checkpoint_fixtures import save_safetensors, save_zip, tiny_net, training_checkpoint
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, ["inspect-state-dict", *map(str, args)])
+
+
+@pytest.fixture
+def training_file(tmp_path: Path) -> Path:
+    return save_zip(training_checkpoint(tiny_net(), "plain"), tmp_path / "train.pt")
+
+
+def test_human_listing(training_file: Path) -> None:
+    result = run(training_file)
+    assert result.exit_code == 0, result.output
+    for text in ("Checkpoint structure", "model_state_dict", "optimizer state", "State dict (9 tensors)",
+                 "conv.weight", "4×3×3×3", "float32", "bn.num_batches_tracked", "buffer", "Totals",
+                 "(inferred from names)"):
+        assert text in result.stdout, text
+    assert "\x1b[" not in result.stdout
+    assert result.stderr.startswith("state dict: model_state_dict — a conventional key for model weights")
+
+
+def test_json_is_the_listing(training_file: Path) -> None:
+    data = json.loads(run(training_file, "--json").stdout)
+    model = tiny_net()
+    assert data["format"] == "torch-zip"
+    assert data["state_dict"]["key"] == "model_state_dict"
+    assert [t["name"] for t in data["tensors"]] == list(model.state_dict())
+    conv = data["tensors"][0]
+    assert (conv["shape"], conv["dtype"], conv["numel"], conv["bytes"], conv["device"]) == (
+        [4, 3, 3, 3], "float32", 108, 432, "cpu")
+    assert data["totals"]["tensors"] == 9
+    assert data["totals"]["parameters"]["numel"] == sum(p.numel() for p in model.parameters())
+    assert {e["key"] for e in data["structure"]} == {"model_state_dict", "optimizer_state_dict", "epoch", "loss"}
+
+
+def test_ndjson_filter_and_key(training_file: Path) -> None:
+    result = run(training_file, "--ndjson", "--filter", r"^bn\.")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["name"] for r in rows] == ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                          "bn.num_batches_tracked"]
+    optimizer = json.loads(run(training_file, "--json", "--key", "optimizer_state_dict.state").stdout)
+    assert optimizer["state_dict"] == {"key": "optimizer_state_dict.state", "how": "given with --key"}
+    assert len(optimizer["tensors"]) == 18
+
+
+def test_tree(training_file: Path) -> None:
+    data = json.loads(run(training_file, "--json", "--tree", "--depth", "1").stdout)
+    groups = {g["prefix"]: g["tensors"] for g in data["tree"]}
+    assert groups == {"conv": 2, "bn": 5, "head": 2}
+    human = run(training_file, "--tree")
+    assert "Tensors by module prefix" in human.stdout
+
+
+def test_stats_and_check_finite(tmp_path: Path) -> None:
+    path = save_zip({"ok": torch.tensor([1.0, 2.0, 3.0]), "bad": torch.tensor([1.0, float("nan"), float("inf")]),
+                     "ints": torch.arange(4)}, tmp_path / "nan.pt")
+    data = json.loads(run(path, "--json", "--stats").stdout)
+    stats = {t["name"]: t["stats"] for t in data["tensors"]}
+    assert stats["ok"] == {"min": 1.0, "max": 3.0, "mean": 2.0, "std": 1.0, "nan": 0, "inf": 0}
+    assert (stats["bad"]["nan"], stats["bad"]["inf"]) == (1, 1)
+    checked = run(path, "--check-finite")
+    assert checked.exit_code == 1
+    assert "error: 1 of 3 tensors hold NaN or Inf: bad (1 NaN, 1 Inf)" in checked.stderr
+    assert "bad" in checked.stdout  # the listing is still printed
+    good = run(path, "--check-finite", "--filter", "ok|ints")
+    assert good.exit_code == 0 and "all 2 tensors are finite" in good.stderr
+
+
+def test_streaming_stats_as_ndjson(tmp_path: Path) -> None:
+    path = save_zip({f"w{i}": torch.full((3,), float(i)) for i in range(4)}, tmp_path / "w.pt")
+    lines = [json.loads(line) for line in run(path, "--ndjson", "--stats").stdout.splitlines()]
+    assert [line["stats"]["mean"] for line in lines] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_diff_detects_prefix_and_shows_fix(tmp_path: Path) -> None:
+    model = tiny_net()
+    ddp = save_zip(collections.OrderedDict((f"module.{k}", v) for k, v in model.state_dict().items()),
+                   tmp_path / "ddp.pt")
+    plain = save_zip(model.state_dict(), tmp_path / "plain.pt")
+    result = run(ddp, "--diff", plain, "--values")
+    assert result.exit_code == 0, result.output
+    assert f"Fix: ptools convert-ckpt {ddp} OUT --strip-prefix module." in result.stdout
+    assert "Values: 0 of 9 compared tensors differ" in result.stdout
+    data = json.loads(run(ddp, "--diff", plain, "--json").stdout)
+    assert data["prefix"]["prefix"] == "module." and data["identical"] and data["common"] == 9
+    assert data["values"] is None
+
+
+def test_diff_across_formats_as_ndjson(tmp_path: Path) -> None:
+    a = save_zip({"w": torch.ones(2, 2), "only_a": torch.ones(1)}, tmp_path / "a.pt")
+    b = save_safetensors({"w": torch.zeros(2, 2), "only_b": torch.ones(1)}, tmp_path / "b.safetensors")
+    lines = [json.loads(line) for line in run(a, "--diff", b, "--values", "--ndjson").stdout.splitlines()]
+    assert {"change": "only_in_a", "name": "only_a"} in lines
+    assert {"change": "only_in_b", "name": "only_b"} in lines
+    assert {"change": "values", "name": "w", "max_abs_diff": 1.0} in lines
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--json", "--ndjson"], "error: choose one of --json and --ndjson"),
+    (["--values"], "error: --values needs --diff OTHER"),
+    (["--filter", "(("], "error: --filter '((' is not a valid regular expression"),
+    (["--key", "nope"], "error: --key 'nope': no key 'nope' at the top level"),
+])
+def test_bad_options(training_file: Path, args: list[str], message: str) -> None:
+    result = run(training_file, *args)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith(message)
+
+
+def test_bad_files_give_one_line(tmp_path: Path) -> None:
+    lfs = tmp_path / "model.bin"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    result = run(lfs)
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {lfs}: this is a Git LFS pointer, not the checkpoint itself (run `git lfs pull` to download the real file)\n"
+    missing = run(tmp_path / "missing.pt")
+    assert (missing.exit_code, missing.stderr) == (1, f"error: {tmp_path / 'missing.pt'}: no such file\n")
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_file_is_refused_with_the_trust_hint(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = save_zip({"w": torch.ones(1), "x": Payload(marker)}, tmp_path / "evil.pt")
+    result = run(path)
+    assert result.exit_code == 1
+    assert "needs globals that are not known to be safe: posix.system" in result.stderr
+    assert "pass --trust only if you made this file" in result.stderr
+    assert not marker.exists()
+
+
+def test_real_process_lists_without_importing_torch(tmp_path: Path) -> None:
+    path = save_zip(training_checkpoint(tiny_net(), "timm"), tmp_path / "timm.pth")
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "ptools", "inspect-state-dict",
+                             str(path), "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["state_dict"]["key"] == "state_dict"
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "numpy"}
