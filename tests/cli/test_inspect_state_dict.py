@@ -164,3 +164,13 @@ def test_real_process_lists_without_importing_torch(tmp_path: Path) -> None:
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
                 for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert not imported & {"torch", "numpy"}
+
+
+def test_shipped_examples() -> None:
+    root = Path(__file__).resolve().parents[2] / "examples"
+    listing = json.loads(run(root / "ddp_checkpoint.pt", "--json").stdout)
+    assert listing["state_dict"]["key"] == "model_state_dict"
+    assert all(t["name"].startswith("module.") for t in listing["tensors"])
+    diff = json.loads(run(root / "ddp_checkpoint.pt", "--diff", root / "plain_weights.safetensors",
+                          "--values", "--json").stdout)
+    assert diff["prefix"]["prefix"] == "module." and diff["identical"]

@@ -401,3 +401,24 @@ def test_unknown_globals_are_all_named_and_trust_allows_them(tmp_path: Path) -> 
     assert [row.name for row in listing.rows] == ["w"]
     config = next(e for e in listing.non_tensors if e["name"] == "cfg")
     assert config["type"] == "tests.core.test_checkpoint.TrustedConfig"
+
+
+def test_big_endian_checkpoint(tmp_path: Path) -> None:
+    """A file written on a big-endian machine: byteorder record 'big', storages byte-swapped."""
+    state = {"w": torch.randn(3, 5), "i": torch.arange(-3, 9, dtype=torch.int32),
+             "h": torch.randn(4).to(torch.bfloat16), "d": torch.randn(2, dtype=torch.float64)}
+    path = save_zip(state, tmp_path / "little.pt")
+    itemsize = {"0": 4, "1": 4, "2": 2, "3": 8}
+    big = tmp_path / "big.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(big, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            name = info.filename
+            if name.endswith("/byteorder"):
+                data = b"big"
+            elif "/data/" in name:
+                size = itemsize[name.rsplit("/", 1)[-1]]
+                data = np.frombuffer(data, dtype=f"<u{size}").byteswap().tobytes()
+            target.writestr(name, data)
+    assert_matches_torch(big, torch.load(big, weights_only=True))
+    assert_matches_torch(big, state)
