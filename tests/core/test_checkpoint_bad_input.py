@@ -204,3 +204,21 @@ def test_fuzz_safetensors_header_edits(tmp_path: Path, valid_files: list[bytes],
     path = tmp_path / "fuzz.safetensors"
     path.write_bytes(struct.pack("<Q", claimed % 2**64) + raw + body)
     _read_everything(path)
+
+
+def test_absurd_stride_zero_expansion_is_refused(tmp_path: Path) -> None:
+    """shape (2**40,) over one stored element would take hours to scan: refused at once."""
+    path = save_zip({"w": torch.ones(1).expand(3)}, tmp_path / "expanded.pt")
+    with zipfile.ZipFile(path) as archive:
+        records = [(i.filename, archive.read(i)) for i in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in records:
+            if name.endswith("data.pkl"):
+                assert data.count(b"K\x03\x85") == 1  # shape (3,) -> (2**40,): LONG1 5 bytes
+                data = data.replace(b"K\x03\x85", b"\x8a\x06\x00\x00\x00\x00\x00\x01\x85")
+            archive.writestr(name, data)
+    checkpoint = open_checkpoint(path)
+    (row,) = list_checkpoint(checkpoint).rows
+    assert row.tensor.numel == 2**40
+    with pytest.raises(BadInputError, match="refusing to expand"):
+        list(iter_stats(checkpoint, [row]))

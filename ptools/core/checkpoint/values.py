@@ -27,6 +27,7 @@ _NUMPY_CODES = {
     "quint4x2": "u1", "quint2x4": "u1",
 }
 CHUNK_ELEMENTS = 1 << 22
+MAX_EXPANSION = 64
 
 
 def _float8_e4m3fn_table() -> np.ndarray:
@@ -82,6 +83,10 @@ def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
         raise BadInputError("a meta tensor has no values")
     itemsize = ITEMSIZE[tensor.dtype]
     extent = tensor.extent
+    if tensor.numel > MAX_EXPANSION * max(extent, 1) and tensor.numel > CHUNK_ELEMENTS * 32:
+        # Stride-0 expansion this large is a corrupt or hostile header, not a checkpoint.
+        raise BadInputError(f"a tensor of shape {list(tensor.shape)} claims {tensor.numel:,} elements over "
+                            f"{extent:,} stored ones; refusing to expand it")
     raw = checkpoint.read(tensor.storage, tensor.storage_offset * itemsize, extent * itemsize)
     flat = decode(raw, tensor.dtype, tensor.storage.byteorder)
     if tensor.numel == 0:
