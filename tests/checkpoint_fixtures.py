@@ -65,32 +65,30 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
     return path
 
 
-def save_sharded_safetensors(state: dict[str, torch.Tensor], folder: Path, shards: int = 2) -> Path:
+def _save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int, shard_pattern: str,
+                  index_name: str, write: Any) -> Path:
+    """Split ``state`` round-robin over ``shards`` files and write the index that maps them."""
     folder.mkdir(parents=True, exist_ok=True)
     names = list(state)
     weight_map = {}
     for index in range(shards):
         part = names[index::shards]
-        shard_name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        save_safetensors({n: state[n] for n in part}, folder / shard_name)
+        shard_name = shard_pattern.format(index + 1, shards)
+        write({n: state[n] for n in part}, folder / shard_name)
         weight_map.update({n: shard_name for n in part})
-    index_path = folder / "model.safetensors.index.json"
+    index_path = folder / index_name
     index_path.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
     return index_path
 
 
+def save_sharded_safetensors(state: dict[str, torch.Tensor], folder: Path, shards: int = 2) -> Path:
+    return _save_sharded(state, folder, shards, "model-{:05d}-of-{:05d}.safetensors",
+                         "model.safetensors.index.json", save_safetensors)
+
+
 def save_sharded_bin(state: dict[str, torch.Tensor], folder: Path, shards: int = 2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(state)
-    weight_map = {}
-    for index in range(shards):
-        part = names[index::shards]
-        shard_name = f"pytorch_model-{index + 1:05d}-of-{shards:05d}.bin"
-        torch.save({n: state[n] for n in part}, folder / shard_name)
-        weight_map.update({n: shard_name for n in part})
-    index_path = folder / "pytorch_model.bin.index.json"
-    index_path.write_text(json.dumps({"weight_map": weight_map}))
-    return index_path
+    return _save_sharded(state, folder, shards, "pytorch_model-{:05d}-of-{:05d}.bin",
+                         "pytorch_model.bin.index.json", torch.save)
 
 
 def save_dcp(state: dict[str, Any], folder: Path) -> Path:
