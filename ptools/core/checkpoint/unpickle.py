@@ -90,10 +90,22 @@ def _opaque_class(qualified_name: str) -> type[Opaque]:
     return type("Opaque", (Opaque,), {"qualified_name": qualified_name})
 
 
+class TorchDevice(str):
+    """A pickled ``torch.device``: the string ``cuda:1``, written back as a torch.device."""
+
+
+class TorchSize(tuple):
+    """A pickled ``torch.Size``: a tuple, written back as a torch.Size."""
+
+
 def _device_string(kind: Any, index: Any = None) -> str:
     """``torch.device('cuda', 1)`` pickles as a call; keep it as the string ``cuda:1``."""
     text = str(kind)
     return text if index is None or ":" in text else f"{text}:{index}"
+
+
+def _torch_device(kind: Any, index: Any = None) -> TorchDevice:
+    return TorchDevice(_device_string(kind, index))
 
 
 def _check_shape(name: str, value: Any) -> tuple[int, ...]:
@@ -229,8 +241,8 @@ _SAFE_GLOBALS: dict[str, Any] = {
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
     "torch.nn.parameter.Parameter": _PARAMETER,
-    "torch.Size": tuple,
-    "torch.device": _device_string,
+    "torch.Size": TorchSize,
+    "torch.device": _torch_device,
     "collections.OrderedDict": collections.OrderedDict,
     "builtins.set": set,
     "builtins.frozenset": frozenset,

@@ -1,0 +1,172 @@
+"""``ptools convert-ckpt``: remap, rename, extract, cast and convert checkpoints safely."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Annotated, Any, Iterator
+
+import typer
+
+from ptools.cli import output
+from ptools.cli.options import JsonOption, TrustOption
+from ptools.core.units import format_bytes, parse_size
+from ptools.errors import BadInputError
+
+NAME = "convert-ckpt"
+SHORT_HELP = "Remap devices, strip/rename/select keys, extract, cast and convert checkpoints (torch ⇄ safetensors)."
+HELP = f"""{SHORT_HELP}
+
+Reads any format inspect-state-dict reads, with the same safety rules, and streams tensor data storage by storage. Never overwrites the input; OUT is written to a temporary file beside it and renamed into place only when complete (and verified, with --verify).
+
+[bold]Examples[/bold]
+
+  ptools convert-ckpt gpu_run.pt laptop.pt --map-location cpu
+
+  ptools convert-ckpt ddp.ckpt model.safetensors --extract auto --strip-prefix auto --dtype bf16 --keep-dtype norm
+
+  ptools convert-ckpt last.ckpt slim.ckpt --drop-optimizer --verify
+
+  ptools convert-ckpt model.pt out --shard-size 2GB
+
+  ptools convert-ckpt old.pt new.pt --rename '^backbone\\.=encoder.' --drop '^head\\.' --dry-run
+"""
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[Any]:
+    """A byte progress bar on stderr for large files on a terminal; else a no-op callback."""
+    import sys
+
+    if not sys.stderr.isatty() or total < (256 << 20):
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=output.stderr_console(),
+                  transient=True) as progress:
+        task = progress.add_task("writing", total=total)
+        yield lambda count: progress.advance(task, count)
+
+
+def _input_size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, n)))
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
+def command(
+    source: Annotated[str, typer.Argument(metavar="IN", help="Checkpoint to read (any supported format).",
+                                          show_default=False)],
+    destination: Annotated[str, typer.Argument(metavar="OUT", help="File to write (a folder with --shard-size).",
+                                               show_default=False)],
+    map_location: Annotated[str | None, typer.Option(
+        "--map-location", metavar="DEVICE",
+        help="New device tags, as torch.load's map_location: cpu, cuda, cuda:N, or 'cuda:1=cuda:0,cuda:2=cuda:0'. "
+             "The written file loads with a plain torch.load on a machine without those devices.")] = None,
+    strip_prefix: Annotated[str | None, typer.Option(
+        "--strip-prefix", metavar="PREFIX",
+        help="Remove PREFIX from the keys that start with it; 'auto' removes module. (DataParallel/DDP) and "
+             "_orig_mod. (torch.compile) when every key has it.")] = None,
+    add_prefix: Annotated[str | None, typer.Option("--add-prefix", metavar="PREFIX",
+                                                   help="Put PREFIX in front of every key.")] = None,
+    rename: Annotated[list[str] | None, typer.Option(
+        "--rename", metavar="REGEX=REPLACEMENT",
+        help="re.sub on every key; repeatable, applied in order. Two keys becoming one is an error.")] = None,
+    keep: Annotated[str | None, typer.Option("--keep", metavar="REGEX",
+                                             help="Keep only the keys matching REGEX (searched).")] = None,
+    drop: Annotated[str | None, typer.Option("--drop", metavar="REGEX", help="Remove the keys matching REGEX.")] = None,
+    extract: Annotated[str | None, typer.Option(
+        "--extract", metavar="KEY",
+        help="Write only the state dict at KEY; 'auto' finds the model weights and says which key it picked.")] = None,
+    flatten: Annotated[bool, typer.Option(
+        "--flatten", help="For safetensors output: flatten nested dicts into dotted keys, leaving out "
+                          "non-tensor values.")] = False,
+    drop_optimizer: Annotated[bool, typer.Option(
+        "--drop-optimizer", help="Keep the training checkpoint but remove optimizer, scheduler and scaler state.")] = False,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", metavar="fp16|bf16|fp32",
+        help="Cast floating tensors (never integers, booleans or num_batches_tracked).")] = None,
+    keep_dtype: Annotated[str | None, typer.Option(
+        "--keep-dtype", metavar="REGEX", help="Keys matching REGEX keep their dtype (e.g. 'norm|bn').")] = None,
+    output_format: Annotated[str | None, typer.Option(
+        "--format", metavar="torch|safetensors",
+        help="Output format; default from OUT's extension (.pt .pth .bin .ckpt / .safetensors).")] = None,
+    shard_size: Annotated[str | None, typer.Option(
+        "--shard-size", metavar="SIZE",
+        help="Write sharded safetensors of at most SIZE each (e.g. 2GB) and model.safetensors.index.json "
+             "into the folder OUT.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (old key → new key, dtypes, "
+                                                            "devices, bytes) and write nothing.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Re-read the output before putting it in place and check every tensor against the "
+                         "input (bit-exact, or exact after the requested cast).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (never the input).")] = False,
+    trust: TrustOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    from ptools.core.convert import convert_checkpoint
+
+    shard_bytes = parse_size(shard_size) if shard_size is not None else None
+    if shard_bytes is not None and shard_bytes <= 0:
+        raise BadInputError("--shard-size must be larger than 0")
+    with _progress(_input_size(source)) as on_bytes:
+        report = convert_checkpoint(
+            source, destination, map_location=map_location, strip=strip_prefix, add=add_prefix,
+            rename=rename or (), keep=keep, drop=drop, extract=extract, flatten=flatten,
+            drop_optimizer=drop_optimizer, dtype=dtype, keep_dtype=keep_dtype, format=output_format,
+            shard_size=shard_bytes, force=force, trust=trust, dry_run=dry_run, verify=verify,
+            on_bytes=on_bytes)
+    data = report.to_dict()
+    if not dry_run:
+        data.pop("plan")
+    if json_output:
+        output.print_json(data)
+        return
+    if dry_run:
+        output.stdout_console().print(output.make_table(
+            f"Plan: {report.input} → {report.output} ({report.output_format}); nothing written",
+            ["From", "To", "Dtype", "Device", "Shape"],
+            [_plan_row(row) for row in data["plan"]]))
+    _summary(data)
+
+
+def _plan_row(row: dict[str, Any]) -> tuple[str, ...]:
+    def change(old: str, new: str | None) -> str:
+        return old if new in (None, old) else f"{old} → {new}"
+
+    target = "(dropped)" if row["to"] is None else "=" if row["to"] == row["from"] else row["to"]
+    return (row["from"], target, change(row["dtype"], row["new_dtype"]), change(row["device"], row["new_device"]),
+            "×".join(map(str, row["shape"])) or "scalar")
+
+
+def _summary(data: dict[str, Any]) -> None:
+    """The one-paragraph account on stderr."""
+    verb = "would write" if data["dry_run"] else "wrote"
+    where = f"state dict {data['state_dict_key']!r}" if data["state_dict_key"] else "top-level state dict"
+    lines = [f"{verb} {data['output']} ({data['output_format']}): {data['tensors']} tensors, "
+             f"{format_bytes(data['bytes_in'])} in, {format_bytes(data['bytes_out'])} out"
+             f"{' (estimated)' if data['dry_run'] else ''}, {data['seconds']:.2f} s",
+             f"  {where} ({data['state_dict_how']})"]
+    if data["stripped_prefix"]:
+        lines.append(f"  stripped prefix {data['stripped_prefix']!r}")
+    if data["renamed"]:
+        lines.append(f"  {data['renamed']} key(s) renamed")
+    if data["dropped_keys"]:
+        lines.append(f"  {len(data['dropped_keys'])} key(s) dropped")
+    if data["dropped_entries"]:
+        lines.append(f"  removed training state: {', '.join(data['dropped_entries'])}")
+    if data["cast"] or data["kept_dtype"]:
+        lines.append(f"  {data['cast']} tensor(s) cast; {len(data['kept_dtype'])} kept their dtype")
+    for old, new in data["devices"].items():
+        lines.append(f"  device {old} → {new}")
+    if data["aliases"]:
+        lines.append(f"  {len(data['aliases'])} tied name(s) stored once, recorded in __metadata__")
+    if data["shards"]:
+        lines.append(f"  {data['shards']} shard(s) + model.safetensors.index.json")
+    if data["verified"]:
+        lines.append("  verified: every tensor matches the input")
+    lines += [f"  note: {note}" for note in data["notes"]]
+    output.info("\n".join(lines))

@@ -1,0 +1,345 @@
+"""Writing checkpoints without torch: PyTorch zip archives that ``torch.load`` reads (also with
+``weights_only=True`` and ``mmap=True``), and safetensors files.
+
+Tensor data is streamed storage by storage from the source checkpoint in bounded chunks, so
+memory stays small whatever the file size; only the pickle (metadata) is built in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ptools.core.checkpoint.readers import Checkpoint, SAFETENSORS_DTYPES
+from ptools.core.checkpoint.tensors import ITEMSIZE, STORAGE_CLASSES, TensorInfo, contiguous_stride
+from ptools.core.checkpoint.unpickle import TorchDevice, TorchDType, TorchMarker, TorchSize
+from ptools.errors import BadInputError
+
+COPY_CHUNK_BYTES = 64 << 20
+ALIGNMENT = 64  # torch aligns storage records so that mmap=True can map them in place
+_STORAGE_CLASS_OF = {dtype: name for name, dtype in STORAGE_CLASSES.items()}
+_SAFETENSORS_NAME_OF = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+CASTABLE = ("float64", "float32", "float16", "bfloat16")
+
+
+# --------------------------------------------------------------------------- converting values
+
+
+def _encode(values: Any, dtype: str) -> bytes:
+    """numpy values -> little-endian bytes of ``dtype`` (float32 source for bf16/fp16 casts)."""
+    import numpy as np
+
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        # Round to nearest even, as torch does; NaNs stay NaN (quiet bit kept).
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        rounded = np.where(np.isnan(values), (bits >> np.uint32(16)) | np.uint32(0x40), rounded)
+        return rounded.astype("<u2").tobytes()
+    codes = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
+    return np.ascontiguousarray(values).astype(codes[dtype]).tobytes()
+
+
+def cast_bytes(raw: bytes, source: str, target: str, byteorder: str = "little") -> bytes:
+    """Cast raw storage bytes between floating dtypes the way torch's ``.to(dtype)`` does
+    (via float32 for half-precision targets, rounding to nearest even)."""
+    import numpy as np
+
+    from ptools.core.checkpoint.values import decode
+
+    values = decode(raw, source, byteorder)
+    if target in ("float16", "bfloat16"):
+        values = values.astype(np.float32)
+    return _encode(values, target)
+
+
+def _little_endian(raw: bytes, dtype: str, byteorder: str) -> bytes:
+    if byteorder == "little" or ITEMSIZE[dtype] == 1:
+        return raw
+    import numpy as np
+
+    size = ITEMSIZE[dtype] if dtype not in ("complex64", "complex128", "complex32") else ITEMSIZE[dtype] // 2
+    return np.frombuffer(raw, dtype=f">u{size}").byteswap().tobytes()
+
+
+@dataclass
+class OutputStorage:
+    """One storage of the output: where its bytes come from and what dtype they become."""
+
+    key: str
+    source_checkpoint: Checkpoint
+    tensor: TensorInfo  # a tensor of this storage (all share dtype and storage)
+    dtype: str          # output dtype
+    location: str
+
+    @property
+    def source_dtype(self) -> str:
+        return self.tensor.dtype
+
+    @property
+    def numel(self) -> int:
+        if self.tensor.storage is None:  # assembled (DCP): the tensor's own elements
+            return self.tensor.numel
+        return self.tensor.storage.size_bytes // ITEMSIZE[self.source_dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    def chunks(self) -> Iterator[bytes]:
+        """The output bytes in bounded pieces."""
+        ref = self.tensor.storage
+        if ref is None:
+            yield from self._assembled()
+            return
+        itemsize = ITEMSIZE[self.source_dtype]
+        step = max(itemsize, COPY_CHUNK_BYTES // itemsize * itemsize)
+        for start in range(0, ref.size_bytes, step):
+            raw = self.source_checkpoint.read(ref, start, min(step, ref.size_bytes - start))
+            if self.dtype != self.source_dtype:
+                yield cast_bytes(raw, self.source_dtype, self.dtype, ref.byteorder)
+            else:
+                yield _little_endian(raw, self.source_dtype, ref.byteorder)
+
+    def _assembled(self) -> Iterator[bytes]:
+        from ptools.core.checkpoint.values import read_tensor
+
+        values = read_tensor(self.source_checkpoint, self.tensor)
+        raw = values.astype(values.dtype.newbyteorder("<")).tobytes()
+        if self.dtype != self.source_dtype:
+            raw = cast_bytes(raw, self.source_dtype, self.dtype)
+        yield raw
+
+
+# --------------------------------------------------------------------------- the pickle
+
+
+class GlobalRef:
+    """A reference to a global (``torch._utils._rebuild_tensor_v2``) written without importing it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> Any:  # pickle wants a callable; it is never called here
+        raise TypeError(f"{self.module}.{self.name} is only a reference")
+
+
+_REBUILD_V2 = GlobalRef("torch._utils", "_rebuild_tensor_v2")
+_REBUILD_V3 = GlobalRef("torch._utils", "_rebuild_tensor_v3")
+_REBUILD_PARAMETER = GlobalRef("torch._utils", "_rebuild_parameter")
+_REBUILD_META = GlobalRef("torch._utils", "_rebuild_meta_tensor_no_storage")
+_UNTYPED = GlobalRef("torch.storage", "UntypedStorage")
+
+
+class _StorageId:
+    def __init__(self, storage: OutputStorage) -> None:
+        self.storage = storage
+
+
+class _PlainTensor:
+    """The tensor inside a Parameter: pickled as a tensor, not again as a Parameter."""
+
+    def __init__(self, tensor: TensorInfo) -> None:
+        self.tensor = tensor
+
+
+class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch table is extensible
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def __init__(self, file: IO[bytes], storage_for: Callable[[TensorInfo], OutputStorage | None],
+                 dtype_for: Callable[[TensorInfo], str]) -> None:
+        super().__init__(file, protocol=2)
+        self._storage_for = storage_for
+        self._dtype_for = dtype_for
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageId):
+            storage = obj.storage
+            if storage.dtype in _STORAGE_CLASS_OF:
+                return ("storage", GlobalRef("torch", _STORAGE_CLASS_OF[storage.dtype]), storage.key,
+                        storage.location, storage.numel)
+            return ("storage", _UNTYPED, storage.key, storage.location, storage.nbytes)
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, TensorInfo):
+            if obj.is_parameter:
+                return _REBUILD_PARAMETER, (_PlainTensor(obj), obj.requires_grad, collections.OrderedDict())
+            return self._tensor_reduce(obj)
+        if isinstance(obj, _PlainTensor):
+            return self._tensor_reduce(obj.tensor)
+        if isinstance(obj, TorchDevice):
+            return GlobalRef("torch", "device"), (str(obj),)
+        if isinstance(obj, TorchSize):
+            return GlobalRef("torch", "Size"), (tuple(obj),)
+        return NotImplemented
+
+    def _tensor_reduce(self, tensor: TensorInfo) -> Any:
+        dtype = self._dtype_for(tensor)
+        storage = self._storage_for(tensor)
+        if storage is None:
+            return _REBUILD_META, (TorchDType(dtype), tuple(tensor.shape), tuple(tensor.stride),
+                                   tensor.requires_grad)
+        offset = tensor.storage_offset if tensor.storage is not None else 0
+        stride = tensor.stride if tensor.storage is not None else contiguous_stride(tensor.shape)
+        args = (_StorageId(storage), offset, tuple(tensor.shape), tuple(stride), tensor.requires_grad,
+                collections.OrderedDict())
+        if dtype in _STORAGE_CLASS_OF:
+            return _REBUILD_V2, args
+        return _REBUILD_V3, (*args, TorchDType(dtype))
+
+    def _save_global_ref(self, obj: GlobalRef) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
+
+    def _save_dtype(self, obj: TorchDType) -> None:
+        self._save_global_ref(GlobalRef("torch", obj.name))
+
+    def _save_marker(self, obj: TorchMarker) -> None:
+        module, _, name = obj.qualified_name.rpartition(".")
+        self._save_global_ref(GlobalRef(module, name))
+
+    dispatch[GlobalRef] = _save_global_ref
+    dispatch[TorchDType] = _save_dtype
+    dispatch[TorchMarker] = _save_marker
+
+
+@dataclass
+class TorchPlan:
+    """What a torch zip output holds: the object to pickle and the storages behind it."""
+
+    root: Any
+    storages: list[OutputStorage] = field(default_factory=list)
+
+
+def build_torch_pickle(root: Any, storage_for: Callable[[TensorInfo], OutputStorage | None],
+                       dtype_for: Callable[[TensorInfo], str]) -> bytes:
+    """Pickle ``root`` (plain objects and TensorInfo leaves) the way ``torch.save`` does."""
+    buffer = io.BytesIO()
+    _CheckpointPickler(buffer, storage_for, dtype_for).dump(root)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- zip writing
+
+
+def _aligned_info(archive: zipfile.ZipFile, name: str, size: int) -> zipfile.ZipInfo:
+    """A stored record whose data starts on a 64-byte boundary (torch's padding: an 'FB' field)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    zip64 = size > zipfile.ZIP64_LIMIT
+    offset = archive.fp.tell()
+    header = 30 + len(name.encode()) + 4 + (20 if zip64 else 0)
+    padding = (-(offset + header)) % ALIGNMENT
+    info.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
+    return info
+
+
+def write_torch_zip(handle: IO[bytes], archive_name: str, pickle_bytes: bytes,
+                    storages: list[OutputStorage], on_bytes: Callable[[int], None] | None = None) -> None:
+    """Write a torch.save-compatible archive to ``handle`` (an open, writable binary file)."""
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        def record(name: str, pieces: Iterator[bytes] | list[bytes], size: int) -> None:
+            info = _aligned_info(archive, f"{archive_name}/{name}", size)
+            with archive.open(info, "w", force_zip64=size > zipfile.ZIP64_LIMIT) as out:
+                written = 0
+                for piece in pieces:
+                    out.write(piece)
+                    written += len(piece)
+                    if on_bytes is not None:
+                        on_bytes(len(piece))
+            if written != size:
+                raise BadInputError(f"storage {name}: wrote {written} bytes, expected {size}")
+
+        record("data.pkl", [pickle_bytes], len(pickle_bytes))
+        record(".format_version", [b"1"], 1)
+        record(".storage_alignment", [str(ALIGNMENT).encode()], len(str(ALIGNMENT)))
+        record("byteorder", [b"little"], 6)
+        for storage in storages:
+            record(f"data/{storage.key}", storage.chunks(), storage.nbytes)
+        record("version", [b"3\n"], 2)
+
+
+# --------------------------------------------------------------------------- safetensors writing
+
+
+@dataclass
+class SafetensorsEntry:
+    """One tensor of a safetensors output: its data come from ``tensor`` in ``checkpoint``."""
+
+    name: str
+    checkpoint: Checkpoint
+    tensor: TensorInfo
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel * ITEMSIZE[self.dtype]
+
+    def chunks(self) -> Iterator[bytes]:
+        """The tensor's own elements, dense and little-endian (a view's base is not copied)."""
+        tensor = self.tensor
+        if tensor.numel == 0:
+            return
+        source = tensor.dtype
+        ref = tensor.storage
+        if ref is not None and tensor.is_contiguous:
+            itemsize = ITEMSIZE[source]
+            begin, length = tensor.storage_offset * itemsize, tensor.numel * itemsize
+            step = max(itemsize, COPY_CHUNK_BYTES // itemsize * itemsize)
+            for start in range(0, length, step):
+                raw = self.checkpoint.read(ref, begin + start, min(step, length - start))
+                yield (cast_bytes(raw, source, self.dtype, ref.byteorder) if self.dtype != source
+                       else _little_endian(raw, source, ref.byteorder))
+            return
+        import numpy as np
+
+        from ptools.core.checkpoint.values import read_tensor
+
+        # A strided view: gather its elements (one tensor in memory), then encode densely.
+        values = np.ascontiguousarray(read_tensor(self.checkpoint, tensor))
+        if self.dtype in CASTABLE:
+            yield _encode(values.astype(np.float32) if self.dtype in ("float16", "bfloat16") else values,
+                          self.dtype)
+        elif source == self.dtype and source not in ("float8_e4m3fn", "float8_e5m2"):
+            yield values.astype(values.dtype.newbyteorder("<")).tobytes()
+        else:
+            raise BadInputError(f"{self.name}: cannot write a strided {source} view to safetensors")
+
+
+def safetensors_header(entries: list[SafetensorsEntry], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header (padded with spaces to 8 bytes, as the reference)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for entry in entries:
+        if entry.dtype not in _SAFETENSORS_NAME_OF:
+            raise BadInputError(f"{entry.name}: safetensors has no dtype {entry.dtype}")
+        header[entry.name] = {"dtype": _SAFETENSORS_NAME_OF[entry.dtype], "shape": list(entry.tensor.shape),
+                              "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(handle: IO[bytes], entries: list[SafetensorsEntry], metadata: dict[str, str],
+                      on_bytes: Callable[[int], None] | None = None) -> None:
+    handle.write(safetensors_header(entries, metadata))
+    for entry in entries:
+        written = 0
+        for piece in entry.chunks():
+            handle.write(piece)
+            written += len(piece)
+            if on_bytes is not None:
+                on_bytes(len(piece))
+        if written != entry.nbytes:
+            raise BadInputError(f"{entry.name}: wrote {written} bytes, expected {entry.nbytes}")

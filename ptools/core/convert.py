@@ -1,0 +1,729 @@
+"""Converting checkpoints: remap devices, rename/select keys, extract, cast, change format.
+
+The key transforms (:func:`strip_prefix`, :func:`add_prefix`, :func:`rename_keys`,
+:func:`select_keys`) work on any mapping — a state dict of torch tensors in a training script
+as well as the tensor descriptions ptools reads. :func:`cast_floating` casts a torch state
+dict. :func:`convert_checkpoint` does the whole job on files: it reads through the safe
+reader, streams tensor data storage by storage, writes to a temporary file next to the
+output, verifies it if asked, and only then renames it into place.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ptools.core.checkpoint.readers import Checkpoint, open_checkpoint
+from ptools.core.checkpoint.structure import find_state_dict, is_state_dict, iter_tensors
+from ptools.core.checkpoint.tensors import TensorInfo
+from ptools.core.checkpoint.writers import (
+    CASTABLE,
+    OutputStorage,
+    SafetensorsEntry,
+    build_torch_pickle,
+    write_safetensors,
+    write_torch_zip,
+)
+from ptools.errors import BadInputError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+OPTIMIZER_KEYS = ("optimizer", "optimizers", "optimizer_state_dict", "optimizer_states", "optim",
+                  "optim_state_dict", "lr_scheduler", "lr_schedulers", "scheduler", "schedulers",
+                  "scheduler_state_dict", "scaler", "grad_scaler", "scaler_state_dict", "amp")
+TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+OUTPUT_FORMATS = ("torch", "safetensors")
+DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
+          "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
+_DEVICE_RE = re.compile(r"^[a-z]+(:\d+)?$")
+
+
+# --------------------------------------------------------------------------- key transforms
+
+
+def _with_metadata(items: Iterable[tuple[str, Any]], source: Mapping[str, Any],
+                   rename_module: Callable[[str], str | None] | None) -> collections.OrderedDict[str, Any]:
+    """An OrderedDict of ``items`` keeping the source's ``_metadata`` (per-module versions),
+    its module keys renamed like the tensor keys."""
+    result: collections.OrderedDict[str, Any] = collections.OrderedDict(items)
+    metadata = getattr(source, "_metadata", None)
+    if metadata is not None:
+        if rename_module is not None:
+            renamed = collections.OrderedDict()
+            for module, value in metadata.items():
+                new = rename_module(module)
+                if new is not None:
+                    renamed[new] = value
+            metadata = renamed
+        result._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+def _check_collisions(pairs: list[tuple[str, str]], what: str) -> None:
+    seen: dict[str, str] = {}
+    for old, new in pairs:
+        if new in seen:
+            raise BadInputError(f"{what} makes {seen[new]!r} and {old!r} both {new!r}",
+                                "change the pattern so that names stay distinct")
+        seen[new] = old
+
+
+def detect_wrapper_prefix(names: Iterable[str]) -> str:
+    """The ``module.``/``_orig_mod.`` prefix (possibly stacked) shared by every name, or ""."""
+    names = list(names)
+    prefix = ""
+    while names:
+        for candidate in WRAPPER_PREFIXES:
+            if all(name.startswith(prefix + candidate) for name in names):
+                prefix += candidate
+                break
+        else:
+            break
+    return prefix
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "auto") -> tuple[collections.OrderedDict[str, Any], str]:
+    """Remove ``prefix`` from the keys that start with it (``auto``: the wrapper prefix shared
+    by every key, see :func:`detect_wrapper_prefix`). Returns the new dict and the prefix removed.
+
+    Raises:
+        BadInputError: stripping makes two keys equal.
+    """
+    if prefix == "auto":
+        prefix = detect_wrapper_prefix(state_dict)
+    if not prefix:
+        return _with_metadata(state_dict.items(), state_dict, None), ""
+    pairs = [(k, k[len(prefix):] if k.startswith(prefix) else k) for k in state_dict]
+    _check_collisions(pairs, f"--strip-prefix {prefix!r}")
+    module = prefix.rstrip(".")
+
+    def rename_module(name: str) -> str:
+        if name == module:
+            return ""
+        return name[len(prefix):] if name.startswith(prefix) else name
+
+    return _with_metadata(((new, state_dict[old]) for old, new in pairs), state_dict, rename_module), prefix
+
+
+def add_prefix(state_dict: Mapping[str, Any], prefix: str) -> collections.OrderedDict[str, Any]:
+    """Put ``prefix`` in front of every key (e.g. ``module.`` to load into a DDP-wrapped model)."""
+    module = prefix.rstrip(".")
+    return _with_metadata(((prefix + k, v) for k, v in state_dict.items()), state_dict,
+                          lambda name: module if name == "" else prefix + name)
+
+
+def parse_rename(rule: str) -> tuple[re.Pattern[str], str]:
+    """``'REGEX=REPLACEMENT'`` (split at the first ``=``) -> compiled rule.
+
+    Raises:
+        BadInputError: no ``=``, or an invalid regular expression.
+    """
+    pattern, sep, replacement = rule.partition("=")
+    if not sep or not pattern:
+        raise BadInputError(f"--rename {rule!r} is not REGEX=REPLACEMENT")
+    try:
+        return re.compile(pattern), replacement
+    except re.error as failure:
+        raise BadInputError(f"--rename {rule!r}: invalid regular expression ({failure})") from None
+
+
+def rename_keys(state_dict: Mapping[str, Any], rules: Iterable[str | tuple[re.Pattern[str], str]]
+                ) -> collections.OrderedDict[str, Any]:
+    """Apply ``re.sub`` rules to every key, in order.
+
+    Raises:
+        BadInputError: a rule is malformed, or two keys end up equal (both are named).
+    """
+    compiled = [parse_rename(r) if isinstance(r, str) else r for r in rules]
+
+    def apply(name: str) -> str:
+        for pattern, replacement in compiled:
+            try:
+                name = pattern.sub(replacement, name)
+            except (re.error, IndexError) as failure:
+                raise BadInputError(f"--rename {pattern.pattern!r}: bad replacement ({failure})") from None
+        return name
+
+    pairs = [(k, apply(k)) for k in state_dict]
+    _check_collisions(pairs, "--rename")
+    return _with_metadata(((new, state_dict[old]) for old, new in pairs), state_dict, apply)
+
+
+def select_keys(state_dict: Mapping[str, Any], keep: str | None = None, drop: str | None = None
+                ) -> collections.OrderedDict[str, Any]:
+    """Keep the keys matching ``keep`` (searched), then remove those matching ``drop``."""
+    def compiled(flag: str, text: str | None) -> re.Pattern[str] | None:
+        try:
+            return re.compile(text) if text is not None else None
+        except re.error as failure:
+            raise BadInputError(f"{flag} {text!r}: invalid regular expression ({failure})") from None
+
+    keep_re, drop_re = compiled("--keep", keep), compiled("--drop", drop)
+    items = [(k, v) for k, v in state_dict.items()
+             if (keep_re is None or keep_re.search(k)) and not (drop_re is not None and drop_re.search(k))]
+    return _with_metadata(items, state_dict, None)
+
+
+def parse_dtype(text: str) -> str:
+    """``fp16|bf16|fp32`` (and their torch names) -> dtype name."""
+    if text not in DTYPES:
+        raise BadInputError(f"unknown --dtype {text!r}; choose one of: fp16, bf16, fp32")
+    return DTYPES[text]
+
+
+def cast_floating(state_dict: Mapping[str, Any], dtype: Any, keep_dtype: str | None = None
+                  ) -> collections.OrderedDict[str, Any]:
+    """Cast the floating-point torch tensors of a state dict to ``dtype``; integers, booleans
+    (``num_batches_tracked``, masks) and keys matching ``keep_dtype`` stay as they are."""
+    import torch
+
+    target = getattr(torch, parse_dtype(dtype)) if isinstance(dtype, str) else dtype
+    keep_re = re.compile(keep_dtype) if keep_dtype else None
+    items = []
+    for name, value in state_dict.items():
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and value.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+                and not (keep_re is not None and keep_re.search(name))):
+            value = value.to(target)
+        items.append((name, value))
+    return _with_metadata(items, state_dict, None)
+
+
+def parse_map_location(text: str) -> Callable[[str], str]:
+    """torch's ``map_location`` as a function of device tags: ``cpu``, ``cuda``, ``cuda:N``, or
+    ``'cuda:1=cuda:0,cuda:2=cuda:0'`` (tags not listed stay).
+
+    Raises:
+        BadInputError: a device is not of the form ``type`` or ``type:index``.
+    """
+    def device(value: str) -> str:
+        value = value.strip()
+        if not _DEVICE_RE.match(value):
+            raise BadInputError(f"--map-location: {value!r} is not a device (cpu, cuda, cuda:1, …)")
+        return value
+
+    if "=" not in text:
+        target = device(text)
+        return lambda _location: target
+    mapping = {}
+    for pair in text.split(","):
+        source, sep, target = pair.partition("=")
+        if not sep:
+            raise BadInputError(f"--map-location: {pair!r} is not FROM=TO")
+        mapping[device(source)] = device(target)
+    return lambda location: mapping.get(location, location)
+
+
+# --------------------------------------------------------------------------- the conversion
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did (or, with ``dry_run``, would do)."""
+
+    input: str
+    output: str
+    input_format: str
+    output_format: str
+    state_dict_key: str
+    state_dict_how: str
+    tensors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    renamed: int = 0
+    stripped_prefix: str = ""
+    dropped_keys: list[str] = field(default_factory=list)
+    dropped_entries: list[str] = field(default_factory=list)
+    cast: int = 0
+    kept_dtype: list[str] = field(default_factory=list)
+    devices: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    shards: int = 0
+    notes: list[str] = field(default_factory=list)
+    plan: list[dict[str, Any]] = field(default_factory=list)
+    dry_run: bool = False
+    verified: bool | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_format(path: str, requested: str | None, shard_size: int | None) -> str:
+    """``torch``, ``safetensors`` or ``sharded`` from ``--format``, ``--shard-size`` or the extension."""
+    if requested is not None and requested not in OUTPUT_FORMATS:
+        raise BadInputError(f"unknown --format {requested!r}; choose one of: {', '.join(OUTPUT_FORMATS)}")
+    if shard_size is not None:
+        if requested == "torch":
+            raise BadInputError("--shard-size writes sharded safetensors; it cannot go with --format torch")
+        return "sharded"
+    if requested is not None:
+        return requested
+    lowered = path.lower()
+    if lowered.endswith(".safetensors"):
+        return "safetensors"
+    if lowered.endswith(TORCH_EXTENSIONS):
+        return "torch"
+    raise BadInputError(f"cannot tell the output format from {path!r}",
+                        "use .pt/.pth/.bin/.ckpt or .safetensors, or pass --format torch|safetensors")
+
+
+def _input_files(checkpoint: Checkpoint) -> set[str]:
+    files = {checkpoint.path}
+    for _, tensor in iter_tensors(checkpoint.root):
+        if tensor.storage is not None:
+            files.add(tensor.storage.file)
+        files.update(ref.file for _, _, ref in tensor.chunks)
+    return {os.path.realpath(f) for f in files}
+
+
+def _check_destination(source: Checkpoint, destination: str, force: bool) -> None:
+    real = os.path.realpath(destination)
+    for path in _input_files(source) | {os.path.realpath(source.path)}:
+        same = real == path or (os.path.exists(destination) and os.path.exists(path)
+                                and os.path.samefile(destination, path))
+        inside = os.path.isdir(path) and real.startswith(path.rstrip(os.sep) + os.sep)
+        if same or inside:
+            raise BadInputError(f"{destination} is the input (or part of it); ptools never overwrites "
+                                "its input", "write to another path")
+    if os.path.lexists(destination) and not force:
+        raise BadInputError(f"{destination} exists", "pass --force to replace it")
+    folder = os.path.dirname(os.path.abspath(destination))
+    if not os.path.isdir(folder):
+        raise BadInputError(f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write to folder {folder}")
+
+
+def _drop_training_state(root: Any, state_dict_path: str) -> list[str]:
+    if not isinstance(root, dict):
+        return []
+    head = state_dict_path.split(".", 1)[0] if state_dict_path else None
+    dropped = []
+    for key in list(root):
+        value = root[key]
+        is_optimizer = isinstance(value, Mapping) and {"state", "param_groups"} <= set(value)
+        is_list = isinstance(value, list) and value and all(
+            isinstance(v, Mapping) and {"state", "param_groups"} <= set(v) for v in value)
+        if key != head and (key in OPTIMIZER_KEYS or is_optimizer or is_list):
+            del root[key]
+            dropped.append(str(key))
+    return dropped
+
+
+def _replace_at(root: Any, path: str, value: Any) -> Any:
+    """``root`` with the node at dotted ``path`` (read as :func:`navigate` reads it) replaced."""
+    if path == "":
+        return value
+    container: Any = None
+    key: Any = None
+    node, rest = root, path
+    while rest:  # the same walk as navigate, remembering the last container and key
+        if isinstance(node, Mapping):
+            parts = rest.split(".")
+            cut = next(c for c in range(len(parts), 0, -1) if ".".join(parts[:c]) in node)
+            container, key = node, ".".join(parts[:cut])
+            node, rest = node[key], ".".join(parts[cut:])
+        else:
+            head, _, rest = rest.partition(".")
+            container, key = node, int(head)
+            node = node[key]
+    if isinstance(container, tuple):
+        raise BadInputError(f"cannot rewrite {path!r}: it sits inside a tuple")
+    container[key] = value
+    return root
+
+
+def _storage_identity(tensor: TensorInfo) -> tuple[str, str] | None:
+    if tensor.storage is not None:
+        return tensor.storage.file, tensor.storage.key
+    return None
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    map_location: str | None = None,
+    strip: str | None = None,
+    add: str | None = None,
+    rename: Iterable[str] = (),
+    keep: str | None = None,
+    drop: str | None = None,
+    extract: str | None = None,
+    flatten: bool = False,
+    drop_optimizer: bool = False,
+    dtype: str | None = None,
+    keep_dtype: str | None = None,
+    format: str | None = None,  # noqa: A002  (the flag's name)
+    shard_size: int | None = None,
+    force: bool = False,
+    trust: bool = False,
+    dry_run: bool = False,
+    verify: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> ConversionReport:
+    """Convert checkpoint ``src`` into ``dst``; see the module docstring and README.
+
+    Raises:
+        BadInputError: bad input, options or destination (nothing is written).
+        UnsafeFileError: the input needs code to be read and ``trust`` is off.
+    """
+    started = time.perf_counter()
+    src, dst = os.fspath(src), os.fspath(dst)
+    kind = output_format(dst, format, shard_size)
+    target_dtype = parse_dtype(dtype) if dtype is not None else None
+    relocate = parse_map_location(map_location) if map_location is not None else None
+    try:
+        keep_dtype_re = re.compile(keep_dtype) if keep_dtype else None
+    except re.error as failure:
+        raise BadInputError(f"--keep-dtype {keep_dtype!r}: invalid regular expression ({failure})") from None
+    rename_rules = [parse_rename(rule) for rule in rename]
+    checkpoint = open_checkpoint(src, trust=trust)
+    if not dry_run:
+        _check_destination(checkpoint, dst, force)
+
+    root = checkpoint.root
+    path, node, how = find_state_dict(root, extract if extract is not None else "auto")
+    if extract is None and not isinstance(node, Mapping):
+        raise BadInputError("the model weights are not a dict of tensors; pass --extract KEY")
+    state = node if isinstance(node, Mapping) else collections.OrderedDict(iter_tensors(node))
+    report = ConversionReport(input=src, output=dst, input_format=checkpoint.format,
+                              output_format=kind, state_dict_key=path, state_dict_how=how, dry_run=dry_run,
+                              bytes_in=checkpoint.size_bytes)
+    # Where each tensor was, by object, in order (a tied tensor sits under several names).
+    original_paths: dict[int, collections.deque[str]] = collections.defaultdict(collections.deque)
+    for original_path, tensor in iter_tensors(root):
+        original_paths[id(tensor)].append(original_path)
+
+    transformed = select_keys(state, keep, drop)
+    report.dropped_keys = [k for k in state if k not in transformed]
+    if strip is not None:
+        transformed, report.stripped_prefix = strip_prefix(transformed, strip)
+        if strip == "auto" and not report.stripped_prefix:
+            report.notes.append("--strip-prefix auto: no module./_orig_mod. prefix shared by every key")
+    if add is not None:
+        transformed = add_prefix(transformed, add)
+    if rename_rules:
+        transformed = rename_keys(transformed, rename_rules)
+    kept_names = [k for k in state if k not in report.dropped_keys]
+    report.renamed = sum(1 for old, new in zip(kept_names, transformed) if old != new)
+
+    if extract is not None:
+        root = transformed
+    else:
+        root = _replace_at(root, path, transformed)
+        if drop_optimizer:
+            report.dropped_entries = _drop_training_state(root, path)
+            if not report.dropped_entries:
+                report.notes.append("--drop-optimizer: no optimizer, scheduler or scaler state found")
+
+    if kind != "torch":
+        root = _flat_tensors(root, flatten, report)
+
+    # Casting decisions are per storage: tensors sharing one must keep sharing one dtype.
+    names_by_storage: dict[Any, list[str]] = collections.defaultdict(list)
+    for name, tensor in iter_tensors(root):
+        names_by_storage[_storage_identity(tensor) or id(tensor)].append(name)
+
+    def dtype_for(tensor: TensorInfo) -> str:
+        if target_dtype is None or tensor.dtype not in CASTABLE:
+            return tensor.dtype
+        names = names_by_storage[_storage_identity(tensor) or id(tensor)]
+        if keep_dtype_re is not None and any(keep_dtype_re.search(n) for n in names):
+            return tensor.dtype
+        return target_dtype
+
+    for name, tensor in iter_tensors(root):
+        report.tensors += 1
+        new_dtype = dtype_for(tensor)
+        if new_dtype != tensor.dtype:
+            report.cast += 1
+        elif target_dtype is not None and tensor.dtype in CASTABLE and tensor.dtype != target_dtype:
+            report.kept_dtype.append(name)
+        device = tensor.device
+        new_device = relocate(device) if relocate is not None and kind == "torch" else device
+        if new_device != device:
+            report.devices[device] = new_device
+        if dry_run:
+            sources = original_paths.get(id(tensor))
+            report.plan.append({"from": sources.popleft() if sources else name, "to": name,
+                                "dtype": tensor.dtype, "new_dtype": new_dtype, "device": device,
+                                "new_device": new_device, "shape": list(tensor.shape)})
+    if dry_run:
+        prefix = f"{path}." if path else ""
+        for name in report.dropped_keys:
+            value = state[name]
+            if isinstance(value, TensorInfo):
+                report.plan.append({"from": prefix + name, "to": None, "dtype": value.dtype, "new_dtype": None,
+                                    "device": value.device, "new_device": None, "shape": list(value.shape)})
+    if relocate is not None and kind != "torch":
+        report.notes.append("--map-location has no effect on safetensors output (it stores no devices)")
+
+    storages: dict[Any, OutputStorage] = {}
+
+    def storage_for(tensor: TensorInfo) -> OutputStorage | None:
+        if tensor.storage is None and not tensor.chunks:
+            return None  # a meta tensor
+        identity = _storage_identity(tensor) or id(tensor)
+        if identity not in storages:
+            location = tensor.device
+            storages[identity] = OutputStorage(
+                key=str(len(storages)), source_checkpoint=checkpoint, tensor=tensor,
+                dtype=dtype_for(tensor), location=relocate(location) if relocate else location)
+        return storages[identity]
+
+    if kind == "torch":
+        pickle_bytes = build_torch_pickle(root, storage_for, dtype_for)
+        report.bytes_out = len(pickle_bytes) + sum(s.nbytes for s in storages.values())
+
+        def write(handle: Any) -> None:
+            archive = os.path.splitext(os.path.basename(dst))[0] or "archive"
+            write_torch_zip(handle, re.sub(r"[^A-Za-z0-9_.-]", "_", archive), pickle_bytes,
+                            list(storages.values()), on_bytes)
+    else:
+        entries, metadata = _safetensors_entries(root, checkpoint, dtype_for, report)
+        report.bytes_out = sum(e.nbytes for e in entries)
+        groups = _shards(entries, shard_size) if kind == "sharded" else [entries]
+        report.shards = len(groups) if kind == "sharded" else 0
+
+        def write(handle: Any) -> None:
+            write_safetensors(handle, entries, metadata, on_bytes)
+
+    if dry_run:
+        report.seconds = time.perf_counter() - started
+        return report
+    _check_space(dst, report.bytes_out)
+    if kind == "sharded":
+        _write_sharded(dst, groups, metadata, on_bytes, verify, report, checkpoint)
+    else:
+        _write_atomically(dst, write, lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report) if verify
+                          else None)
+    report.bytes_out = _size_on_disk(dst)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _size_on_disk(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+    return os.path.getsize(path)
+
+
+def _flat_tensors(root: Any, flatten: bool, report: ConversionReport) -> collections.OrderedDict[str, Any]:
+    """safetensors holds a flat name -> tensor map: refuse anything else unless --flatten."""
+    if is_state_dict(root) and all(isinstance(v, TensorInfo) for v in root.values()):
+        return collections.OrderedDict(root)
+    if not flatten:
+        offending = [str(k) for k, v in root.items() if not isinstance(v, TensorInfo)] \
+            if isinstance(root, Mapping) else ["(top level)"]
+        shown = ", ".join(offending[:8]) + (f" and {len(offending) - 8} more" if len(offending) > 8 else "")
+        raise BadInputError(f"safetensors holds only a flat dict of tensors; these entries are not tensors: "
+                            f"{shown}", "pass --extract auto (the model weights) or --flatten")
+    flat = collections.OrderedDict(iter_tensors(root))
+    dropped = sum(1 for _ in _non_tensor_leaves(root))
+    if dropped:
+        report.notes.append(f"--flatten: {dropped} non-tensor value(s) left out")
+    return flat
+
+
+def _non_tensor_leaves(node: Any) -> Iterable[Any]:
+    if isinstance(node, Mapping):
+        for value in node.values():
+            yield from _non_tensor_leaves(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _non_tensor_leaves(value)
+    elif not isinstance(node, TensorInfo):
+        yield node
+
+
+def _safetensors_entries(root: Mapping[str, Any], checkpoint: Checkpoint, dtype_for: Callable[[TensorInfo], str],
+                         report: ConversionReport) -> tuple[list[SafetensorsEntry], dict[str, str]]:
+    """One entry per distinct tensor; exact aliases (tied weights) recorded in metadata the way
+    safetensors' ``save_model`` does: ``{alias: kept name}``."""
+    entries: list[SafetensorsEntry] = []
+    first: dict[Any, str] = {}
+    metadata = {k: v for k, v in checkpoint.metadata.items() if not (k in root and v in root)}
+    metadata.setdefault("format", "pt")
+    for name, tensor in root.items():
+        if tensor.storage is None and not tensor.chunks:
+            raise BadInputError(f"{name} is a meta tensor (no data); safetensors cannot hold it",
+                                "--drop it")
+        view = (_storage_identity(tensor) or id(tensor), tensor.storage_offset, tuple(tensor.shape),
+                tuple(tensor.stride), tensor.dtype)
+        if view in first:
+            metadata[name] = first[view]
+            report.aliases[name] = first[view]
+            continue
+        first[view] = name
+        entries.append(SafetensorsEntry(name=name, checkpoint=checkpoint, tensor=tensor, dtype=dtype_for(tensor)))
+    return entries, metadata
+
+
+def _shards(entries: list[SafetensorsEntry], shard_size: int | None) -> list[list[SafetensorsEntry]]:
+    """Greedy packing in order; a tensor larger than the limit gets a shard of its own."""
+    if not shard_size or shard_size <= 0:
+        raise BadInputError("--shard-size must be a positive size, e.g. 2GB")
+    groups: list[list[SafetensorsEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if groups[-1] and size + entry.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    return groups
+
+
+def _check_space(destination: str, needed: int) -> None:
+    folder = os.path.dirname(os.path.abspath(destination))
+    free = shutil.disk_usage(folder).free
+    if needed + (16 << 20) > free:
+        from ptools.core.units import format_bytes
+
+        raise BadInputError(f"not enough disk space in {folder}: the output needs {format_bytes(needed)}, "
+                            f"{format_bytes(free)} is free")
+
+
+def _temporary_path(destination: str, directory: bool = False) -> str:
+    folder = os.path.dirname(os.path.abspath(destination))
+    prefix = f".{os.path.basename(destination)}."
+    if directory:
+        return tempfile.mkdtemp(prefix=prefix, suffix=".ptools-tmp", dir=folder)
+    handle, path = tempfile.mkstemp(prefix=prefix, suffix=".ptools-tmp", dir=folder)
+    os.close(handle)
+    return path
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_file(path: str, write: Callable[[Any], None]) -> None:
+    try:
+        with open(path, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as failure:
+        raise BadInputError(f"cannot write {path}: {failure.strerror or failure}") from None
+
+
+def _write_atomically(destination: str, write: Callable[[Any], None],
+                      check: Callable[[str], None]) -> None:
+    """Write to a temporary file beside ``destination``, check it, then rename it into place.
+    On any failure or Ctrl-C the temporary file is removed and ``destination`` is untouched."""
+    temporary = _temporary_path(destination)
+    try:
+        _write_file(temporary, write)
+        check(temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, destination)
+        _fsync_folder(os.path.dirname(os.path.abspath(destination)))
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _write_sharded(destination: str, groups: list[list[SafetensorsEntry]], metadata: dict[str, str],
+                   on_bytes: Callable[[int], None] | None, verify: bool, report: ConversionReport,
+                   checkpoint: Checkpoint) -> None:
+    """Shards and ``model.safetensors.index.json`` into a folder, built beside ``destination``
+    and renamed into place only when complete."""
+    import json
+
+    temporary = _temporary_path(destination, directory=True)
+    try:
+        weight_map: dict[str, str] = {}
+        count = len(groups)
+        for index, group in enumerate(groups):
+            shard = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            kept = {e.name for e in group}
+            shard_metadata = {k: v for k, v in metadata.items() if k not in report.aliases or v in kept}
+            _write_file(os.path.join(temporary, shard),
+                        lambda handle, g=group, m=shard_metadata: write_safetensors(handle, g, m, on_bytes))
+            weight_map.update({e.name: shard for e in group})
+        index = {"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map}
+        _write_file(os.path.join(temporary, "model.safetensors.index.json"),
+                    lambda handle: handle.write(json.dumps(index, indent=2).encode()))
+        if verify:
+            _verify_against(os.path.join(temporary, "model.safetensors.index.json"), groups, report)
+        os.chmod(temporary, 0o755)
+        old = None
+        if os.path.lexists(destination):
+            old = _temporary_path(destination, directory=True)
+            os.rmdir(old)
+            os.replace(destination, old)
+        os.replace(temporary, destination)
+        if old is not None:
+            shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _verify(path: str, root: Any, source: Checkpoint, dtype_for: Callable[[TensorInfo], str],
+            report: ConversionReport) -> None:
+    """Re-read the written file and compare every tensor with its source (after any cast)."""
+    written = open_checkpoint(path)
+    expected = collections.OrderedDict(iter_tensors(root))
+    actual_root = written.root
+    if report.output_format == "torch":
+        actual = collections.OrderedDict(iter_tensors(actual_root))
+    else:
+        actual = collections.OrderedDict((k, v) for k, v in actual_root.items())
+    _compare(expected, source, actual, written, dtype_for, report)
+
+
+def _verify_against(index_path: str, groups: list[list[SafetensorsEntry]], report: ConversionReport) -> None:
+    written = open_checkpoint(index_path)
+    expected = collections.OrderedDict((e.name, e.tensor) for g in groups for e in g)
+    source = groups[0][0].checkpoint if groups and groups[0] else None
+    dtypes = {id(e.tensor): e.dtype for g in groups for e in g}
+    actual = collections.OrderedDict((k, written.root[k]) for k in expected)
+    _compare(expected, source, actual, written, lambda t: dtypes[id(t)], report)
+
+
+def _compare(expected: Mapping[str, TensorInfo], source: Checkpoint | None, actual: Mapping[str, Any],
+             written: Checkpoint, dtype_for: Callable[[TensorInfo], str], report: ConversionReport) -> None:
+    import numpy as np
+
+    from ptools.core.checkpoint.values import decode, read_tensor
+    from ptools.core.checkpoint.writers import cast_bytes
+
+    missing = [name for name in expected if name not in actual]
+    if missing:
+        raise BadInputError(f"verification failed: {len(missing)} tensor(s) missing from the output, "
+                            f"e.g. {missing[0]!r}")
+    for name, tensor in expected.items():
+        out = actual[name]
+        want_dtype = dtype_for(tensor)
+        if not isinstance(out, TensorInfo) or out.shape != tensor.shape or out.dtype != want_dtype:
+            raise BadInputError(f"verification failed: {name!r} has the wrong shape or dtype in the output")
+        if tensor.storage is None and not tensor.chunks:
+            continue
+        source_values = read_tensor(source, tensor)
+        if want_dtype != tensor.dtype:
+            # bfloat16 reads back widened to float32; cast from what was read.
+            decoded = {"f8": "float64", "f4": "float32", "f2": "float16"}[source_values.dtype.str[1:]]
+            raw = np.ascontiguousarray(source_values).astype(source_values.dtype.newbyteorder("<")).tobytes()
+            source_values = decode(cast_bytes(raw, decoded, want_dtype), want_dtype).reshape(tensor.shape)
+        output_values = read_tensor(written, out)
+        if not np.array_equal(source_values, output_values, equal_nan=True):
+            raise BadInputError(f"verification failed: values of {name!r} differ from the input")
+    report.verified = True
