@@ -46,6 +46,19 @@ def _encode(values: Any, dtype: str) -> bytes:
     return np.ascontiguousarray(values).astype(codes[dtype]).tobytes()
 
 
+def encode_values(values: Any, dtype: str) -> bytes:
+    """Values as read by :func:`~ptools.core.checkpoint.values.read_tensor` -> dense
+    little-endian bytes of ``dtype`` (exact when the values came from that dtype)."""
+    import numpy as np
+
+    values = np.ascontiguousarray(values)
+    if dtype in CASTABLE:
+        return _encode(values.astype(np.float32) if dtype in ("float16", "bfloat16") else values, dtype)
+    if dtype in ("float8_e4m3fn", "float8_e5m2", "complex32"):
+        raise BadInputError(f"writing {dtype} values gathered from chunks or strided views is not supported")
+    return values.astype(values.dtype.newbyteorder("<")).tobytes()
+
+
 def cast_bytes(raw: bytes, source: str, target: str, byteorder: str = "little") -> bytes:
     """Cast raw storage bytes between floating dtypes the way torch's ``.to(dtype)`` does
     (via float32 for half-precision targets, rounding to nearest even)."""
@@ -110,11 +123,7 @@ class OutputStorage:
     def _assembled(self) -> Iterator[bytes]:
         from ptools.core.checkpoint.values import read_tensor
 
-        values = read_tensor(self.source_checkpoint, self.tensor)
-        raw = values.astype(values.dtype.newbyteorder("<")).tobytes()
-        if self.dtype != self.source_dtype:
-            raw = cast_bytes(raw, self.source_dtype, self.dtype)
-        yield raw
+        yield encode_values(read_tensor(self.source_checkpoint, self.tensor), self.dtype)
 
 
 # --------------------------------------------------------------------------- the pickle
@@ -299,19 +308,10 @@ class SafetensorsEntry:
                 yield (cast_bytes(raw, source, self.dtype, ref.byteorder) if self.dtype != source
                        else _little_endian(raw, source, ref.byteorder))
             return
-        import numpy as np
-
         from ptools.core.checkpoint.values import read_tensor
 
         # A strided view: gather its elements (one tensor in memory), then encode densely.
-        values = np.ascontiguousarray(read_tensor(self.checkpoint, tensor))
-        if self.dtype in CASTABLE:
-            yield _encode(values.astype(np.float32) if self.dtype in ("float16", "bfloat16") else values,
-                          self.dtype)
-        elif source == self.dtype and source not in ("float8_e4m3fn", "float8_e5m2"):
-            yield values.astype(values.dtype.newbyteorder("<")).tobytes()
-        else:
-            raise BadInputError(f"{self.name}: cannot write a strided {source} view to safetensors")
+        yield encode_values(read_tensor(self.checkpoint, tensor), self.dtype)
 
 
 def safetensors_header(entries: list[SafetensorsEntry], metadata: dict[str, str]) -> bytes:
