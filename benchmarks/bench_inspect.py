@@ -3,7 +3,7 @@
     python benchmarks/bench_inspect.py [--runs 5] [--keep DIR]
 
 Makes a training checkpoint (64 tensors of 2048x2048 fp32 under model_state_dict, BatchNorm
-buffers, an optimizer entry, an epoch; ~1.07 GB), a ~105 MB one of the same layout, and a
+buffers, an optimizer entry, an epoch; keys prefixed module. as DDP saves them; ~1.07 GB), a ~105 MB one of the same layout, and a
 ~1.07 GB safetensors file, then times each way of listing their keys (name, shape, dtype) as
 fresh processes: median wall time and median peak RSS over --runs. Files are in the page
 cache (just written), as on a machine where the checkpoint was recently used.
@@ -40,12 +40,12 @@ def make_files(folder: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     def training(side: int) -> dict:
-        state = {}
+        state = {}  # saved from a DistributedDataParallel model: every key starts with module.
         for index in range(64):
-            state[f"blocks.{index}.weight"] = torch.randn(side, side)
-            state[f"blocks.{index}.bn.running_mean"] = torch.zeros(side)
-            state[f"blocks.{index}.bn.running_var"] = torch.ones(side)
-            state[f"blocks.{index}.bn.num_batches_tracked"] = torch.tensor(100)
+            state[f"module.blocks.{index}.weight"] = torch.randn(side, side)
+            state[f"module.blocks.{index}.bn.running_mean"] = torch.zeros(side)
+            state[f"module.blocks.{index}.bn.running_var"] = torch.ones(side)
+            state[f"module.blocks.{index}.bn.num_batches_tracked"] = torch.tensor(100)
         return {"model_state_dict": state, "epoch": 42,
                 "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.1, "params": list(range(64))}]}}
 

@@ -32,34 +32,48 @@ CASTABLE = ("float64", "float32", "float16", "bfloat16")
 # --------------------------------------------------------------------------- converting values
 
 
-def _encode(values: Any, dtype: str) -> bytes:
+def _as_bytes(array: Any) -> memoryview:
+    """A dense array's bytes without copying them (files and zip records take any buffer)."""
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+    return memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+
+
+def _encode(values: Any, dtype: str) -> memoryview:
     """numpy values -> little-endian bytes of ``dtype`` (float32 source for bf16/fp16 casts)."""
     import numpy as np
 
     if dtype == "bfloat16":
-        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        bits = values.view(np.uint32)
         # Round to nearest even, as torch does; NaNs stay NaN (quiet bit kept).
-        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-        rounded = np.where(np.isnan(values), (bits >> np.uint32(16)) | np.uint32(0x40), rounded)
-        return rounded.astype("<u2").tobytes()
+        rounded = bits + ((bits >> np.uint32(16)) & np.uint32(1))
+        rounded += np.uint32(0x7FFF)
+        rounded >>= np.uint32(16)
+        nan = np.isnan(values)
+        if nan.any():
+            rounded[nan] = (bits[nan] >> np.uint32(16)) | np.uint32(0x40)
+        return _as_bytes(rounded.astype("<u2"))
     codes = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
-    return np.ascontiguousarray(values).astype(codes[dtype]).tobytes()
+    return _as_bytes(np.asarray(values).astype(codes[dtype], copy=False))
 
 
-def encode_values(values: Any, dtype: str) -> bytes:
+def encode_values(values: Any, dtype: str) -> memoryview | bytes:
     """Values as read by :func:`~ptools.core.checkpoint.values.read_tensor` -> dense
     little-endian bytes of ``dtype`` (exact when the values came from that dtype)."""
     import numpy as np
 
     values = np.ascontiguousarray(values)
     if dtype in CASTABLE:
-        return _encode(values.astype(np.float32) if dtype in ("float16", "bfloat16") else values, dtype)
+        return _encode(values.astype(np.float32, copy=False) if dtype in ("float16", "bfloat16") else values,
+                       dtype)
     if dtype in ("float8_e4m3fn", "float8_e5m2", "complex32"):
         raise BadInputError(f"writing {dtype} values gathered from chunks or strided views is not supported")
     return values.astype(values.dtype.newbyteorder("<")).tobytes()
 
 
-def cast_bytes(raw: bytes, source: str, target: str, byteorder: str = "little") -> bytes:
+def cast_bytes(raw: bytes, source: str, target: str, byteorder: str = "little") -> memoryview:
     """Cast raw storage bytes between floating dtypes the way torch's ``.to(dtype)`` does
     (via float32 for half-precision targets, rounding to nearest even)."""
     import numpy as np
@@ -68,7 +82,7 @@ def cast_bytes(raw: bytes, source: str, target: str, byteorder: str = "little") 
 
     values = decode(raw, source, byteorder)
     if target in ("float16", "bfloat16"):
-        values = values.astype(np.float32)
+        values = values.astype(np.float32, copy=False)
     return _encode(values, target)
 
 
@@ -124,6 +138,55 @@ class OutputStorage:
         from ptools.core.checkpoint.values import read_tensor
 
         yield encode_values(read_tensor(self.source_checkpoint, self.tensor), self.dtype)
+
+
+def prefetched(pieces: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Produce ``pieces`` in a worker thread, ``depth`` ahead, so that reading and casting
+    the next chunk overlaps writing this one (numpy and file I/O release the GIL)."""
+    import queue
+    import threading
+
+    channel: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                channel.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            for piece in pieces:
+                if stop.is_set():
+                    return
+                put(piece)
+        except BaseException as failure:  # handed to the consumer, which re-raises it
+            put(_Failure(failure))
+        finally:
+            put(done)
+
+    worker = threading.Thread(target=work, name="ptools-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = channel.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 # --------------------------------------------------------------------------- the pickle
@@ -259,7 +322,7 @@ def write_torch_zip(handle: IO[bytes], archive_name: str, pickle_bytes: bytes,
             info = _aligned_info(archive, f"{archive_name}/{name}", size)
             with archive.open(info, "w", force_zip64=size > zipfile.ZIP64_LIMIT) as out:
                 written = 0
-                for piece in pieces:
+                for piece in prefetched(iter(pieces)):
                     out.write(piece)
                     written += len(piece)
                     if on_bytes is not None:
@@ -336,7 +399,7 @@ def write_safetensors(handle: IO[bytes], entries: list[SafetensorsEntry], metada
     handle.write(safetensors_header(entries, metadata))
     for entry in entries:
         written = 0
-        for piece in entry.chunks():
+        for piece in prefetched(entry.chunks()):
             handle.write(piece)
             written += len(piece)
             if on_bytes is not None:
