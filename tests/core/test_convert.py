@@ -40,17 +40,13 @@ from tests.checkpoint_fixtures import (
 )
 
 
-def plain_values(tensor: torch.Tensor) -> np.ndarray:
-    return as_numpy(tensor)
-
-
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert list(actual) == list(expected)
     for name, tensor in expected.items():
         got = actual[name]
         assert got.dtype == tensor.dtype, name
         assert got.shape == tensor.shape, name
-        np.testing.assert_array_equal(plain_values(got), plain_values(tensor), err_msg=name)
+        np.testing.assert_array_equal(as_numpy(got), as_numpy(tensor), err_msg=name)
 
 
 def read_output(path: Path) -> dict[str, torch.Tensor]:
@@ -447,3 +443,36 @@ def test_output_format_errors(tmp_path: Path, name: str, fmt: str | None, messag
     path = save_zip({"w": torch.ones(1)}, tmp_path / "in.pt")
     with pytest.raises(BadInputError, match=message):
         convert_checkpoint(path, tmp_path / name, format=fmt)
+
+
+@pytest.mark.cuda
+def test_real_gpu_checkpoint_moves_to_cpu_and_back(tmp_path: Path) -> None:
+    """A file torch.save wrote from CUDA tensors: listed with its tags, remapped to cpu (loads
+    where CUDA is hidden), and remapped back (torch.load puts it on the GPU)."""
+    import json
+    import subprocess
+    import sys
+
+    from ptools.core.checkpoint import list_checkpoint, open_checkpoint
+
+    state = {"w": torch.randn(4, 4, device="cuda"), "ids": torch.arange(3, device="cuda"),
+             "h": torch.randn(5, device="cuda").half(), "cpu": torch.ones(2)}
+    path = tmp_path / "gpu.pt"
+    torch.save(state, path)
+    devices = {row.name: row.tensor.device for row in list_checkpoint(open_checkpoint(path)).rows}
+    assert devices == {"w": "cuda:0", "ids": "cuda:0", "h": "cuda:0", "cpu": "cpu"}
+    convert_checkpoint(path, tmp_path / "cpu.pt", map_location="cpu", verify=True)
+    script = ("import json, sys, torch; s = torch.load(sys.argv[1], weights_only=True); "
+              "print(json.dumps({k: [str(v.device), v.float().sum().item()] for k, v in s.items()}))")
+    hidden = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cpu.pt")], capture_output=True,
+                            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert hidden.returncode == 0, hidden.stderr
+    seen = json.loads(hidden.stdout)
+    for name, tensor in state.items():
+        assert seen[name][0] == "cpu"
+        assert seen[name][1] == pytest.approx(tensor.float().sum().item(), rel=1e-6)
+    convert_checkpoint(tmp_path / "cpu.pt", tmp_path / "back.pt", map_location="cuda:0")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    for name, tensor in state.items():
+        assert back[name].device.type == "cuda"
+        assert torch.equal(back[name], tensor.cuda())

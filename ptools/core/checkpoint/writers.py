@@ -56,7 +56,8 @@ def _encode(values: Any, dtype: str) -> memoryview:
             rounded[nan] = (bits[nan] >> np.uint32(16)) | np.uint32(0x40)
         return _as_bytes(rounded.astype("<u2"))
     codes = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
-    return _as_bytes(np.asarray(values).astype(codes[dtype], copy=False))
+    with np.errstate(over="ignore"):  # out-of-range values become ±inf, as in torch
+        return _as_bytes(np.asarray(values).astype(codes[dtype], copy=False))
 
 
 def encode_values(values: Any, dtype: str) -> memoryview | bytes:
