@@ -476,3 +476,16 @@ def test_real_gpu_checkpoint_moves_to_cpu_and_back(tmp_path: Path) -> None:
     for name, tensor in state.items():
         assert back[name].device.type == "cuda"
         assert torch.equal(back[name], tensor.cuda())
+
+
+@pytest.mark.parametrize("output", list(OUTPUTS))
+def test_torchscript_input_to_every_format(tmp_path: Path, output: str) -> None:
+    model = tiny_net().eval()
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(model).save(str(path))
+    destination = tmp_path / OUTPUTS[output]
+    report = convert_checkpoint(path, destination, shard_size=300 if output == "sharded" else None, verify=True)
+    assert report.input_format == "torchscript" and report.verified
+    result = read_output(destination)
+    assert_same_tensors(dict(sorted(result.items())), dict(sorted(model.state_dict().items())))
+    tiny_net(seed=4).load_state_dict(result)
