@@ -76,9 +76,9 @@ def _root(
 
 
 def _register() -> None:
-    from ptools.cli import convert_ckpt, gpu_info, inspect_state_dict
+    from ptools.cli import convert_ckpt, gpu_info, inspect_state_dict, nms
 
-    for module in (gpu_info, inspect_state_dict, convert_ckpt):
+    for module in (gpu_info, inspect_state_dict, convert_ckpt, nms):
         app.command(module.NAME, help=module.HELP, short_help=module.SHORT_HELP,
                     no_args_is_help=False)(error_edge(module.command))
 

@@ -14,7 +14,6 @@ import collections
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from ptools.core.checkpoint.writers import (
     write_safetensors,
     write_torch_zip,
 )
+from ptools.core.files import temporary_path, write_atomically, write_file
 from ptools.errors import BadInputError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -503,8 +503,8 @@ def convert_checkpoint(
     if kind == "sharded":
         _write_sharded(dst, groups, metadata, on_bytes, verify, report, checkpoint)
     else:
-        _write_atomically(dst, write, lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report) if verify
-                          else None)
+        write_atomically(dst, write, (lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report)) if verify
+                         else None)
     report.bytes_out = _size_on_disk(dst)
     report.seconds = time.perf_counter() - started
     return report
@@ -592,54 +592,6 @@ def _check_space(destination: str, needed: int) -> None:
                             f"{format_bytes(free)} is free")
 
 
-def _temporary_path(destination: str, directory: bool = False) -> str:
-    folder = os.path.dirname(os.path.abspath(destination))
-    prefix = f".{os.path.basename(destination)}."
-    if directory:
-        return tempfile.mkdtemp(prefix=prefix, suffix=".ptools-tmp", dir=folder)
-    handle, path = tempfile.mkstemp(prefix=prefix, suffix=".ptools-tmp", dir=folder)
-    os.close(handle)
-    return path
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_file(path: str, write: Callable[[Any], None]) -> None:
-    try:
-        with open(path, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as failure:
-        raise BadInputError(f"cannot write {path}: {failure.strerror or failure}") from None
-
-
-def _write_atomically(destination: str, write: Callable[[Any], None],
-                      check: Callable[[str], None]) -> None:
-    """Write to a temporary file beside ``destination``, check it, then rename it into place.
-    On any failure or Ctrl-C the temporary file is removed and ``destination`` is untouched."""
-    temporary = _temporary_path(destination)
-    try:
-        _write_file(temporary, write)
-        check(temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, destination)
-        _fsync_folder(os.path.dirname(os.path.abspath(destination)))
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def _write_sharded(destination: str, groups: list[list[SafetensorsEntry]], metadata: dict[str, str],
                    on_bytes: Callable[[int], None] | None, verify: bool, report: ConversionReport,
                    checkpoint: Checkpoint) -> None:
@@ -647,7 +599,7 @@ def _write_sharded(destination: str, groups: list[list[SafetensorsEntry]], metad
     and renamed into place only when complete."""
     import json
 
-    temporary = _temporary_path(destination, directory=True)
+    temporary = temporary_path(destination, directory=True)
     try:
         weight_map: dict[str, str] = {}
         count = len(groups)
@@ -655,18 +607,18 @@ def _write_sharded(destination: str, groups: list[list[SafetensorsEntry]], metad
             shard = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
             kept = {e.name for e in group}
             shard_metadata = {k: v for k, v in metadata.items() if k not in report.aliases or v in kept}
-            _write_file(os.path.join(temporary, shard),
+            write_file(os.path.join(temporary, shard),
                         lambda handle, g=group, m=shard_metadata: write_safetensors(handle, g, m, on_bytes))
             weight_map.update({e.name: shard for e in group})
         index = {"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map}
-        _write_file(os.path.join(temporary, "model.safetensors.index.json"),
+        write_file(os.path.join(temporary, "model.safetensors.index.json"),
                     lambda handle: handle.write(json.dumps(index, indent=2).encode()))
         if verify:
             _verify_against(os.path.join(temporary, "model.safetensors.index.json"), groups, report)
         os.chmod(temporary, 0o755)
         old = None
         if os.path.lexists(destination):
-            old = _temporary_path(destination, directory=True)
+            old = temporary_path(destination, directory=True)
             os.rmdir(old)
             os.replace(destination, old)
         os.replace(temporary, destination)

@@ -1,0 +1,127 @@
+"""``ptools nms``: offline NMS over detection JSON files."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from ptools.cli import output
+from ptools.errors import BadInputError
+
+NAME = "nms"
+SHORT_HELP = "Offline NMS (hard, and, merge, diou, soft) over COCO-style detection JSON or JSON Lines."
+HELP = f"""{SHORT_HELP}
+
+Per image, and per class unless --agnostic. hard is exactly torchvision's batched_nms keep set; soft re-picks the best decayed score after every decay and returns the decayed scores. Every other field of a record is kept. Output: by image id, then score descending.
+
+[bold]Examples[/bold]
+
+  ptools nms preds.json --method soft > out.json
+
+  ptools nms preds.json -o out.json --iou 0.6 --score-thr 0.05 --max-det 100
+
+  cat preds.jsonl | ptools nms - --method diou --agnostic > out.jsonl
+
+  ptools nms examples/detections.json --method soft --eval examples/ground_truth.json -o out.json
+"""
+
+
+def command(
+    source: Annotated[str, typer.Argument(metavar="INPUT", help="Detections (JSON array or JSON Lines); - for stdin.",
+                                          show_default=False)],
+    destination: Annotated[str, typer.Option("--output", "-o", metavar="FILE",
+                                             help="Where to write the kept detections; - for stdout.")] = "-",
+    method: Annotated[str, typer.Option(
+        "--method", help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft.")] = "hard",
+    iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0,
+                                       help="Suppress when IoU (DIoU for diou) > this.")] = 0.5,
+    score_thr: Annotated[float | None, typer.Option(
+        "--score-thr", metavar="S",
+        help="Drop detections with score <= S before NMS; for soft also the cut-off after decay "
+             "(default 0.001 for soft, none otherwise).")] = None,
+    max_det: Annotated[int | None, typer.Option("--max-det", min=1, metavar="N",
+                                                help="Keep at most N detections per image, highest scores.")] = None,
+    agnostic: Annotated[bool, typer.Option("--agnostic", help="Ignore classes: any box may suppress any other "
+                                                              "in its image.")] = False,
+    soft_fn: Annotated[str, typer.Option("--soft-fn", help="Soft-NMS decay: gaussian or linear.")] = "gaussian",
+    sigma: Annotated[float, typer.Option("--sigma", help="Gaussian Soft-NMS: s *= exp(-IoU^2 / sigma).")] = 0.5,
+    box_format: Annotated[str, typer.Option("--box-format", help="bbox layout: xywh (COCO), xyxy or cxcywh.")] = "xywh",
+    output_format: Annotated[str | None, typer.Option(
+        "--output-format", metavar="json|jsonl", help="Default: the input's format.")] = None,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Drop invalid records (counted on stderr) instead of stopping at the first.")] = False,
+    eval_path: Annotated[str | None, typer.Option(
+        "--eval", metavar="GT.json",
+        help="COCO ground truth: print AP, AP50, AP75, AR@100 of input and output (pycocotools) on stderr.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu (default, fastest here) or cuda "
+                                                         "(hard NMS with torchvision's kernel).")] = "cpu",
+) -> None:
+    from ptools.core import detections as core
+
+    started = time.perf_counter()
+    if output_format is not None and output_format not in core.FORMATS:
+        raise BadInputError(f"unknown --output-format {output_format!r}; choose one of: json, jsonl")
+    if destination != "-" and source != "-" and os.path.exists(destination) and os.path.samefile(source, destination):
+        raise BadInputError(f"--output {destination} is the input file", "write to another path")
+    data = _read(source)
+    records, input_format = core.parse_detections(data, "stdin" if source == "-" else source)
+    del data
+    detections = core.validate(records, box_format=box_format, skip_invalid=skip_invalid)
+    # soft and merge rewrite score/bbox in place; evaluating the input needs the originals.
+    rewrites = core.nms_core.canonical_method(method) in ("soft", "merge")
+    before = [dict(r) if isinstance(r, dict) else r for r in records] if eval_path and rewrites else None
+    kept, report = core.run_nms(detections, method=method, iou_threshold=iou, score_threshold=score_thr,
+                                soft_fn=soft_fn, sigma=sigma, max_det=max_det, agnostic=agnostic,
+                                box_format=box_format, device=device)
+    if eval_path is not None:
+        valid_input = [(before or records)[i] for i in detections.index.tolist()]
+        input_metrics, output_metrics = core.evaluate(eval_path, valid_input, kept)
+        report.evaluation = {"input": input_metrics, "output": output_metrics}
+    payload = core.dump_detections(kept, output_format or input_format)
+    if destination == "-":
+        sys.stdout.buffer.write(payload)
+        sys.stdout.buffer.flush()
+    else:
+        from ptools.core.files import write_atomically
+
+        write_atomically(destination, lambda handle: handle.write(payload))
+    report.seconds = time.perf_counter() - started
+    _summary(report.to_dict())
+
+
+def _read(source: str) -> bytes:
+    if source == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(source, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise BadInputError(f"{source}: no such file") from None
+    except OSError as failure:
+        raise BadInputError(f"cannot read {source}: {failure.strerror or failure}") from None
+
+
+def _summary(data: dict[str, Any]) -> None:
+    """One line always; a per-class table and the evaluation on a terminal or with --eval."""
+    skipped = f" ({data['skipped']} invalid skipped)" if data["skipped"] else ""
+    output.info(f"nms {data['method']} (iou > {data['iou_threshold']:g}): {data['images']} images, "
+                f"{data['detections_in']:,} → {data['detections_out']:,} detections{skipped}, "
+                f"{data['seconds']:.2f} s")
+    if sys.stderr.isatty() and data["per_class"]:
+        output.stderr_console().print(output.make_table(
+            "Detections per class", ["category_id", ("in", "right"), ("out", "right")],
+            [(c, f"{a:,}", f"{b:,}") for c, (a, b) in data["per_class"].items()]))
+    elif data["per_class"]:
+        output.info("per class (in→out): " + ", ".join(f"{c}: {a}→{b}" for c, (a, b) in data["per_class"].items()))
+    evaluation = data["evaluation"]
+    if evaluation:
+        rows = [(name, f"{evaluation['input'][name]:.4f}", f"{evaluation['output'][name]:.4f}",
+                 f"{evaluation['output'][name] - evaluation['input'][name]:+.4f}")
+                for name in ("AP", "AP50", "AP75", "AR@100")]
+        output.stderr_console().print(output.make_table(
+            "COCO bbox evaluation (pycocotools)", ["metric", ("input", "right"), ("output", "right"),
+                                                   ("change", "right")], rows))

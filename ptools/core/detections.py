@@ -1,0 +1,346 @@
+"""Detection files: COCO results JSON (an array of records) or JSON Lines, validated, run
+through NMS per image, and written back with every other field of each record preserved.
+
+Records: ``{"image_id", "category_id", "bbox": [4 numbers], "score", ...}``; image and
+category ids are integers or strings. Output order: images by id ascending, then score
+descending (equal scores keep input order).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ptools.core import nms as nms_core
+from ptools.errors import BadInputError
+
+REQUIRED = ("image_id", "category_id", "bbox", "score")
+FORMATS = ("json", "jsonl")
+
+
+def _json() -> Any:
+    import orjson
+
+    return orjson
+
+
+def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str]:
+    """Parse a JSON array or JSON Lines of records.
+
+    Returns:
+        ``(records, format)`` with format ``json`` or ``jsonl``.
+
+    Raises:
+        BadInputError: empty, not JSON, or not an array / lines of objects.
+    """
+    orjson = _json()
+    text = data.lstrip()
+    if not text:
+        raise BadInputError(f"{source} is empty; expected a JSON array of detections or JSON Lines")
+    if text[:1] == b"[":
+        try:
+            records = orjson.loads(data)
+        except orjson.JSONDecodeError as failure:
+            raise BadInputError(f"{source} is not valid JSON ({failure})") from None
+        return records, "json"
+    if text[:1] == b"{":
+        records = []
+        for number, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(orjson.loads(line))
+            except orjson.JSONDecodeError as failure:
+                raise BadInputError(f"{source} line {number} is not valid JSON ({failure})") from None
+        return records, "jsonl"
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as failure:
+        raise BadInputError(f"{source} is not valid JSON ({failure})") from None
+    raise BadInputError(f"{source} holds a JSON {type(value).__name__}, not an array of detection records")
+
+
+def dump_detections(records: list[Any], output_format: str) -> bytes:
+    """Records as a JSON array or as JSON Lines."""
+    orjson = _json()
+    if output_format == "jsonl":
+        return b"".join(orjson.dumps(record) + b"\n" for record in records)
+    return orjson.dumps(records)
+
+
+def _record_problem(index: int, record: Any, box_format: str) -> str | None:
+    """Why record ``index`` is invalid, naming the field; None when it is fine."""
+    if not isinstance(record, dict):
+        return f"record {index} is a {type(record).__name__}, not an object"
+    for name in REQUIRED:
+        if name not in record:
+            return f"record {index}: missing field {name!r}"
+    for name in ("image_id", "category_id"):
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return f"record {index}: field {name!r} must be an integer or a string, got {value!r}"
+    score = record["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        return f"record {index}: field 'score' must be a number, got {score!r}"
+    if not math.isfinite(score):
+        return f"record {index}: field 'score' is {score!r}, not a finite number"
+    box = record["bbox"]
+    if not (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        return f"record {index}: field 'bbox' must be a list of 4 numbers, got {box!r}"
+    if not all(math.isfinite(v) for v in box):
+        return f"record {index}: field 'bbox' holds NaN or infinite values: {box!r}"
+    if box_format == "xyxy":
+        if box[2] < box[0] or box[3] < box[1]:
+            return f"record {index}: field 'bbox' has x2 < x1 or y2 < y1 (xyxy {box!r})"
+    elif box[2] < 0 or box[3] < 0:
+        return f"record {index}: field 'bbox' has a negative width or height ({box_format} {box!r})"
+    return None
+
+
+@dataclass
+class Detections:
+    """Validated detections as arrays; ``index`` maps rows back to input records."""
+
+    records: list[Any]
+    index: np.ndarray
+    images: np.ndarray       # image code per row (codes follow ascending image id)
+    categories: np.ndarray   # category code per row
+    category_ids: list[Any]  # code -> category_id
+    image_count: int
+    boxes: np.ndarray        # (N, 4) as given (box_format)
+    scores: np.ndarray
+    skipped: int = 0
+
+
+def _fast_arrays(records: list[Any]) -> tuple[Any, ...] | None:
+    """All four fields as arrays in a few C-speed passes; None when anything looks off."""
+    try:
+        images = [r["image_id"] for r in records]
+        categories = [r["category_id"] for r in records]
+        boxes = np.array([r["bbox"] for r in records])
+        scores = np.array([r["score"] for r in records])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if (boxes.dtype.kind not in "iuf" or boxes.ndim != 2 or boxes.shape[1] != 4
+            or scores.dtype.kind not in "iuf" or scores.ndim != 1):
+        return None
+    return images, categories, boxes.astype(np.float64, copy=False), scores.astype(np.float64, copy=False)
+
+
+def _id_codes(values: list[Any]) -> tuple[np.ndarray, list[Any]] | None:
+    """Codes of integer ids, or of all-string ids; None for anything else (slow path)."""
+    array = np.array(values)
+    if array.dtype.kind in "iu" or (array.dtype.kind == "U" and all(type(v) is str for v in values)):
+        uniques, codes = np.unique(array, return_inverse=True)
+        return codes.reshape(-1).astype(np.int64), uniques.tolist()
+    return None
+
+
+def validate(records: Any, box_format: str = "xywh", skip_invalid: bool = False) -> Detections:
+    """Check every record (fast path: vectorised; slow path only to name the culprit).
+
+    Raises:
+        BadInputError: the input is not a list, or a record is invalid (record index and
+            field named) and ``skip_invalid`` is off.
+    """
+    if not isinstance(records, list):
+        raise BadInputError(f"expected an array of detection records, got a JSON {type(records).__name__}")
+    if box_format not in nms_core.BOX_FORMATS:
+        raise BadInputError(f"unknown box format {box_format!r}; choose one of: {', '.join(nms_core.BOX_FORMATS)}")
+    index = np.arange(len(records))
+    fast = _fast_arrays(records) if records else None
+    image_codes = category_codes = None
+    if fast is not None:
+        images, categories, boxes, scores = fast
+        image_codes = _id_codes(images)
+        category_codes = _id_codes(categories)
+        bad = ~np.isfinite(boxes).all(axis=1) | ~np.isfinite(scores)
+        if box_format == "xyxy":
+            bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        else:
+            bad |= (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
+        if bad.any() or image_codes is None or category_codes is None:
+            fast = None
+    skipped = 0
+    if fast is None:
+        valid = []
+        for position, record in enumerate(records):
+            problem = _record_problem(position, record, box_format)
+            if problem is None:
+                valid.append(position)
+            elif not skip_invalid:
+                raise BadInputError(problem, "fix the record, or pass --skip-invalid to drop such records")
+        skipped = len(records) - len(valid)
+        index = np.array(valid, dtype=np.int64)
+        kept = [records[i] for i in valid]
+        images = [r["image_id"] for r in kept]
+        categories = [r["category_id"] for r in kept]
+        boxes = np.array([r["bbox"] for r in kept], dtype=np.float64).reshape(-1, 4)
+        scores = np.array([r["score"] for r in kept], dtype=np.float64)
+        image_codes = _mixed_codes(images)
+        category_codes = _mixed_codes(categories)
+    return Detections(records=records, index=index, images=image_codes[0], categories=category_codes[0],
+                      category_ids=category_codes[1], image_count=len(image_codes[1]), boxes=boxes, scores=scores,
+                      skipped=skipped)
+
+
+def _mixed_codes(values: list[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Codes for ids that may mix integers and strings: integers first, then strings, sorted."""
+    uniques = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+    lookup = {value: code for code, value in enumerate(uniques)}
+    return np.array([lookup[v] for v in values], dtype=np.int64), uniques
+
+
+@dataclass
+class NmsFileReport:
+    """What ``ptools nms`` did, for the summary."""
+
+    method: str
+    iou_threshold: float
+    images: int
+    detections_in: int
+    detections_out: int
+    skipped: int
+    per_class: dict[str, list[int]] = field(default_factory=dict)  # category_id -> [in, out]
+    seconds: float = 0.0
+    evaluation: dict[str, dict[str, float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def run_nms(
+    detections: Detections,
+    *,
+    method: str = "hard",
+    iou_threshold: float = 0.5,
+    score_threshold: float | None = None,
+    soft_fn: str = "gaussian",
+    sigma: float = 0.5,
+    max_det: int | None = None,
+    agnostic: bool = False,
+    box_format: str = "xywh",
+    device: str = "cpu",
+) -> tuple[list[Any], NmsFileReport]:
+    """NMS per image (and class unless ``agnostic``) over validated detections.
+
+    Returns:
+        ``(output records, report)``; output records are the input dicts (soft: ``score``
+        replaced by the decayed score; merge: ``bbox`` by the merged box), by image then
+        score descending.
+    """
+    started = time.perf_counter()
+    name = nms_core.canonical_method(method)
+    if max_det is not None and max_det < 1:
+        raise BadInputError(f"--max-det must be 1 or more, not {max_det}")
+    if not 0 <= iou_threshold <= 1:
+        raise BadInputError(f"--iou must be between 0 and 1, not {iou_threshold}")
+    xyxy = nms_core.to_xyxy(detections.boxes, box_format)
+    categories = np.zeros_like(detections.categories) if agnostic else detections.categories
+    groups = detections.images * (len(detections.category_ids) or 1) + categories
+    if device == "cuda":
+        result = _cuda_hard(name, xyxy, detections.scores, groups, iou_threshold, score_threshold)
+    elif device != "cpu":
+        raise BadInputError(f"unknown --device {device!r}; choose one of: cpu, cuda")
+    else:
+        result = nms_core.nms_groups(xyxy, detections.scores, groups, method=name, iou_threshold=iou_threshold,
+                                     soft_fn=soft_fn, sigma=sigma, score_threshold=score_threshold)
+    positions = nms_core.limit_per_image(detections.images, result.keep, result.scores, max_det)
+    kept_rows = result.keep[positions]
+    records = detections.records
+    output = [records[i] for i in detections.index[kept_rows].tolist()]
+    if name == "soft":
+        for record, score in zip(output, result.scores[positions].tolist()):
+            record["score"] = score
+    elif name == "merge":
+        merged = nms_core.from_xyxy(result.boxes[positions], box_format)
+        for record, box in zip(output, merged.tolist()):
+            record["bbox"] = box
+    counts_in = np.bincount(detections.categories, minlength=len(detections.category_ids))
+    counts_out = np.bincount(detections.categories[kept_rows], minlength=len(detections.category_ids))
+    report = NmsFileReport(
+        method=name, iou_threshold=iou_threshold, images=detections.image_count,
+        detections_in=len(records), detections_out=len(output), skipped=detections.skipped,
+        per_class={str(c): [int(a), int(b)] for c, a, b in zip(detections.category_ids, counts_in, counts_out)})
+    report.seconds = time.perf_counter() - started
+    return output, report
+
+
+def _cuda_hard(method: str, xyxy: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_threshold: float,
+               score_threshold: float | None) -> nms_core.NmsResult:
+    """Hard NMS with torchvision's CUDA kernel (float64), same keep set as the CPU path."""
+    if method != "hard":
+        raise BadInputError(f"--device cuda runs --method hard only; {method} runs on the CPU (the default)")
+    import torch
+
+    if not torch.cuda.is_available():
+        from ptools.errors import RequirementNotMetError
+
+        raise RequirementNotMetError("--device cuda: torch sees no CUDA device")
+    from torchvision.ops import batched_nms
+
+    candidates = np.arange(scores.size) if score_threshold is None else np.flatnonzero(scores > score_threshold)
+    device = torch.device("cuda")
+    keep = batched_nms(torch.as_tensor(xyxy[candidates], device=device),
+                       torch.as_tensor(scores[candidates], device=device),
+                       torch.as_tensor(groups[candidates], device=device), iou_threshold).cpu().numpy()
+    kept = candidates[keep]
+    order = np.lexsort((kept, -scores[kept], groups[kept]))
+    kept = kept[order]
+    return nms_core.NmsResult(keep=kept, scores=scores[kept], boxes=xyxy[kept])
+
+
+def evaluate(ground_truth_path: str, *results: list[Any]) -> list[dict[str, float]]:
+    """COCO bbox metrics (pycocotools) of each list of result records against ground truth.
+
+    Returns:
+        One dict per list: AP, AP50, AP75, AR@100.
+
+    Raises:
+        BadInputError: the ground truth is not COCO, or results name images it lacks.
+    """
+    import contextlib
+    import io
+
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        from ptools.errors import RequirementNotMetError
+
+        raise RequirementNotMetError("--eval needs pycocotools: pip install pycocotools") from None
+    chatter = io.StringIO()  # pycocotools prints progress to stdout, which carries our data
+    metrics = []
+    with contextlib.redirect_stdout(chatter):
+        try:
+            ground_truth = COCO(ground_truth_path)
+        except (OSError, ValueError, KeyError, TypeError) as failure:
+            raise BadInputError(f"--eval {ground_truth_path}: not a COCO ground-truth file ({failure})") from None
+        if "annotations" not in ground_truth.dataset or "images" not in ground_truth.dataset:
+            raise BadInputError(f"--eval {ground_truth_path}: not a COCO ground-truth file (no images/annotations)")
+        for records in results:
+            copies = [{"image_id": r["image_id"], "category_id": r["category_id"], "bbox": list(r["bbox"]),
+                       "score": r["score"]} for r in records]
+            if not copies:
+                metrics.append({"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR@100": 0.0})
+                continue
+            try:
+                predictions = ground_truth.loadRes(copies)
+            except (AssertionError, KeyError, IndexError) as failure:
+                raise BadInputError(f"--eval: the detections do not match {ground_truth_path} "
+                                    f"(image ids missing from the ground truth?) {failure}") from None
+            evaluator = COCOeval(ground_truth, predictions, "bbox")
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            stats = evaluator.stats
+            metrics.append({"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2]),
+                            "AR@100": float(stats[8])})
+    return metrics

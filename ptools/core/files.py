@@ -1,0 +1,67 @@
+"""Writing output files so that a failure never leaves a partial file behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import IO, Any
+
+from ptools.errors import BadInputError
+
+
+def temporary_path(destination: str, directory: bool = False) -> str:
+    """A new temporary file (or folder) beside ``destination``, hidden, ending ``.ptools-tmp``."""
+    folder = os.path.dirname(os.path.abspath(destination))
+    prefix = f".{os.path.basename(destination)}."
+    try:
+        if directory:
+            return tempfile.mkdtemp(prefix=prefix, suffix=".ptools-tmp", dir=folder)
+        handle, path = tempfile.mkstemp(prefix=prefix, suffix=".ptools-tmp", dir=folder)
+    except OSError as failure:
+        raise BadInputError(f"cannot write to folder {folder}: {failure.strerror or failure}") from None
+    os.close(handle)
+    return path
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (best effort where folders cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_file(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` with ``write(handle)``, flushed and fsynced; OS errors become one line."""
+    try:
+        with open(path, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as failure:
+        raise BadInputError(f"cannot write {path}: {failure.strerror or failure}") from None
+
+
+def write_atomically(destination: str, write: Callable[[IO[bytes]], Any],
+                     check: Callable[[str], None] | None = None) -> None:
+    """Write to a temporary file beside ``destination``, ``check`` it, then rename it into place.
+
+    On any failure or Ctrl-C the temporary file is removed and ``destination`` is untouched.
+    """
+    temporary = temporary_path(destination)
+    try:
+        write_file(temporary, write)
+        if check is not None:
+            check(temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, destination)
+        fsync_folder(os.path.dirname(os.path.abspath(destination)))
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

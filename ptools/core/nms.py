@@ -1,0 +1,343 @@
+"""Non-maximum suppression: hard (torchvision's keep set, exactly), and, merge, DIoU, soft.
+
+Semantics (see README): boxes are xyxy in pixels; IoU = inter / (area_a + area_b - inter) with
+no "+1", computed in float64 in torchvision's operation order; a box is suppressed when the
+criterion is **> threshold**; order is score descending, **stable** (equal scores: the earlier
+input wins); groups (image × class, or image alone when class-agnostic) never interact.
+
+The engine is greedy NMS run in lockstep over all groups at once: every step, each group
+takes its best remaining box and tests the rest of its group against it with one vectorised
+numpy pass. Steps are as many as the most boxes any one group keeps, so thousands of images
+and classes cost a handful of numpy calls each, not a Python loop per box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ptools.errors import BadInputError, RequirementNotMetError
+
+METHODS = ("hard", "and", "merge", "diou", "soft")
+ALIASES = {"vision": "hard", "vision_batch": "hard", "batched": "hard", "or": "hard"}
+SOFT_FUNCTIONS = ("gaussian", "linear")
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+DEFAULT_SOFT_SCORE_THRESHOLD = 0.001
+
+
+def canonical_method(method: str) -> str:
+    """``hard`` for its aliases (``vision``, ``vision_batch``, ``batched``, ``or``).
+
+    Raises:
+        BadInputError: unknown method, listing the allowed names.
+    """
+    name = ALIASES.get(method, method)
+    if name not in METHODS:
+        names = ", ".join((*METHODS, *ALIASES))
+        raise BadInputError(f"unknown method {method!r}; choose one of: {names}")
+    return name
+
+
+def to_xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:
+    """Convert ``boxes (ndarray[N, 4])`` from ``xyxy``, ``xywh`` (COCO) or ``cxcywh`` to xyxy."""
+    if box_format == "xyxy":
+        return boxes.astype(np.float64, copy=True)
+    if box_format == "xywh":
+        x, y, w, h = boxes.T
+        return np.stack([x, y, x + w, y + h], axis=1)
+    if box_format == "cxcywh":
+        cx, cy, w, h = boxes.T
+        return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    raise BadInputError(f"unknown box format {box_format!r}; choose one of: {', '.join(BOX_FORMATS)}")
+
+
+def from_xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:
+    """The inverse of :func:`to_xyxy`."""
+    x1, y1, x2, y2 = boxes.T
+    if box_format == "xyxy":
+        return boxes
+    if box_format == "xywh":
+        return np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
+    if box_format == "cxcywh":
+        return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=1)
+    raise BadInputError(f"unknown box format {box_format!r}; choose one of: {', '.join(BOX_FORMATS)}")
+
+
+@dataclass
+class NmsResult:
+    """What survives: ``keep`` (ndarray[K]) indices into the input, with their final
+    ``scores`` (ndarray[K]; decayed for soft) and ``boxes`` (ndarray[K, 4], xyxy; merged for
+    merge), ordered by group then final score descending (stable)."""
+
+    keep: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+
+
+class _Boxes:
+    """Coordinates, areas and centres, gathered per index without recomputation."""
+
+    def __init__(self, xyxy: np.ndarray) -> None:
+        self.x1, self.y1, self.x2, self.y2 = (np.ascontiguousarray(xyxy[:, i]) for i in range(4))
+        self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
+
+    def iou(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """IoU of boxes ``a[i]`` and ``b[i]``, in torchvision's operation order; NaN when
+        both areas are 0 (which, like 0, never exceeds a threshold)."""
+        w = np.minimum(self.x2[a], self.x2[b]) - np.maximum(self.x1[a], self.x1[b])
+        h = np.minimum(self.y2[a], self.y2[b]) - np.maximum(self.y1[a], self.y1[b])
+        np.maximum(w, 0, out=w)
+        np.maximum(h, 0, out=h)
+        inter = w * h
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return inter / (self.area[a] + self.area[b] - inter)
+
+    def diou(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """IoU − ρ²/c² (DIoU, β = 1): ρ the distance of centres, c the enclosing box diagonal."""
+        iou = self.iou(a, b)
+        dx = (self.x1[a] + self.x2[a]) / 2 - (self.x1[b] + self.x2[b]) / 2
+        dy = (self.y1[a] + self.y2[a]) / 2 - (self.y1[b] + self.y2[b]) / 2
+        cw = np.maximum(self.x2[a], self.x2[b]) - np.minimum(self.x1[a], self.x1[b])
+        ch = np.maximum(self.y2[a], self.y2[b]) - np.minimum(self.y1[a], self.y1[b])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return iou - (dx * dx + dy * dy) / (cw * cw + ch * ch)
+
+
+def _segments(groups_of_rem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For an array sorted by group: a flag at each group's first element, and group ordinals."""
+    heads = np.empty(groups_of_rem.size, dtype=bool)
+    heads[0] = True
+    np.not_equal(groups_of_rem[1:], groups_of_rem[:-1], out=heads[1:])
+    return heads, np.cumsum(heads) - 1
+
+
+def _greedy(boxes: _Boxes, scores: np.ndarray, groups: np.ndarray, method: str, threshold: float,
+            and_threshold: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Hard, and, merge or DIoU NMS. Returns kept indices and, for merge, merged xyxy boxes."""
+    order = np.lexsort((np.arange(scores.size), -scores, groups))  # group, score desc, input order
+    remaining = order
+    kept, merged = [], []
+    while remaining.size:
+        heads, segment = _segments(groups[remaining])
+        head_index = remaining[heads]
+        against = head_index[segment]
+        if method == "diou":
+            criterion = boxes.diou(remaining, against)
+        else:
+            criterion = boxes.iou(remaining, against)
+        suppressed = criterion > threshold
+        suppressed |= heads
+        if method == "and":
+            # Kept only if it overlaps some other remaining box of its group by more than
+            # and_threshold; isolated boxes are dropped (but still suppress as in hard NMS).
+            overlapping = (criterion > and_threshold) & ~heads
+            has_partner = np.bincount(segment, weights=overlapping, minlength=head_index.size) > 0
+            head_index = head_index[has_partner]
+        elif method == "merge":
+            weights = np.where(suppressed, scores[remaining], 0.0)
+            total = np.bincount(segment, weights=weights, minlength=head_index.size)
+            coordinates = []
+            for values in (boxes.x1, boxes.y1, boxes.x2, boxes.y2):
+                summed = np.bincount(segment, weights=weights * values[remaining], minlength=head_index.size)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    mean = summed / total
+                coordinates.append(np.where(total > 0, mean, values[head_index]))
+            merged.append(np.stack(coordinates, axis=1))
+        kept.append(head_index)
+        remaining = remaining[~suppressed]
+    keep = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
+    merged_boxes = np.concatenate(merged) if merged else None
+    return keep, merged_boxes
+
+
+def _soft(boxes: _Boxes, scores: np.ndarray, groups: np.ndarray, function: str, threshold: float,
+          sigma: float, score_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Soft-NMS: re-pick the best *current* score after every decay; drop scores <= threshold."""
+    current = scores.astype(np.float64, copy=True)
+    remaining = np.lexsort((np.arange(scores.size), groups))  # group, then input order for ties
+    remaining = remaining[current[remaining] > score_threshold]
+    picked, picked_scores = [], []
+    while remaining.size:
+        heads, segment = _segments(groups[remaining])
+        values = current[remaining]
+        best = np.maximum.reduceat(values, np.flatnonzero(heads))
+        candidates = np.flatnonzero(values == best[segment])
+        first = np.empty(candidates.size, dtype=bool)
+        first[0] = True
+        np.not_equal(segment[candidates][1:], segment[candidates][:-1], out=first[1:])
+        chosen_positions = candidates[first]  # one per group: its best, earliest input on ties
+        chosen = remaining[chosen_positions]
+        picked.append(chosen)
+        picked_scores.append(current[chosen])
+        iou = boxes.iou(remaining, chosen[segment])
+        iou = np.where(iou > 0, iou, 0.0)  # NaN (two empty boxes) decays nothing
+        if function == "gaussian":
+            decay = np.exp(-(iou * iou) / sigma)
+        else:
+            decay = np.where(iou > threshold, 1.0 - iou, 1.0)
+        values = values * decay
+        current[remaining] = values
+        alive = values > score_threshold
+        alive[chosen_positions] = False
+        remaining = remaining[alive]
+    if not picked:
+        return np.empty(0, dtype=np.int64), np.empty(0)
+    return np.concatenate(picked), np.concatenate(picked_scores)
+
+
+def nms_groups(
+    xyxy: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    *,
+    method: str = "hard",
+    iou_threshold: float = 0.5,
+    soft_fn: str = "gaussian",
+    sigma: float = 0.5,
+    score_threshold: float | None = None,
+    and_threshold: float = 0.5,
+) -> NmsResult:
+    """NMS within each group of ``groups (ndarray[N], int)`` over ``xyxy (ndarray[N, 4])``.
+
+    Returns:
+        NmsResult ordered by group, then final score descending (stable).
+
+    Raises:
+        BadInputError: unknown method or soft function, sigma <= 0.
+    """
+    method = canonical_method(method)
+    if soft_fn not in SOFT_FUNCTIONS:
+        raise BadInputError(f"unknown soft function {soft_fn!r}; choose one of: {', '.join(SOFT_FUNCTIONS)}")
+    if method == "soft" and not sigma > 0:
+        raise BadInputError(f"--sigma must be > 0, not {sigma}")
+    scores = np.asarray(scores, dtype=np.float64)
+    groups = np.asarray(groups, dtype=np.int64)
+    xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+    if method == "soft":
+        threshold = DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold
+    else:
+        threshold = score_threshold
+    candidates = np.arange(scores.size)
+    if threshold is not None and method != "soft":
+        candidates = candidates[scores > threshold]
+    if candidates.size == 0:
+        return NmsResult(np.empty(0, dtype=np.int64), np.empty(0), np.empty((0, 4)))
+    boxes = _Boxes(xyxy[candidates])
+    sub_scores, sub_groups = scores[candidates], groups[candidates]
+    if method == "soft":
+        local, final_scores = _soft(boxes, sub_scores, sub_groups, soft_fn, iou_threshold, sigma, threshold)
+        final_boxes = xyxy[candidates[local]]
+    else:
+        local, merged = _greedy(boxes, sub_scores, sub_groups, method, iou_threshold, and_threshold)
+        final_scores = sub_scores[local]
+        final_boxes = merged if merged is not None else xyxy[candidates[local]]
+    keep = candidates[local]
+    order = np.lexsort((keep, -final_scores, groups[keep]))
+    return NmsResult(keep=keep[order], scores=final_scores[order], boxes=final_boxes[order])
+
+
+def limit_per_image(images: np.ndarray, keep: np.ndarray, scores: np.ndarray, max_det: int) -> np.ndarray:
+    """Positions (into ``keep``) of at most ``max_det`` highest final scores per image, ties by
+    input order; returned sorted by image, then score descending."""
+    order = np.lexsort((keep, -scores, images[keep]))
+    if max_det is None:
+        return order
+    image_of = images[keep][order]
+    heads, _ = _segments(image_of) if order.size else (np.empty(0, bool), np.empty(0, np.int64))
+    starts = np.flatnonzero(heads)
+    rank = np.arange(order.size) - np.repeat(starts, np.diff(np.append(starts, order.size)))
+    return order[rank < max_det]
+
+
+def nms(
+    boxes: Any,
+    scores: Any,
+    labels: Any = None,
+    *,
+    method: str = "hard",
+    iou_threshold: float = 0.5,
+    score_threshold: float | None = None,
+    soft_fn: str = "gaussian",
+    sigma: float = 0.5,
+    max_det: int | None = None,
+    agnostic: bool = False,
+    box_format: str = "xyxy",
+    images: Any = None,
+    and_threshold: float = 0.5,
+) -> tuple[Any, Any]:
+    """NMS on numpy arrays or torch tensors (CPU or CUDA).
+
+    Args:
+        boxes (ndarray|Tensor[N, 4]): in ``box_format`` (default xyxy), pixels.
+        scores (ndarray|Tensor[N]).
+        labels (ndarray|Tensor[N], optional): classes; boxes of different classes never
+            suppress each other unless ``agnostic``.
+        images (ndarray|Tensor[N], optional): image of each box, for a batch of images.
+        max_det: at most this many detections per image, highest final scores.
+
+    Returns:
+        ``(keep, scores)``: indices of kept boxes (int64) and their final scores (decayed for
+        soft), by image then score descending, as the input's array type and device. For
+        hard NMS on a CUDA tensor, torchvision's kernel runs on the GPU.
+    """
+    is_torch = type(boxes).__module__.startswith("torch")
+    if is_torch:
+        import torch
+
+        device = boxes.device
+        if device.type == "cuda" and canonical_method(method) == "hard" and box_format == "xyxy":
+            return _torchvision_hard(boxes, scores, labels, images, iou_threshold, score_threshold, max_det,
+                                     agnostic)
+        to_numpy = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
+        boxes, scores, labels, images = map(to_numpy, (boxes, scores, labels, images))
+    boxes = to_xyxy(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), box_format)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    count = scores.size
+    if boxes.shape[0] != count:
+        raise BadInputError(f"{boxes.shape[0]} boxes but {count} scores")
+    image_codes = _codes(images, count)
+    label_codes = np.zeros(count, dtype=np.int64) if labels is None or agnostic else _codes(labels, count)
+    groups = image_codes * (int(label_codes.max(initial=0)) + 1) + label_codes
+    result = nms_groups(boxes, scores, groups, method=method, iou_threshold=iou_threshold, soft_fn=soft_fn,
+                        sigma=sigma, score_threshold=score_threshold, and_threshold=and_threshold)
+    positions = limit_per_image(image_codes, result.keep, result.scores, max_det)
+    keep, final = result.keep[positions], result.scores[positions]
+    if is_torch:
+        return torch.as_tensor(keep, device=device), torch.as_tensor(final, device=device)
+    return keep, final
+
+
+def _codes(values: Any, count: int) -> np.ndarray:
+    if values is None:
+        return np.zeros(count, dtype=np.int64)
+    values = np.asarray(values).reshape(-1)
+    if values.size != count:
+        raise BadInputError(f"{values.size} labels/images for {count} boxes")
+    return np.unique(values, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _torchvision_hard(boxes: Any, scores: Any, labels: Any, images: Any, iou_threshold: float,
+                      score_threshold: float | None, max_det: int | None, agnostic: bool) -> tuple[Any, Any]:
+    """Hard NMS with torchvision's kernel on the tensors' device, same semantics."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    if not torch.cuda.is_available():
+        raise RequirementNotMetError("CUDA is not available to torch")
+    count = scores.numel()
+    image_codes = torch.zeros(count, dtype=torch.int64, device=boxes.device) if images is None else \
+        torch.unique(images, return_inverse=True)[1]
+    label_codes = torch.zeros_like(image_codes) if labels is None or agnostic else \
+        torch.unique(labels, return_inverse=True)[1]
+    groups = image_codes * (int(label_codes.max()) + 1 if count else 1) + label_codes
+    candidates = torch.arange(count, device=boxes.device)
+    if score_threshold is not None:
+        candidates = candidates[scores > score_threshold]
+    keep = candidates[batched_nms(boxes[candidates].double(), scores[candidates].double(),
+                                  groups[candidates], iou_threshold)]
+    positions = limit_per_image(image_codes.cpu().numpy(), keep.cpu().numpy(), scores[keep].double().cpu().numpy(),
+                                max_det)
+    keep = keep[torch.as_tensor(positions, device=boxes.device)]
+    return keep, scores[keep]
