@@ -1,0 +1,236 @@
+"""``ptools nms`` on detection files: formats, pipelines, bad input, evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from ptools.cli.app import app
+from ptools.core import detections as core
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+from make_detections import generate  # noqa: E402  (the example and benchmark generator)
+
+
+def run(*args: str, input: bytes | None = None):
+    return runner.invoke(app, ["nms", *map(str, args)], input=input)
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> tuple[list, dict]:
+    return generate(images=12, per_image=80, seed=3)
+
+
+def write(path: Path, records) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def torchvision_reference(records, iou: float) -> list[int]:
+    """What a careful user script gets: per image, batched_nms on float64 xyxy boxes."""
+    kept = []
+    for image in sorted({r["image_id"] for r in records}):
+        idx = [i for i, r in enumerate(records) if r["image_id"] == image]
+        boxes = torch.tensor([[records[i]["bbox"][0], records[i]["bbox"][1],
+                               records[i]["bbox"][0] + records[i]["bbox"][2],
+                               records[i]["bbox"][1] + records[i]["bbox"][3]] for i in idx], dtype=torch.float64)
+        scores = torch.tensor([records[i]["score"] for i in idx], dtype=torch.float64)
+        labels = torch.tensor([records[i]["category_id"] for i in idx])
+        keep = torchvision.ops.batched_nms(boxes, scores, labels, iou).tolist()
+        kept.extend(idx[k] for k in keep)
+    return kept
+
+
+def test_hard_file_equals_torchvision_script(tmp_path: Path, synthetic) -> None:
+    records, _ = synthetic
+    for record, extra in zip(records, range(len(records))):
+        record["extra"] = {"tag": extra}
+    path = write(tmp_path / "in.json", records)
+    result = run(path, "--iou", "0.6")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    expected = [records[i] for i in torchvision_reference(records, 0.6)]
+    assert out == expected  # same records, every field, same order (image, score desc)
+    assert "nms hard (iou > 0.6): 12 images, 960 → " in result.stderr
+
+
+def test_stdin_stdout_pipeline_and_jsonl(tmp_path: Path, synthetic) -> None:
+    records, _ = synthetic
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in records)
+    as_lines = run("-", "--method", "soft", input=lines)
+    as_array = run("-", "--method", "soft", input=json.dumps(records).encode())
+    assert as_lines.exit_code == 0 and as_array.exit_code == 0
+    from_lines = [json.loads(line) for line in as_lines.stdout.splitlines()]
+    assert from_lines == json.loads(as_array.stdout)
+    converted = run("-", "--output-format", "json", input=lines)
+    assert isinstance(json.loads(converted.stdout), list)
+
+
+def test_output_file_and_order(tmp_path: Path, synthetic) -> None:
+    records, _ = synthetic
+    out = tmp_path / "out.json"
+    result = run(write(tmp_path / "in.json", records), "-o", out, "--method", "soft", "--max-det", "5")
+    assert result.exit_code == 0 and result.stdout == ""
+    kept = json.loads(out.read_text())
+    images = [r["image_id"] for r in kept]
+    assert images == sorted(images)
+    for image in set(images):
+        scores = [r["score"] for r in kept if r["image_id"] == image]
+        assert scores == sorted(scores, reverse=True) and len(scores) <= 5
+
+
+def test_empty_array_gives_empty_array(tmp_path: Path) -> None:
+    result = run(write(tmp_path / "e.json", []))
+    assert (result.exit_code, result.stdout) == (0, "[]")
+
+
+def test_string_ids_and_agnostic(tmp_path: Path) -> None:
+    records = [{"image_id": "a.jpg", "category_id": "cat", "bbox": [0, 0, 10, 10], "score": 0.9},
+               {"image_id": "a.jpg", "category_id": "dog", "bbox": [0, 0, 10, 10], "score": 0.8},
+               {"image_id": "b.jpg", "category_id": "dog", "bbox": [0, 0, 10, 10], "score": 0.7}]
+    path = write(tmp_path / "s.json", records)
+    assert len(json.loads(run(path).stdout)) == 3
+    assert [r["category_id"] for r in json.loads(run(path, "--agnostic").stdout)] == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "is empty"),
+    (b"   \n", "is empty"),
+    (b"not json", "is not valid JSON"),
+    (b'{"a": 1', "line 1 is not valid JSON"),
+    (b"42", "holds a JSON int, not an array"),
+    (b"[1, 2]", "record 0 is a int, not an object"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]', "record 0: missing field 'score'"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 1}]', "record 0: field 'bbox' must be a list of 4 numbers"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": "high"}]', "record 0: field 'score' must be a number"),
+    (b'[{"image_id": 1.5, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]', "record 0: field 'image_id' must be an integer or a string"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}, {"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 1], "score": 1}]', "record 1: field 'bbox' has a negative width or height"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1e999, 1], "score": 1}]', "not valid JSON"),
+    (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": NaN}]', "not valid JSON"),
+    (b'[{"image_id": 1, "category_id": true, "bbox": [0, 0, 1, 1], "score": 1}]', "field 'category_id' must be an integer or a string"),
+])
+def test_bad_input_is_one_line_exit_1(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    result = run(path)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+
+
+def test_xyxy_rule_and_skip_invalid(tmp_path: Path) -> None:
+    records = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9, "keep": True},
+               {"image_id": 1, "category_id": 1, "bbox": [10, 0, 5, 10], "score": 0.8},
+               {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10], "score": 0.7},
+               {"image_id": 1, "score": 0.7}]
+    path = write(tmp_path / "x.json", records)
+    stopped = run(path, "--box-format", "xyxy")
+    assert "record 1: field 'bbox' has x2 < x1 or y2 < y1" in stopped.stderr and stopped.exit_code == 1
+    skipped = run(path, "--box-format", "xyxy", "--skip-invalid")
+    assert skipped.exit_code == 0
+    assert json.loads(skipped.stdout) == [records[0]]
+    assert "(3 invalid skipped)" in skipped.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "sfot"], "unknown method 'sfot'; choose one of: hard, and, merge, diou, soft, vision"),
+    (["--soft-fn", "cosine", "--method", "soft"], "unknown soft function 'cosine'"),
+    (["--box-format", "yolo"], "unknown box format 'yolo'"),
+    (["--output-format", "csv"], "unknown --output-format 'csv'"),
+    (["--method", "soft", "--sigma", "0"], "--sigma must be > 0"),
+])
+def test_bad_options(tmp_path: Path, synthetic, args: list[str], message: str) -> None:
+    result = run(write(tmp_path / "in.json", synthetic[0][:20]), *args)
+    assert result.exit_code == 1 and message in result.stderr
+
+
+def test_cuda_device_without_gpu_is_exit_3(tmp_path: Path, synthetic) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run(write(tmp_path / "in.json", synthetic[0][:20]), "--device", "cuda")
+    assert result.exit_code == 3 and "torch sees no CUDA device" in result.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_device_matches_cpu(tmp_path: Path, synthetic) -> None:
+    path = write(tmp_path / "in.json", synthetic[0])
+    assert json.loads(run(path, "--device", "cuda").stdout) == json.loads(run(path).stdout)
+
+
+def test_eval_on_the_shipped_example(tmp_path: Path) -> None:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    detections, ground_truth = ROOT / "examples" / "detections.json", ROOT / "examples" / "detections_gt.json"
+    out = tmp_path / "out.json"
+    result = run(detections, "--method", "soft", "--eval", ground_truth, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "COCO bbox evaluation (pycocotools)" in result.stderr
+    gt = COCO(str(ground_truth))
+    evaluator = COCOeval(gt, gt.loadRes(str(out)), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    row = next(line for line in result.stderr.splitlines() if line.strip().startswith("│ AP ") or
+               line.strip().startswith("AP "))
+    assert f"{evaluator.stats[0]:.4f}" in row
+    original = json.loads(detections.read_text())
+    assert json.loads(out.read_text())[0]["score"] <= max(r["score"] for r in original)
+
+
+def test_eval_with_unknown_images(tmp_path: Path, synthetic) -> None:
+    records, gt = synthetic
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps({**gt, "images": gt["images"][:2]}))
+    result = run(write(tmp_path / "in.json", records), "--eval", gt_path)
+    assert result.exit_code == 1 and "do not match" in result.stderr
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), method=st.sampled_from(["hard", "soft", "merge", "and", "diou"]))
+def test_json_and_lines_agree_and_fields_survive(seed: int, method: str) -> None:
+    records, _ = generate(images=3, per_image=30, seed=seed)
+    for index, record in enumerate(records):
+        record["source"] = f"model-{index}"
+    copy = json.loads(json.dumps(records))
+    array_out, _ = core.run_nms(core.validate(json.loads(core.dump_detections(copy, "json"))), method=method)
+    lines = core.parse_detections(core.dump_detections(records, "jsonl"))[0]
+    lines_out, _ = core.run_nms(core.validate(lines), method=method)
+    assert array_out == lines_out
+    sources = {r["source"] for r in records}
+    assert {r["source"] for r in lines_out} <= sources
+    for record in lines_out:
+        assert set(record) == {"image_id", "category_id", "bbox", "score", "source"}
+
+
+def test_real_process_stdin_to_stdout(synthetic) -> None:
+    records, _ = synthetic
+    result = subprocess.run([sys.executable, "-m", "ptools", "nms", "-", "--method", "soft"],
+                            input=json.dumps(records).encode(), capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) > 0
+    assert b"nms soft" in result.stderr
+
+
+def test_nms_never_imports_torch() -> None:
+    example = ROOT / "examples" / "detections.json"
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "ptools", "nms", str(example)],
+                            capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert result.returncode == 0 and "torch" not in imported and "numpy" in imported
