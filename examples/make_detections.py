@@ -19,6 +19,11 @@ import numpy as np
 WIDTH, HEIGHT, CLASSES = 640, 480, 80
 
 
+def _records(image_id: int, labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> list[dict]:
+    return [{"image_id": image_id, "category_id": int(label), "bbox": [round(v, 2) for v in box],
+             "score": round(score, 5)} for label, box, score in zip(labels.tolist(), boxes.tolist(), scores.tolist())]
+
+
 def generate(images: int, per_image: int, seed: int = 0, cluster: int = 20) -> tuple[list, dict]:
     rng = np.random.default_rng(seed)
     detections, annotations = [], []
@@ -35,22 +40,17 @@ def generate(images: int, per_image: int, seed: int = 0, cluster: int = 20) -> t
             count = min(budget, cluster + int(rng.integers(-5, 6)))
             budget -= count
             top = rng.uniform(0.6, 0.98)
-            for rank in range(count):
-                jitter = rng.normal(0, 0.08, 4) * np.array([w, h, w, h])
-                box = np.array([x, y, w, h]) + jitter
-                box[2:] = np.maximum(box[2:], 2)
-                wrong = rng.uniform() < 0.05
-                detections.append({
-                    "image_id": image_id,
-                    "category_id": int(rng.integers(1, CLASSES + 1)) if wrong else int(category),
-                    "bbox": [round(float(v), 2) for v in box],
-                    "score": round(float(top * 0.9 ** rank * rng.uniform(0.9, 1.0)), 5)})
-        for _ in range(max(budget, 0)):
-            w, h = rng.uniform(8, 200, 2)
-            x, y = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
-            detections.append({"image_id": image_id, "category_id": int(rng.integers(1, CLASSES + 1)),
-                               "bbox": [round(float(x), 2), round(float(y), 2), round(float(w), 2), round(float(h), 2)],
-                               "score": round(float(rng.uniform(0.001, 0.2)), 5)})
+            boxes = np.array([x, y, w, h]) + rng.normal(0, 0.08, (count, 4)) * np.array([w, h, w, h])
+            boxes[:, 2:] = np.maximum(boxes[:, 2:], 2)
+            wrong = rng.uniform(size=count) < 0.05
+            labels = np.where(wrong, rng.integers(1, CLASSES + 1, count), category)
+            scores = top * 0.9 ** np.arange(count) * rng.uniform(0.9, 1.0, count)
+            detections.extend(_records(image_id, labels, boxes, scores))
+        background = max(budget, 0)
+        sizes = rng.uniform(8, 200, (background, 2))
+        corners = rng.uniform(0, 1, (background, 2)) * (np.array([WIDTH, HEIGHT]) - sizes)
+        detections.extend(_records(image_id, rng.integers(1, CLASSES + 1, background),
+                                   np.concatenate([corners, sizes], axis=1), rng.uniform(0.001, 0.2, background)))
     ground_truth = {
         "images": [{"id": i, "width": WIDTH, "height": HEIGHT, "file_name": f"{i:06d}.jpg"}
                    for i in range(1, images + 1)],

@@ -9,6 +9,7 @@ descending (equal scores keep input order).
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,7 +256,8 @@ def run_nms(
     positions = nms_core.limit_per_image(detections.images, result.keep, result.scores, max_det)
     kept_rows = result.keep[positions]
     records = detections.records
-    output = [records[i] for i in detections.index[kept_rows].tolist()]
+    rows = detections.index[kept_rows].tolist()
+    output = list(operator.itemgetter(*rows)(records)) if len(rows) > 1 else [records[i] for i in rows]
     if name == "soft":
         for record, score in zip(output, result.scores[positions].tolist()):
             record["score"] = score

@@ -69,7 +69,7 @@ def from_xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:
 class NmsResult:
     """What survives: ``keep`` (ndarray[K]) indices into the input, with their final
     ``scores`` (ndarray[K]; decayed for soft) and ``boxes`` (ndarray[K, 4], xyxy; merged for
-    merge), ordered by group then final score descending (stable)."""
+    merge), in no particular order (:func:`limit_per_image` sorts them for output)."""
 
     keep: np.ndarray
     scores: np.ndarray
@@ -202,7 +202,7 @@ def nms_groups(
     """NMS within each group of ``groups (ndarray[N], int)`` over ``xyxy (ndarray[N, 4])``.
 
     Returns:
-        NmsResult ordered by group, then final score descending (stable).
+        NmsResult, unordered.
 
     Raises:
         BadInputError: unknown method or soft function, sigma <= 0.
@@ -219,23 +219,24 @@ def nms_groups(
         threshold = DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold
     else:
         threshold = score_threshold
-    candidates = np.arange(scores.size)
     if threshold is not None and method != "soft":
-        candidates = candidates[scores > threshold]
+        candidates = np.flatnonzero(scores > threshold)
+        sub_xyxy, sub_scores, sub_groups = xyxy[candidates], scores[candidates], groups[candidates]
+    else:  # every box takes part: no copies
+        candidates = np.arange(scores.size)
+        sub_xyxy, sub_scores, sub_groups = xyxy, scores, groups
     if candidates.size == 0:
         return NmsResult(np.empty(0, dtype=np.int64), np.empty(0), np.empty((0, 4)))
-    boxes = _Boxes(xyxy[candidates])
-    sub_scores, sub_groups = scores[candidates], groups[candidates]
+    boxes = _Boxes(sub_xyxy)
     if method == "soft":
         local, final_scores = _soft(boxes, sub_scores, sub_groups, soft_fn, iou_threshold, sigma, threshold)
-        final_boxes = xyxy[candidates[local]]
+        final_boxes = sub_xyxy[local]
     else:
         local, merged = _greedy(boxes, sub_scores, sub_groups, method, iou_threshold, and_threshold)
         final_scores = sub_scores[local]
-        final_boxes = merged if merged is not None else xyxy[candidates[local]]
-    keep = candidates[local]
-    order = np.lexsort((keep, -final_scores, groups[keep]))
-    return NmsResult(keep=keep[order], scores=final_scores[order], boxes=final_boxes[order])
+        final_boxes = merged if merged is not None else sub_xyxy[local]
+    # Left in the engine's order; limit_per_image (or the caller) sorts once for output.
+    return NmsResult(keep=candidates[local], scores=final_scores, boxes=final_boxes)
 
 
 def limit_per_image(images: np.ndarray, keep: np.ndarray, scores: np.ndarray, max_det: int) -> np.ndarray:
