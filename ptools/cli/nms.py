@@ -26,7 +26,7 @@ Per image, and per class unless --agnostic. hard is exactly torchvision's batche
 
   cat preds.jsonl | ptools nms - --method diou --agnostic > out.jsonl
 
-  ptools nms examples/detections.json --method soft --eval examples/ground_truth.json -o out.json
+  ptools nms examples/detections.json --method soft --eval examples/detections_gt.json -o out.json
 """
 
 
