@@ -28,6 +28,8 @@ import sys, orjson
 data = orjson.loads(open(sys.argv[1], 'rb').read())
 open(sys.argv[2], 'wb').write(orjson.dumps(data))
 """
+# The same with Python's cyclic GC off, as ptools parses: shows what the GC costs on its own.
+FLOOR_NO_GC = "import gc; gc.disable()\n" + FLOOR
 TORCHVISION = """
 import sys, json, collections, torch, torchvision
 records = json.load(open(sys.argv[1]))
@@ -102,6 +104,7 @@ def main() -> None:
                            check=True)
         out = str(folder / f"out_{size}.json")
         cases = [("floor: orjson load + dump", [py, "-c", FLOOR, str(source), out]),
+                 ("orjson load + dump, gc disabled", [py, "-c", FLOOR_NO_GC, str(source), out]),
                  ("ptools nms --method hard", [*ptools, "nms", str(source), "-o", out]),
                  ("ptools nms --method soft", [*ptools, "nms", str(source), "-o", out, "--method", "soft"]),
                  ("json + torchvision batched_nms per image", [py, "-c", TORCHVISION, str(source), out])]

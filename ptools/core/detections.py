@@ -8,6 +8,8 @@ descending (equal scores keep input order).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import operator
 import time
@@ -29,6 +31,19 @@ def _json() -> Any:
     return orjson
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Any:
+    """Pause the cyclic garbage collector while a million records are built: they hold no
+    cycles, and the collector's repeated passes over them cost more than parsing (3x here)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str]:
     """Parse a JSON array or JSON Lines of records.
 
@@ -44,19 +59,21 @@ def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str
         raise BadInputError(f"{source} is empty; expected a JSON array of detections or JSON Lines")
     if text[:1] == b"[":
         try:
-            records = orjson.loads(data)
+            with _gc_paused():
+                records = orjson.loads(data)
         except orjson.JSONDecodeError as failure:
             raise BadInputError(f"{source} is not valid JSON ({failure})") from None
         return records, "json"
     if text[:1] == b"{":
         records = []
-        for number, line in enumerate(data.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(orjson.loads(line))
-            except orjson.JSONDecodeError as failure:
-                raise BadInputError(f"{source} line {number} is not valid JSON ({failure})") from None
+        with _gc_paused():
+            for number, line in enumerate(data.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(orjson.loads(line))
+                except orjson.JSONDecodeError as failure:
+                    raise BadInputError(f"{source} line {number} is not valid JSON ({failure})") from None
         return records, "jsonl"
     try:
         value = orjson.loads(data)

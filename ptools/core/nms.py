@@ -227,16 +227,51 @@ def nms_groups(
         sub_xyxy, sub_scores, sub_groups = xyxy, scores, groups
     if candidates.size == 0:
         return NmsResult(np.empty(0, dtype=np.int64), np.empty(0), np.empty((0, 4)))
-    boxes = _Boxes(sub_xyxy)
-    if method == "soft":
-        local, final_scores = _soft(boxes, sub_scores, sub_groups, soft_fn, iou_threshold, sigma, threshold)
-        final_boxes = sub_xyxy[local]
-    else:
-        local, merged = _greedy(boxes, sub_scores, sub_groups, method, iou_threshold, and_threshold)
-        final_scores = sub_scores[local]
-        final_boxes = merged if merged is not None else sub_xyxy[local]
+    def run(part: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        part_xyxy, part_scores, part_groups = (sub_xyxy, sub_scores, sub_groups) if part is None else \
+            (sub_xyxy[part], sub_scores[part], sub_groups[part])
+        boxes = _Boxes(part_xyxy)
+        if method == "soft":
+            local, final_scores = _soft(boxes, part_scores, part_groups, soft_fn, iou_threshold, sigma, threshold)
+            final_boxes = part_xyxy[local]
+        else:
+            local, merged = _greedy(boxes, part_scores, part_groups, method, iou_threshold, and_threshold)
+            final_scores = part_scores[local]
+            final_boxes = merged if merged is not None else part_xyxy[local]
+        return (local if part is None else part[local]), final_scores, final_boxes
+
+    parts = _split_groups(sub_groups)
+    if len(parts) == 1:
+        local, final_scores, final_boxes = run(None)
+    else:  # groups never interact, and numpy releases the GIL: one thread per part
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(parts)) as pool:
+            results = list(pool.map(run, parts))
+        local = np.concatenate([r[0] for r in results])
+        final_scores = np.concatenate([r[1] for r in results])
+        final_boxes = np.concatenate([r[2] for r in results])
     # Left in the engine's order; limit_per_image (or the caller) sorts once for output.
     return NmsResult(keep=candidates[local], scores=final_scores, boxes=final_boxes)
+
+
+PARALLEL_MIN_BOXES = 100_000
+
+
+def _split_groups(groups: np.ndarray) -> list[np.ndarray]:
+    """Positions split into up to one part per CPU by whole groups, each with about as many
+    boxes; a single part (no threads) for small inputs or one CPU."""
+    import os
+
+    workers = min(os.cpu_count() or 1, 8)
+    if groups.size < PARALLEL_MIN_BOXES or workers < 2:
+        return [np.arange(groups.size)]
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    cuts = [int(np.searchsorted(sorted_groups, sorted_groups[groups.size * i // workers], side="left"))
+            for i in range(1, workers)]
+    bounds = sorted({0, *cuts, groups.size})
+    return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def limit_per_image(images: np.ndarray, keep: np.ndarray, scores: np.ndarray, max_det: int) -> np.ndarray:

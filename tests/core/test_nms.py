@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -316,3 +317,20 @@ def test_other_methods_output_is_a_subset(rows, method: str) -> None:
     keep, kept_scores = nms(boxes, scores, labels, method=method)
     assert len(set(keep.tolist())) == keep.size and set(keep.tolist()) <= set(range(len(rows)))
     assert (kept_scores <= scores[keep] + 1e-12).all()
+
+
+def test_parallel_parts_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large inputs run one thread per part of the groups; the result must not change."""
+    from ptools.core import nms as engine
+
+    rng = np.random.default_rng(21)
+    boxes, scores, labels = random_case(23, n=3000, classes=7)
+    images = rng.integers(0, 40, 3000)
+    expected = {m: nms(boxes, scores, labels, images=images, method=m) for m in ("hard", "soft", "merge")}
+    monkeypatch.setattr(engine, "PARALLEL_MIN_BOXES", 10)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert len(engine._split_groups(images * 7 + labels)) == 3
+    for method, (keep, kept_scores) in expected.items():
+        got_keep, got_scores = nms(boxes, scores, labels, images=images, method=method)
+        assert got_keep.tolist() == keep.tolist()
+        np.testing.assert_array_equal(got_scores, kept_scores)
