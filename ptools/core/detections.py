@@ -303,16 +303,9 @@ def _cuda_hard(method: str, xyxy: np.ndarray, scores: np.ndarray, groups: np.nda
         from ptools.errors import RequirementNotMetError
 
         raise RequirementNotMetError("--device cuda: torch sees no CUDA device")
-    from torchvision.ops import batched_nms
-
-    candidates = np.arange(scores.size) if score_threshold is None else np.flatnonzero(scores > score_threshold)
-    device = torch.device("cuda")
-    keep = batched_nms(torch.as_tensor(xyxy[candidates], device=device),
-                       torch.as_tensor(scores[candidates], device=device),
-                       torch.as_tensor(groups[candidates], device=device), iou_threshold).cpu().numpy()
-    kept = candidates[keep]
-    order = np.lexsort((kept, -scores[kept], groups[kept]))
-    kept = kept[order]
+    on_gpu = [torch.as_tensor(a, device="cuda") for a in (xyxy, scores, groups)]
+    keep, _ = nms_core.nms(*on_gpu, iou_threshold=iou_threshold, score_threshold=score_threshold)
+    kept = keep.cpu().numpy()
     return nms_core.NmsResult(keep=kept, scores=scores[kept], boxes=xyxy[kept])
 
 
