@@ -1,0 +1,93 @@
+"""``ptools count-params``: parameters of a model, or of a checkpoint without a model."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import typer
+
+from ptools.cli import output
+from ptools.cli.options import DepthOption, JsonOption, KwargsOption, TrustOption
+from ptools.core.units import format_bytes
+
+NAME = "count-params"
+SHORT_HELP = "Count parameters (total, trainable, frozen, buffers, by dtype, per module) of a model or a checkpoint."
+HELP = f"""{SHORT_HELP}
+
+MODEL_OR_CHECKPOINT is a model spec (resnet50, torchvision:NAME, timm:NAME, package.module:factory, file.py:Class, a TorchScript or .pt2 file) or a checkpoint file: then nothing is built and no tensor data is read, and parameters vs buffers are inferred from names. Tied parameters count once.
+
+[bold]Examples[/bold]
+
+  ptools count-params resnet50
+
+  ptools count-params vit_b_16 --depth 2 --json
+
+  ptools count-params run/last.ckpt
+
+  ptools count-params models.py:Net --kwargs '{{"width": 64}}'
+"""
+
+
+def command(
+    target: Annotated[str, typer.Argument(metavar="MODEL_OR_CHECKPOINT", show_default=False,
+                                          help="A model spec or a checkpoint file/folder.")],
+    depth: DepthOption = 1,
+    key: Annotated[str, typer.Option("--key", metavar="KEY",
+                                     help="Checkpoints: where the state dict is ('auto' finds it).")] = "auto",
+    kwargs: KwargsOption = None,
+    trust: TrustOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    from ptools.core import models
+
+    is_checkpoint = False
+    if os.path.exists(target) and not target.endswith((".py", ".pt2")):
+        from ptools.core.checkpoint import open_checkpoint
+
+        try:
+            is_checkpoint = open_checkpoint(target, trust=trust).format != "torchscript"
+        except Exception:  # let the model loader explain what the file is
+            is_checkpoint = False
+    if is_checkpoint:
+        result = models.count_checkpoint(target, key=key, depth=depth, trust=trust)
+    else:
+        # Library models are built on the meta device: exact counts, no memory, no init time.
+        named = not os.path.exists(target) and ".py:" not in target and ":" not in target.replace("torchvision:", "") \
+            .replace("timm:", "")
+        model = models.load_model(target, models.parse_kwargs(kwargs), trust=trust, device="meta" if named else None)
+        result = models.count_model(model, depth=depth)
+    data = result.to_dict()
+    if json_output:
+        output.print_json(data)
+        return
+    console = output.stdout_console()
+    for renderable in render(data):
+        console.print(renderable)
+    if data["inferred_from_names"]:
+        output.info("note: counted from a checkpoint: parameters vs buffers inferred from names "
+                    "(running_mean, running_var, num_batches_tracked are buffers)")
+
+
+def render(data: dict[str, Any]) -> list[Any]:
+    """Rich renderables for a count (the same data --json prints)."""
+    from ptools.core.models import human
+
+    def number(value: int | None) -> str | None:
+        return None if value is None else f"{value:,} ({human(value)})"
+
+    rows = [("parameters", number(data["total"])), ("trainable", number(data["trainable"])),
+            ("frozen", number(data["frozen"])), ("buffers", number(data["buffers"])),
+            ("parameter memory", format_bytes(data["parameter_bytes"])),
+            ("buffer memory", format_bytes(data["buffer_bytes"]))]
+    rows += [(f"parameters in {dtype}", number(count)) for dtype, count in data["by_dtype"].items()]
+    renderables: list[Any] = [output.make_table(f"Parameters ({data['source']})", ["", "count"], rows)]
+    if data["modules"]:
+        renderables.append(output.make_table(
+            "Per module", ["Module", "Type", ("Parameters", "right"), ("Trainable", "right"), ("Buffers", "right"),
+                           ("Share", "right")],
+            [("  " * (m["depth"] - 1) + m["name"], m["type"], f"{m['parameters']:,}",
+              None if m["trainable"] is None else f"{m['trainable']:,}", f"{m['buffers']:,}",
+              f"{100 * m['parameters'] / data['total']:.1f}%" if data["total"] else "-")
+             for m in data["modules"]]))
+    return renderables

@@ -1,0 +1,95 @@
+"""``ptools freeze``: freeze layers (and BatchNorm) by name pattern, and report what changed."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ptools.cli import output
+from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption
+from ptools.errors import BadInputError
+
+NAME = "freeze"
+SHORT_HELP = "Freeze layers by glob on module names, BatchNorm included; report frozen vs trainable; save."
+HELP = f"""{SHORT_HELP}
+
+Patterns are globs on dotted module names (backbone.*, layer1, *.bn*), matched on dotted boundaries (layer1 does not match layer10), with or without a module. wrapper prefix. A pattern that matches nothing is an error. --bn frozen (default) replaces BatchNorm in the frozen part with FrozenBatchNorm so a later model.train() cannot update its statistics.
+
+[bold]Examples[/bold]
+
+  ptools freeze resnet50 --layers conv1,bn1,layer1,layer2 --dry-run
+
+  ptools freeze resnet50 --layers 'layer*' --except layer4 --trainable-out trainable.json
+
+  ptools freeze models.py:Net --weights last.ckpt --layers 'backbone.*' --out frozen.pt
+"""
+
+
+def command(
+    model_spec: Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
+                                              help="resnet50, timm:NAME, package.module:factory, file.py:Class, …")],
+    layers: Annotated[list[str], typer.Option("--layers", metavar="PATTERN",
+                                              help="Modules to freeze (globs; repeatable or comma-separated).")],
+    except_: Annotated[list[str] | None, typer.Option("--except", metavar="PATTERN",
+                                                      help="Modules to keep trainable inside the frozen part.")] = None,
+    bn: Annotated[str, typer.Option("--bn", help="frozen (replace with FrozenBatchNorm), eval, or none.")] = "frozen",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report only; change nothing.")] = False,
+    out: Annotated[str | None, typer.Option(
+        "--out", metavar="FILE", help="Save the frozen whole module (loading it needs torch.load(weights_only=False) "
+                                      "or ptools --trust).")] = None,
+    trainable_out: Annotated[str | None, typer.Option(
+        "--trainable-out", metavar="FILE.json", help="Write the trainable parameter names, for an optimizer config.")] = None,
+    kwargs: KwargsOption = None,
+    weights: WeightsOption = None,
+    strict: StrictOption = False,
+    trust: TrustOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    from ptools.core import models
+    from ptools.core.files import write_atomically
+
+    if dry_run and (out or trainable_out):
+        raise BadInputError("--dry-run writes nothing; drop --out/--trainable-out or --dry-run")
+    model = models.load_model(model_spec, models.parse_kwargs(kwargs), trust=trust)
+    weights_report = models.load_weights(model, weights, strict=strict, trust=trust) if weights else None
+    report = models.freeze(model, models.iter_patterns(layers), models.iter_patterns(except_), bn=bn, dry_run=dry_run)
+    data = report.to_dict()
+    if weights_report is not None:
+        data["weights"] = weights_report.to_dict()
+    if out:
+        import torch
+
+        write_atomically(out, lambda handle: torch.save(model, handle))
+    if trainable_out:
+        names = models.trainable_names(model)
+        write_atomically(trainable_out, lambda handle: handle.write(json.dumps(names, indent=2).encode()))
+    if json_output:
+        output.print_json(data)
+        return
+    console = output.stdout_console()
+    for renderable in render(data):
+        console.print(renderable)
+
+
+def render(data: dict[str, Any]) -> list[Any]:
+    """Rich renderables for a freeze report (the same data --json prints)."""
+    rows = [(m["name"], m["type"], f"{m['parameters']:,}", f"{m['trainable_before']:,}", f"{m['trainable_after']:,}")
+            for m in data["frozen_modules"]]
+    title = "Would freeze" if data["dry_run"] else "Frozen"
+    renderables: list[Any] = [output.make_table(
+        title, ["Module", "Type", ("Parameters", "right"), ("Trainable before", "right"),
+                ("Trainable after", "right")], rows)]
+    frozen = data["trainable_before"] - data["trainable_after"]
+    renderables.append(
+        f"trainable: {data['trainable_before']:,} → {data['trainable_after']:,} of {data['total']:,} parameters "
+        f"({frozen:,} frozen); BatchNorm: {data['batchnorm']}"
+        + (f", {len(data['batchnorm_replaced'])} replaced with FrozenBatchNorm" if data["batchnorm_replaced"] else "")
+        + (f", {len(data['batchnorm_eval'])} set to eval" if data["batchnorm_eval"] else ""))
+    weights = data.get("weights")
+    if weights:
+        renderables.append(
+            f"weights {weights['file']}: {weights['loaded']} loaded, {len(weights['missing'])} missing, "
+            f"{len(weights['unexpected'])} unexpected, {len(weights['shape_mismatched'])} shape-mismatched")
+    return renderables
