@@ -76,9 +76,9 @@ def _root(
 
 
 def _register() -> None:
-    from ptools.cli import convert_ckpt, count_params, freeze, gpu_info, inspect_state_dict, nms
+    from ptools.cli import convert_ckpt, count_params, freeze, gpu_info, inspect_state_dict, nms, summary
 
-    for module in (gpu_info, inspect_state_dict, convert_ckpt, nms, count_params, freeze):
+    for module in (gpu_info, inspect_state_dict, convert_ckpt, nms, summary, count_params, freeze):
         app.command(module.NAME, help=module.HELP, short_help=module.SHORT_HELP,
                     no_args_is_help=False)(error_edge(module.command))
 

@@ -1,0 +1,132 @@
+"""``ptools summary``: a layer table with output shapes, parameters, MACs and FLOPs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from ptools.cli import output
+from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption
+from ptools.core.units import format_bytes
+from ptools.errors import BadInputError
+
+NAME = "summary"
+SHORT_HELP = "Layer table of a model: output shapes, parameters, MACs and FLOPs from the real operations."
+HELP = f"""{SHORT_HELP}
+
+One forward pass in eval mode under no_grad (the model's modes and BatchNorm statistics are left as they were). MACs/FLOPs come from torch.utils.flop_counter (matmul, linear, convolution, attention): FLOPs = 2 x MACs. --device meta measures any model without memory or compute.
+
+[bold]Examples[/bold]
+
+  ptools summary resnet50 --input-size 3,224,224
+
+  ptools summary vit_b_16 --input-size 3,224,224 --depth 2 --json
+
+  ptools summary vit_h_14 --input-size 3,518,518 --device meta --kwargs '{{"image_size": 518}}'
+
+  ptools summary models.py:Tagger --input-spec '{{"args": [{{"shape": [1, 128], "dtype": "int64", "fill": "randint", "high": 30000}}], "kwargs": {{"mask": {{"shape": [1, 128], "dtype": "bool", "fill": "ones"}}}}}}'
+
+  ptools summary resnet18 --input-size 3,224,224 --format torchsummary
+"""
+
+
+def command(
+    model_spec: Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
+                                              help="resnet50, timm:NAME, package.module:factory, file.py:Class, …")],
+    input_size: Annotated[list[str] | None, typer.Option(
+        "--input-size", metavar="C,H,W", help="One input's size without the batch dimension; repeatable.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch dimension added to --input-size.")] = 1,
+    input_spec: Annotated[str | None, typer.Option(
+        "--input-spec", metavar="JSON",
+        help='Inputs for forward(*args, **kwargs): {"args": [...], "kwargs": {...}}, tensors as '
+             '{"shape": [...], "dtype": "int64", "fill": "randint", "high": N}; or @file.json.')] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16, bfloat16 or float64.")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or meta (shapes and counts only).")] = "cpu",
+    depth: Annotated[int, typer.Option("--depth", min=1, metavar="N", help="Module levels shown.")] = 3,
+    mode: Annotated[str, typer.Option("--mode", help="eval (default) or train (buffers restored after).")] = "eval",
+    output_format: Annotated[str, typer.Option(
+        "--format", metavar="table|torchsummary", help="torchsummary: the classic layout, via the torchsummary package.")
+    ] = "table",
+    kwargs: KwargsOption = None,
+    weights: WeightsOption = None,
+    strict: StrictOption = False,
+    trust: TrustOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    import torch
+
+    from ptools.core import models
+    from ptools.core import summary as core
+
+    if dtype not in core.DTYPES:
+        raise BadInputError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(core.DTYPES)}")
+    if output_format not in ("table", "torchsummary"):
+        raise BadInputError(f"unknown --format {output_format!r}; choose one of: table, torchsummary")
+    sizes = [core.parse_input_size(text) for text in input_size or []]
+    device = core.model_device(device)
+    model = models.load_model(model_spec, models.parse_kwargs(kwargs), trust=trust,
+                              device="meta" if device == "meta" else None)
+    weights_report = models.load_weights(model, weights, strict=strict, trust=trust) if weights else None
+    torch_dtype = getattr(torch, dtype)
+    model = model.to(device=device, dtype=torch_dtype)  # ptools made this model: it may move it
+    if output_format == "torchsummary":
+        if input_spec is not None or not sizes:
+            raise BadInputError("--format torchsummary takes --input-size (it cannot feed kwargs or dicts)")
+        sys.stdout.write(core.torchsummary_text(model, sizes, batch_size, device.split(":")[0]))
+        return
+    args, call_kwargs = core.make_inputs(sizes, batch_size, input_spec, torch.device(device), torch_dtype)
+    result = core.summarize(model, args, call_kwargs, mode=mode, name=model_spec)
+    data = result.to_dict()
+    if weights_report is not None:
+        data["weights"] = weights_report.to_dict()
+    if json_output:
+        output.print_json(data)
+        return
+    console = output.stdout_console()
+    for renderable in render(data, depth):
+        console.print(renderable)
+
+
+def _count(value: int) -> str:
+    from ptools.core.models import human
+
+    return f"{value:,}" if value < 1000 else f"{human(value)}"
+
+
+def render(data: dict[str, Any], depth: int) -> list[Any]:
+    """Rich renderables for a summary (the same data --json prints)."""
+    from ptools.core.summary import shape_text
+
+    totals = data["totals"]
+    rows = []
+    for row in data["rows"]:
+        if not (0 < row["depth"] <= depth and (row["calls"] or row["parameters"])):
+            continue
+        share = f"{100 * row['macs'] / totals['macs']:.1f}%" if totals["macs"] else "-"
+        rows.append(("  " * (row["depth"] - 1) + row["name"], row["type"], shape_text(row["output"]),
+                     _count(row["parameters"]), _count(row["trainable"]), _count(row["macs"]),
+                     _count(row["flops"]), share))
+    renderables: list[Any] = [output.make_table(
+        f"{data['model']} ({data['mode']} mode, {data['device']}, {data['dtype']})",
+        ["Module", "Type", "Output shape", ("Params", "right"), ("Trainable", "right"), ("MACs", "right"),
+         ("FLOPs", "right"), ("MACs %", "right")], rows)]
+    summary_rows = [
+        ("parameters", f"{totals['parameters']:,} (tied weights once)"),
+        ("trainable / non-trainable", f"{totals['trainable']:,} / {totals['non_trainable']:,}"),
+        ("buffers", f"{totals['buffers']:,}"),
+        ("parameter memory", format_bytes(totals["parameter_bytes"])),
+        ("activation memory (estimate)", format_bytes(totals["activation_bytes"])),
+        ("input size", format_bytes(totals["input_bytes"])),
+        ("MACs", f"{totals['macs']:,} ({totals['macs'] / 1e9:.3f} G)"),
+        ("FLOPs (2 × MACs)", f"{totals['flops']:,} ({totals['flops'] / 1e9:.3f} G)"),
+        ("output", shape_text(data["output"])),
+    ]
+    renderables.append(output.make_table("Totals (memory in MiB = 2^20 bytes)", ["", "value"], summary_rows))
+    weights = data.get("weights")
+    if weights:
+        renderables.append(
+            f"weights {weights['file']}: {weights['loaded']} loaded, {len(weights['missing'])} missing, "
+            f"{len(weights['unexpected'])} unexpected, {len(weights['shape_mismatched'])} shape-mismatched")
+    return renderables

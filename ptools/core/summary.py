@@ -1,0 +1,329 @@
+"""Layer-by-layer model summaries with output shapes and MACs/FLOPs counted from the real
+operations (``torch.utils.flop_counter``: matmul, linear, convolution, attention), not
+estimated from parameter counts.
+
+One forward pass under ``no_grad``; the model's mode (train/eval, per module) and every buffer
+(BatchNorm running statistics included) are as they were afterwards; the model is never moved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ptools.errors import BadInputError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def parse_input_size(text: str) -> tuple[int, ...]:
+    """``"3,224,224"`` -> ``(3, 224, 224)``."""
+    try:
+        size = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise BadInputError(f"--input-size {text!r} is not a list of integers like 3,224,224") from None
+    if not size or any(s <= 0 for s in size):
+        raise BadInputError(f"--input-size {text!r} must list positive sizes, like 3,224,224")
+    return size
+
+
+def _tensor_from_spec(spec: dict[str, Any], device: Any, default_dtype: Any) -> Any:
+    import torch
+
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise BadInputError(f"--input-spec: {spec!r}: 'shape' must be a list of sizes")
+    dtype_name = spec.get("dtype")
+    dtype = getattr(torch, dtype_name, None) if dtype_name else default_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise BadInputError(f"--input-spec: unknown dtype {dtype_name!r}")
+    fill = spec.get("fill", "randn" if dtype.is_floating_point else "zeros")
+    if fill == "randn":
+        return torch.randn(shape, dtype=dtype, device=device)
+    if fill == "zeros":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if fill == "ones":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if fill == "randint":
+        return torch.randint(0, int(spec.get("high", 2)), shape, dtype=dtype, device=device)
+    raise BadInputError(f"--input-spec: unknown fill {fill!r}; choose one of: randn, zeros, ones, randint")
+
+
+def _build(value: Any, device: Any, dtype: Any) -> Any:
+    if isinstance(value, dict) and "shape" in value:
+        return _tensor_from_spec(value, device, dtype)
+    if isinstance(value, dict):
+        return {k: _build(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_build(v, device, dtype) for v in value]
+    return value
+
+
+def make_inputs(input_sizes: list[tuple[int, ...]], batch_size: int, input_spec: str | None, device: Any,
+                dtype: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Positional and keyword inputs from ``--input-size`` (batch dimension added) or from an
+    ``--input-spec``: JSON (or ``@file.json``) ``{"args": [...], "kwargs": {...}}`` where any
+    object with a ``shape`` is a tensor: ``{"shape": [1, 128], "dtype": "int64", "fill": "randint",
+    "high": 30000}`` (fill: randn (floats' default), zeros (others'), ones, randint)."""
+    import torch
+
+    if input_spec is not None:
+        text = input_spec
+        if input_spec.startswith("@"):
+            try:
+                with open(input_spec[1:], encoding="utf-8") as handle:
+                    text = handle.read()
+            except OSError as failure:
+                raise BadInputError(f"--input-spec {input_spec}: {failure.strerror or failure}") from None
+        try:
+            spec = json.loads(text)
+        except ValueError as failure:
+            raise BadInputError(f"--input-spec is not valid JSON ({failure})") from None
+        if not isinstance(spec, dict) or not set(spec) <= {"args", "kwargs"}:
+            raise BadInputError('--input-spec must be an object {"args": [...], "kwargs": {...}}')
+        args = _build(spec.get("args", []), device, dtype)
+        kwargs = _build(spec.get("kwargs", {}), device, dtype)
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise BadInputError('--input-spec: "args" must be a list and "kwargs" an object')
+        return args, kwargs
+    if not input_sizes:
+        raise BadInputError("give --input-size (e.g. 3,224,224) or --input-spec")
+    if batch_size < 1:
+        raise BadInputError(f"--batch-size must be 1 or more, not {batch_size}")
+    return [torch.randn((batch_size, *size), dtype=dtype, device=device) for size in input_sizes], {}
+
+
+def describe(value: Any) -> Any:
+    """Shapes of a module output: tensors as lists, containers kept, None as None."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return list(value.shape)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    return type(value).__name__
+
+
+def shape_text(described: Any) -> str:
+    """``[1, 64, 56, 56]`` -> ``1×64×56×56``; containers in brackets, dicts with keys."""
+    if isinstance(described, list) and all(isinstance(v, int) for v in described):
+        return "×".join(map(str, described)) or "scalar"
+    if isinstance(described, list):
+        return "(" + ", ".join(shape_text(v) for v in described) + ")"
+    if isinstance(described, dict):
+        return "{" + ", ".join(f"{k}: {shape_text(v)}" for k, v in described.items()) + "}"
+    return "None" if described is None else str(described)
+
+
+def _tensor_bytes(value: Any) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+@dataclass
+class LayerRow:
+    """One module of the summary. ``macs`` counts multiply-accumulates (FLOPs = 2 × MACs)."""
+
+    name: str
+    type: str
+    depth: int
+    output: Any
+    parameters: int
+    trainable: int
+    macs: int
+    flops: int
+    calls: int
+
+
+@dataclass
+class ModelSummary:
+    """A forward pass, measured. Bytes are bytes (human output shows MiB = 2^20 bytes)."""
+
+    model: str
+    mode: str
+    device: str
+    dtype: str
+    inputs: Any
+    output: Any
+    rows: list[LayerRow]
+    totals: dict[str, Any]
+    units: dict[str, str] = field(default_factory=lambda: {
+        "macs": "multiply-accumulates of matmul, linear, convolution and attention ops",
+        "flops": "2 x MACs (torch.utils.flop_counter); elementwise ops are not counted",
+        "bytes": "bytes; human output in MiB (2^20 bytes)",
+        "activation_bytes": "estimate: sum of the outputs of leaf modules"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _extra_flop_formulas() -> dict[Any, Any]:
+    """Attention kernels torch's counter does not know: on the CPU, SDPA runs as
+    ``_scaled_dot_product_flash_attention_for_cpu``, which it would count as zero."""
+    import torch
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def cpu_flash_attention(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
+                            out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {kernel: cpu_flash_attention} if kernel is not None else {}
+
+
+def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None, *, mode: str = "eval",
+              name: str | None = None) -> ModelSummary:
+    """Run one forward pass of ``model(*args, **kwargs)`` and measure every module.
+
+    Args:
+        mode: ``eval`` (default) or ``train`` (e.g. GoogLeNet/Inception's tuple outputs); in
+            both, buffers are restored afterwards, so BatchNorm statistics are untouched.
+
+    Raises:
+        BadInputError: the forward pass fails (the model's own error is reported).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if mode not in ("eval", "train"):
+        raise BadInputError(f"unknown mode {mode!r}; choose one of: eval, train")
+    kwargs = kwargs or {}
+    modes = {module: module.training for module in model.modules()}
+    saved_buffers = {key: value.detach().clone() for key, value in model.state_dict(keep_vars=True).items()
+                     if not isinstance(value, torch.nn.Parameter) and value.device.type != "meta"} \
+        if mode == "train" else {}
+    outputs: dict[str, Any] = {}
+    calls: dict[str, int] = {}
+    leaf_bytes = [0]
+    names = {module: module_name for module_name, module in model.named_modules()}
+    leaves = {module for module in model.modules() if not list(module.children())}
+
+    def hook(module: Any, _inputs: Any, output: Any) -> None:
+        module_name = names.get(module)
+        if module_name is None:
+            return
+        calls[module_name] = calls.get(module_name, 0) + 1
+        outputs.setdefault(module_name, describe(output))
+        if module in leaves:
+            leaf_bytes[0] += _tensor_bytes(output)
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    counter = FlopCounterMode(display=False, depth=None, custom_mapping=_extra_flop_formulas())
+    model.train(mode == "train")
+    # MultiheadAttention's fused fast path is one opaque kernel to the counter; the regular
+    # path computes the same thing through countable ops (projections and SDPA).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter, torch.no_grad():
+            result = model(*args, **kwargs)
+    except Exception as failure:
+        raise BadInputError(f"the forward pass failed: {type(failure).__name__}: {str(failure)[:300]}",
+                            "check --input-size / --input-spec against what the model expects") from failure
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+        if saved_buffers:
+            with torch.no_grad():
+                current = model.state_dict(keep_vars=True)
+                for key, value in saved_buffers.items():
+                    current[key].copy_(value)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    rows = []
+    for module_name, module in model.named_modules():
+        key = f"{root}.{module_name}" if module_name else root
+        flops = int(sum(counts.get(key, {}).values()))
+        own = list(module.parameters())
+        rows.append(LayerRow(name=module_name, type=type(module).__name__,
+                             depth=module_name.count(".") + 1 if module_name else 0,
+                             output=outputs.get(module_name), parameters=sum(p.numel() for p in own),
+                             trainable=sum(p.numel() for p in own if p.requires_grad), macs=flops // 2,
+                             flops=flops, calls=calls.get(module_name, 0)))
+    parameters = list(model.parameters())
+    buffers = list(model.buffers())
+    total_flops = int(counter.get_total_flops())
+    first = next((p for p in parameters), None)
+    totals = {
+        "parameters": sum(p.numel() for p in parameters),
+        "trainable": sum(p.numel() for p in parameters if p.requires_grad),
+        "non_trainable": sum(p.numel() for p in parameters if not p.requires_grad),
+        "buffers": sum(b.numel() for b in buffers),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in parameters),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers),
+        "activation_bytes": leaf_bytes[0],
+        "input_bytes": _tensor_bytes(args) + _tensor_bytes(kwargs),
+        "macs": total_flops // 2,
+        "flops": total_flops,
+    }
+    return ModelSummary(model=name or root, mode=mode, device=str(first.device) if first is not None else "cpu",
+                        dtype=str(first.dtype).removeprefix("torch.") if first is not None else "float32",
+                        inputs=describe([args, kwargs]), output=describe(result), rows=rows, totals=totals)
+
+
+def torchsummary_text(model: Any, input_sizes: list[tuple[int, ...]], batch_size: int, device: str) -> str:
+    """The classic torchsummary layout, via the torchsummary package, in eval mode under
+    no_grad with mode and buffers restored (torchsummary itself would update BatchNorm).
+
+    Raises:
+        BadInputError: torchsummary cannot handle the model (it fails on dict/None outputs).
+    """
+    import contextlib
+    import io
+
+    import torch
+    from torchsummary import summary
+
+    if device not in ("cpu", "cuda"):
+        raise BadInputError("--format torchsummary runs on --device cpu or cuda only")
+    modes = {module: module.training for module in model.modules()}
+    text = io.StringIO()
+    model.eval()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(text):
+            summary(model, input_sizes if len(input_sizes) > 1 else input_sizes[0], batch_size=batch_size,
+                    device=device)
+    except Exception as failure:
+        raise BadInputError(f"torchsummary cannot summarize this model ({type(failure).__name__}: "
+                            f"{str(failure)[:200]})", "use the default format") from None
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return text.getvalue()
+
+
+def model_device(text: str) -> str:
+    """Validate ``--device``: cpu, meta, cuda or cuda:N."""
+    import re
+
+    if not re.fullmatch(r"cpu|meta|cuda(:\d+)?", text):
+        raise BadInputError(f"unknown --device {text!r}; choose cpu, meta, cuda or cuda:N")
+    if text.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            from ptools.errors import RequirementNotMetError
+
+            raise RequirementNotMetError(f"--device {text}: torch sees no CUDA device")
+    return text
+
+
+def visible_rows(summary: ModelSummary, depth: int) -> list[LayerRow]:
+    """Rows down to ``depth`` that ran (root excluded)."""
+    return [row for row in summary.rows if 0 < row.depth <= depth and (row.calls or row.parameters)]
+
