@@ -154,3 +154,33 @@ def test_real_cpu_pass_counts_what_the_meta_pass_counts(name: str) -> None:
     meta = summarize(models.load_model(name, device="meta"), [torch.randn(1, 3, crop, crop, device="meta")])
     assert cpu.totals["macs"] == meta.totals["macs"]
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_two_inputs_and_bfloat16(tmp_path: Path) -> None:
+    source = tmp_path / "pair.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+
+        class Pair(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = torch.nn.Linear(8, 4)
+                self.b = torch.nn.Linear(6, 4)
+
+            def forward(self, x, y):
+                return self.a(x) + self.b(y)
+    """))
+    model = models.load_model(f"{source}:Pair").to(torch.bfloat16)
+    args, kwargs = make_inputs([(8,), (6,)], 3, None, torch.device("cpu"), torch.bfloat16)
+    result = summarize(model, args, kwargs)
+    assert result.output == [3, 4] and result.dtype == "bfloat16"
+    assert result.totals["macs"] == 3 * 8 * 4 + 3 * 6 * 4
+    assert result.totals["input_bytes"] == (3 * 8 + 3 * 6) * 2
+
+
+def test_timm_models_when_timm_is_installed() -> None:
+    pytest.importorskip("timm")
+    model = models.load_model("timm:resnet18", device="meta")
+    assert models.count_model(model).total == 11_689_512
+    with pytest.raises(BadInputError, match="unknown timm model"):
+        models.load_model("timm:resnet18x")
