@@ -113,6 +113,19 @@ class TinyNet(torch.nn.Module):
         return self.head(self.bn(self.conv(x)).mean((2, 3)))
 
 
+class TiedLM(torch.nn.Module):
+    """A language-model head tied to its embedding: one Parameter under two names."""
+
+    def __init__(self, vocab: int = 100, width: int = 16) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
 def tiny_net(seed: int = 0) -> TinyNet:
     torch.manual_seed(seed)
     model = TinyNet()

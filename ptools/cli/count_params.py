@@ -53,18 +53,12 @@ def command(
         result = models.count_checkpoint(target, key=key, depth=depth, trust=trust)
     else:
         # Library models are built on the meta device: exact counts, no memory, no init time.
-        named = not os.path.exists(target) and ".py:" not in target and ":" not in target.replace("torchvision:", "") \
-            .replace("timm:", "")
-        model = models.load_model(target, models.parse_kwargs(kwargs), trust=trust, device="meta" if named else None)
+        device = "meta" if models.is_library_model(target) else None
+        model = models.load_model(target, models.parse_kwargs(kwargs), trust=trust, device=device)
         result = models.count_model(model, depth=depth)
     data = result.to_dict()
-    if json_output:
-        output.print_json(data)
-        return
-    console = output.stdout_console()
-    for renderable in render(data):
-        console.print(renderable)
-    if data["inferred_from_names"]:
+    output.emit(data, json_output, render)
+    if data["inferred_from_names"] and not json_output:
         output.info("note: counted from a checkpoint: parameters vs buffers inferred from names "
                     "(running_mean, running_var, num_batches_tracked are buffers)")
 

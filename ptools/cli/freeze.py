@@ -65,12 +65,7 @@ def command(
     if trainable_out:
         names = models.trainable_names(model)
         write_atomically(trainable_out, lambda handle: handle.write(json.dumps(names, indent=2).encode()))
-    if json_output:
-        output.print_json(data)
-        return
-    console = output.stdout_console()
-    for renderable in render(data):
-        console.print(renderable)
+    output.emit(data, json_output, render)
 
 
 def render(data: dict[str, Any]) -> list[Any]:

@@ -92,14 +92,10 @@ def command(
         return
 
     data = report.to_dict()
-    if json_output:
-        output.print_json(data)
-        return
-    console = output.stdout_console()
-    for renderable in render(data):
-        console.print(renderable)
-    for problem in data["problems"]:
-        output.info(f"note: {problem}")
+    output.emit(data, json_output, render)
+    if not json_output:
+        for problem in data["problems"]:
+            output.info(f"note: {problem}")
 
 
 def _watch(interval: float, *, use_torch: bool, json_output: bool) -> None:

@@ -108,12 +108,8 @@ def command(
             bad += _non_finite(row.name, tensor_stats)
     if ndjson:
         output.print_ndjson(data["tree"])
-    elif json_output:
-        output.print_json(data)
     else:
-        console = output.stdout_console()
-        for renderable in render(data, tree=tree, stats=want_values):
-            console.print(renderable)
+        output.emit(data, json_output, lambda shown: render(shown, tree=tree, stats=want_values))
     _finish_check(check_finite, bad, len(listing.rows))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,6 +34,17 @@ def stdout_console() -> Console:
 def stderr_console() -> Console:
     """A console on stderr, for messages, warnings, progress and live views."""
     return _console(sys.stderr)
+
+
+def emit(data: Any, json_output: bool, render: Callable[[Any], Iterable[Any]]) -> None:
+    """The one way a command prints its result: ``--json`` prints ``data`` as JSON; otherwise
+    ``render(data)`` gives the Rich renderables for people. Same data either way."""
+    if json_output:
+        print_json(data)
+        return
+    console = stdout_console()
+    for renderable in render(data):
+        console.print(renderable)
 
 
 def print_json(data: Any) -> None:

@@ -81,12 +81,7 @@ def command(
     data = result.to_dict()
     if weights_report is not None:
         data["weights"] = weights_report.to_dict()
-    if json_output:
-        output.print_json(data)
-        return
-    console = output.stdout_console()
-    for renderable in render(data, depth):
-        console.print(renderable)
+    output.emit(data, json_output, lambda shown: render(shown, depth))
 
 
 def _count(value: int) -> str:

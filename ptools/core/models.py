@@ -154,6 +154,14 @@ def _load_model_file(path: str, trust: bool) -> Any:
                         "name the model (e.g. resnet50) and pass the file with --weights")
 
 
+def is_library_model(spec: str) -> bool:
+    """Whether a spec names a torchvision or timm model (library code, safe to build on meta)."""
+    if os.path.exists(spec):
+        return False
+    prefix, sep, _ = spec.partition(":")
+    return not sep or prefix in ("torchvision", "timm")
+
+
 def parse_kwargs(text: str | None) -> dict[str, Any]:
     """``--kwargs '{"num_classes": 10}'`` -> dict."""
     if not text:

@@ -25,6 +25,7 @@ from ptools.core.convert import (
 )
 from ptools.errors import BadInputError, UnsafeFileError
 from tests.checkpoint_fixtures import (
+    TiedLM,
     as_numpy,
     contiguous_copy,
     retag_devices,
@@ -272,13 +273,6 @@ def test_nested_input_to_safetensors_needs_extract_or_flatten(tmp_path: Path) ->
 
 
 def test_tied_embeddings_to_safetensors_and_back(tmp_path: Path) -> None:
-    class TiedLM(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(50, 8)
-            self.head = torch.nn.Linear(8, 50, bias=False)
-            self.head.weight = self.embed.weight
-
     model = TiedLM()
     source = save_zip(model.state_dict(), tmp_path / "lm.pt")
     report = convert_checkpoint(source, tmp_path / "lm.safetensors", verify=True)

@@ -12,7 +12,7 @@ import torchvision
 
 from ptools.core import models
 from ptools.errors import BadInputError, UnsafeFileError
-from tests.checkpoint_fixtures import save_zip, tiny_net
+from tests.checkpoint_fixtures import TiedLM, save_zip, tiny_net
 
 CLASSIFICATION = torchvision.models.list_models(module=torchvision.models)
 # Built the way their published weights are: googlenet's weights drop the aux heads, and
@@ -29,14 +29,7 @@ def test_count_equals_published_num_params(name: str) -> None:
 
 
 def test_tied_parameters_count_once() -> None:
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(100, 16)
-            self.head = torch.nn.Linear(16, 100, bias=False)
-            self.head.weight = self.embed.weight
-
-    count = models.count_model(Tied())
+    count = models.count_model(TiedLM())
     assert count.total == 1600
     assert {m["name"]: m["parameters"] for m in count.modules} == {"embed": 1600, "head": 1600}
 

@@ -12,6 +12,7 @@ import torchvision
 from ptools.core import models
 from ptools.core.summary import make_inputs, shape_text, summarize, torchsummary_text
 from ptools.errors import BadInputError
+from tests.checkpoint_fixtures import TiedLM
 from tests.core.test_models import CLASSIFICATION, WEIGHTS_KWARGS
 
 
@@ -78,19 +79,9 @@ def test_dict_outputs_of_detection_and_segmentation() -> None:
 
 
 def test_tied_weights_count_once() -> None:
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(100, 16)
-            self.head = torch.nn.Linear(16, 100, bias=False)
-            self.head.weight = self.embed.weight
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.head(self.embed(ids))
-
     args, kwargs = make_inputs([], 1, '{"args": [{"shape": [2, 5], "dtype": "int64", "fill": "randint", "high": 100}]}',
                                torch.device("cpu"), torch.float32)
-    result = summarize(Tied(), args, kwargs)
+    result = summarize(TiedLM(), args, kwargs)
     assert result.totals["parameters"] == 1600
     assert result.totals["macs"] == 2 * 5 * 16 * 100
 
