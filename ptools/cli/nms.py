@@ -59,10 +59,15 @@ def command(
         help="COCO ground truth: print AP, AP50, AP75, AR@100 of input and output (pycocotools) on stderr.")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu (default, fastest here) or cuda "
                                                          "(hard NMS with torchvision's kernel).")] = "cpu",
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print the summary (counts per class, time, evaluation) as JSON on stdout; "
+                       "needs -o FILE for the detections.")] = False,
 ) -> None:
     from ptools.core import detections as core
 
     started = time.perf_counter()
+    if json_output and destination == "-":
+        raise BadInputError("--json prints the summary on stdout; write the detections with -o FILE")
     if output_format is not None and output_format not in core.FORMATS:
         raise BadInputError(f"unknown --output-format {output_format!r}; choose one of: json, jsonl")
     if destination != "-" and source != "-" and os.path.exists(destination) and os.path.samefile(source, destination):
@@ -90,6 +95,9 @@ def command(
 
         write_atomically(destination, lambda handle: handle.write(payload))
     report.seconds = time.perf_counter() - started
+    if json_output:
+        output.print_json(report.to_dict())
+        return
     _summary(report.to_dict())
 
 

@@ -234,3 +234,17 @@ def test_nms_never_imports_torch() -> None:
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
                 for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert result.returncode == 0 and "torch" not in imported and "numpy" in imported
+
+
+def test_json_summary_needs_an_output_file(tmp_path: Path, synthetic) -> None:
+    path = write(tmp_path / "in.json", synthetic[0])
+    refused = run(path, "--json")
+    assert refused.exit_code == 1 and "-o FILE" in refused.stderr
+    evaluated = json.loads(run(ROOT / "examples" / "detections.json", "--json", "-o", tmp_path / "out.json",
+                               "--eval", ROOT / "examples" / "detections_gt.json").stdout)
+    assert set(evaluated["evaluation"]) == {"input", "output"}
+    assert set(evaluated["evaluation"]["output"]) == {"AP", "AP50", "AP75", "AR@100"}
+    report = json.loads(run(path, "--json", "-o", tmp_path / "out2.json").stdout)
+    assert report["detections_in"] == len(synthetic[0])
+    assert report["detections_out"] == len(json.loads((tmp_path / "out2.json").read_text()))
+    assert sum(counts[0] for counts in report["per_class"].values()) == report["detections_in"]
