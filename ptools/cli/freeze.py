@@ -82,9 +82,5 @@ def render(data: dict[str, Any]) -> list[Any]:
         f"({frozen:,} frozen); BatchNorm: {data['batchnorm']}"
         + (f", {len(data['batchnorm_replaced'])} replaced with FrozenBatchNorm" if data["batchnorm_replaced"] else "")
         + (f", {len(data['batchnorm_eval'])} set to eval" if data["batchnorm_eval"] else ""))
-    weights = data.get("weights")
-    if weights:
-        renderables.append(
-            f"weights {weights['file']}: {weights['loaded']} loaded, {len(weights['missing'])} missing, "
-            f"{len(weights['unexpected'])} unexpected, {len(weights['shape_mismatched'])} shape-mismatched")
+    renderables += output.weights_report_lines(data.get("weights"))
     return renderables

@@ -104,3 +104,19 @@ def progress(items: Iterable[Any], total: int, description: str) -> Iterable[Any
     from rich.progress import track
 
     return track(items, total=total, description=description, console=stderr_console(), transient=True)
+
+
+def weights_report_lines(weights: dict[str, Any] | None, shown: int = 10) -> list[str]:
+    """Human lines for a ``--weights`` report: counts, then the keys that did not fit."""
+    if not weights:
+        return []
+    lines = [f"weights {weights['file']}: {weights['loaded']} loaded, {len(weights['missing'])} missing, "
+             f"{len(weights['unexpected'])} unexpected, {len(weights['shape_mismatched'])} shape-mismatched"
+             + (f" (prefix {weights['stripped_prefix']!r} stripped)" if weights["stripped_prefix"] else "")]
+    mismatched = [f"{m['name']} {m['checkpoint']} vs model {m['model']}" for m in weights["shape_mismatched"]]
+    for label, names in (("missing", weights["missing"]), ("unexpected", weights["unexpected"]),
+                         ("shape-mismatched", mismatched)):
+        if names:
+            more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+            lines.append(f"  {label}: {', '.join(names[:shown])}{more}")
+    return lines

@@ -119,9 +119,5 @@ def render(data: dict[str, Any], depth: int) -> list[Any]:
         ("output", shape_text(data["output"])),
     ]
     renderables.append(output.make_table("Totals (memory in MiB = 2^20 bytes)", ["", "value"], summary_rows))
-    weights = data.get("weights")
-    if weights:
-        renderables.append(
-            f"weights {weights['file']}: {weights['loaded']} loaded, {len(weights['missing'])} missing, "
-            f"{len(weights['unexpected'])} unexpected, {len(weights['shape_mismatched'])} shape-mismatched")
+    renderables += output.weights_report_lines(data.get("weights"))
     return renderables

@@ -73,3 +73,17 @@ def test_freeze_with_weights(tmp_path: Path) -> None:
     result = invoke("freeze", "resnet18", "--weights", path, "--layers", "layer4", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "weights " in result.stdout and "122 loaded, 0 missing, 0 unexpected" in result.stdout
+
+
+def test_weights_mismatch_names_are_shown(tmp_path: Path) -> None:
+    state = torchvision.models.resnet18().state_dict()
+    state["fc.weight"] = torch.zeros(10, 512)
+    del state["fc.bias"]
+    state["extra.weight"] = torch.ones(1)
+    path = save_zip({f"module.{k}": v for k, v in state.items()}, tmp_path / "ft.pt")
+    result = invoke("freeze", "resnet18", "--weights", path, "--layers", "layer1", "--dry-run")
+    assert "(prefix 'module.' stripped)" in result.stdout
+    assert "missing: fc.bias" in result.stdout and "unexpected: extra.weight" in result.stdout
+    assert "shape-mismatched: fc.weight [10, 512] vs model [1000, 512]" in result.stdout
+    strict = invoke("freeze", "resnet18", "--weights", path, "--layers", "layer1", "--strict")
+    assert strict.exit_code == 1 and "--strict: 1 missing, 1 unexpected, 1 shape-mismatched" in strict.stderr
