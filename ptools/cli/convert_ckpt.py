@@ -34,20 +34,21 @@ Reads any format inspect-state-dict reads, with the same safety rules, and strea
 
 
 @contextmanager
-def _progress(total: int) -> Iterator[Any]:
-    """A byte progress bar on stderr for large files on a terminal; else a no-op callback."""
+def _progress(expected: int) -> Iterator[tuple[Any, Any]]:
+    """``(on_bytes, on_total)`` driving a byte progress bar on stderr, for large files on a
+    terminal; ``(None, None)`` otherwise."""
     import sys
 
-    if not sys.stderr.isatty() or total < (256 << 20):
-        yield None
+    if not sys.stderr.isatty() or expected < (256 << 20):
+        yield None, None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=output.stderr_console(),
                   transient=True) as progress:
-        task = progress.add_task("writing", total=total)
-        yield lambda count: progress.advance(task, count)
+        task = progress.add_task("writing", total=expected)
+        yield (lambda count: progress.advance(task, count)), (lambda total: progress.update(task, total=total))
 
 
 def _input_size(path: str) -> int:
@@ -112,13 +113,13 @@ def command(
     shard_bytes = parse_size(shard_size) if shard_size is not None else None
     if shard_bytes is not None and shard_bytes <= 0:
         raise BadInputError("--shard-size must be larger than 0")
-    with _progress(_input_size(source)) as on_bytes:
+    with _progress(_input_size(source)) as (on_bytes, on_total):
         report = convert_checkpoint(
             source, destination, map_location=map_location, strip=strip_prefix, add=add_prefix,
             rename=rename or (), keep=keep, drop=drop, extract=extract, flatten=flatten,
             drop_optimizer=drop_optimizer, dtype=dtype, keep_dtype=keep_dtype, format=output_format,
             shard_size=shard_bytes, force=force, trust=trust, dry_run=dry_run, verify=verify,
-            on_bytes=on_bytes)
+            on_bytes=on_bytes, on_total=on_total)
     data = report.to_dict()
     if not dry_run:
         data.pop("plan")

@@ -368,8 +368,12 @@ def convert_checkpoint(
     dry_run: bool = False,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> ConversionReport:
     """Convert checkpoint ``src`` into ``dst``; see the module docstring and README.
+
+    ``on_bytes(n)`` is called as output bytes are written, after ``on_total(size)`` announced
+    how many will be (for progress bars).
 
     Raises:
         BadInputError: bad input, options or destination (nothing is written).
@@ -500,6 +504,8 @@ def convert_checkpoint(
         report.seconds = time.perf_counter() - started
         return report
     _check_space(dst, report.bytes_out)
+    if on_total is not None:  # for a progress bar: the bytes about to be written
+        on_total(report.bytes_out)
     if kind == "sharded":
         _write_sharded(dst, groups, metadata, on_bytes, verify, report, checkpoint)
     else:
