@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Annotated, Any, Iterator
 
@@ -49,13 +48,6 @@ def _progress(expected: int) -> Iterator[tuple[Any, Any]]:
                   transient=True) as progress:
         task = progress.add_task("writing", total=expected)
         yield (lambda count: progress.advance(task, count)), (lambda total: progress.update(task, total=total))
-
-
-def _input_size(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
-                   if os.path.isfile(os.path.join(path, n)))
-    return os.path.getsize(path) if os.path.isfile(path) else 0
 
 
 def command(
@@ -109,11 +101,12 @@ def command(
     json_output: JsonOption = False,
 ) -> None:
     from ptools.core.convert import convert_checkpoint
+    from ptools.core.files import size_on_disk
 
     shard_bytes = parse_size(shard_size) if shard_size is not None else None
     if shard_bytes is not None and shard_bytes <= 0:
         raise BadInputError("--shard-size must be larger than 0")
-    with _progress(_input_size(source)) as (on_bytes, on_total):
+    with _progress(size_on_disk(source)) as (on_bytes, on_total):
         report = convert_checkpoint(
             source, destination, map_location=map_location, strip=strip_prefix, add=add_prefix,
             rename=rename or (), keep=keep, drop=drop, extract=extract, flatten=flatten,

@@ -30,7 +30,7 @@ from ptools.core.checkpoint.writers import (
     write_safetensors,
     write_torch_zip,
 )
-from ptools.core.files import temporary_path, write_atomically, write_file
+from ptools.core.files import size_on_disk, temporary_path, write_atomically, write_file
 from ptools.errors import BadInputError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -511,15 +511,11 @@ def convert_checkpoint(
     else:
         write_atomically(dst, write, (lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report)) if verify
                          else None)
-    report.bytes_out = _size_on_disk(dst)
+    report.bytes_out = size_on_disk(dst)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _size_on_disk(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
-    return os.path.getsize(path)
 
 
 def _flat_tensors(root: Any, flatten: bool, report: ConversionReport) -> collections.OrderedDict[str, Any]:

@@ -10,6 +10,13 @@ from typing import IO, Any
 from ptools.errors import BadInputError
 
 
+def size_on_disk(path: str) -> int:
+    """Bytes of a file, or of the files directly in a folder; 0 for a path that is neither."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(entry.path) for entry in os.scandir(path) if entry.is_file())
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
 def temporary_path(destination: str, directory: bool = False) -> str:
     """A new temporary file (or folder) beside ``destination``, hidden, ending ``.ptools-tmp``."""
     folder = os.path.dirname(os.path.abspath(destination))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import struct
@@ -18,6 +19,7 @@ from typing import Any
 
 from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, contiguous_stride
 from ptools.core.checkpoint.unpickle import Opaque, TorchDType, unpickle
+from ptools.core.files import size_on_disk
 from ptools.errors import BadInputError
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
@@ -401,14 +403,14 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
     spans = []
     for name, entry in header.items():
         dtype, shape, begin, end = _safetensors_entry(path, name, entry)
-        nbytes = ITEMSIZE[dtype] * _product(shape)
+        nbytes = ITEMSIZE[dtype] * math.prod(shape)
         if end - begin != nbytes:
             raise BadInputError(f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes, "
                                 f"its dtype and shape need {nbytes}")
         spans.append((begin, end, name))
         tensors[name] = TensorInfo(
             dtype=dtype, shape=shape, stride=contiguous_stride(shape),
-            storage=StorageRef(file=path, key=name, size_bytes=nbytes))
+            storage=StorageRef(file=path, key=name, size_bytes=nbytes, offset=data_start + begin))
     position, previous = 0, None
     for begin, end, name in sorted(spans):
         if begin < position:
@@ -419,17 +421,7 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
     if data_start + position != file_size:
         raise BadInputError(f"{path}: header describes {position} bytes of data but the file holds "
                             f"{file_size - data_start}; the file is truncated or padded")
-    offsets = {name: data_start + begin for begin, _, name in spans}
-    for name, tensor in tensors.items():
-        tensor.storage = StorageRef(file=path, key=name, size_bytes=tensor.nbytes, offset=offsets[name])
     return tensors, metadata, file_size
-
-
-def _product(shape: tuple[int, ...]) -> int:
-    result = 1
-    for size in shape:
-        result *= size
-    return result
 
 
 def _safetensors_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
@@ -595,9 +587,7 @@ def _open_dcp(path: str) -> Checkpoint:
                 raise BadInputError(f"{path}: DCP shard {os.path.basename(ref.file)!r} is missing")
             tensor.chunks.append((tuple(offsets), tuple(sizes), ref))
         root[fqn] = tensor
-    files = {os.path.join(path, n) for n in os.listdir(path)}
-    return Checkpoint(path=path, format="dcp", root=root,
-                      size_bytes=sum(os.path.getsize(f) for f in files if os.path.isfile(f)),
+    return Checkpoint(path=path, format="dcp", root=root, size_bytes=size_on_disk(path),
                       notes=["torch.distributed.checkpoint folder: tensors assembled from chunks"])
 
 
