@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ptools.core.checkpoint.tensors import TensorInfo
-from ptools.core.checkpoint.unpickle import Opaque, TorchDType, TorchMarker
+from ptools.core.checkpoint.unpickle import NumpyArray, NumpyDType, Opaque, TorchDType, TorchMarker
 from ptools.errors import BadInputError
 
 # Where training code usually keeps the model weights, most specific first. EMA weights
@@ -147,6 +147,10 @@ def type_name(value: Any) -> str:
         return "tensor"
     if isinstance(value, Opaque):
         return value.qualified_name
+    if isinstance(value, NumpyArray):
+        return "numpy.ndarray"
+    if isinstance(value, NumpyDType):
+        return "numpy.dtype"
     if isinstance(value, argparse.Namespace):
         return "argparse.Namespace"
     if isinstance(value, (TorchDType, TorchMarker)):
@@ -201,6 +205,8 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if isinstance(value, argparse.Namespace):
         return {k: plain(v) for k, v in vars(value).items()}
+    if isinstance(value, NumpyArray):
+        value = value.array
     if type(value).__module__ == "numpy":
         size = getattr(value, "size", 1)
         if size <= 64:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+from ptools.errors import BadInputError
 
 # dtype name (as torch spells it) -> bytes per element.
 ITEMSIZE: dict[str, int] = {
@@ -123,3 +126,47 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+MAX_DIMS = 64  # torch's own bound on a tensor's dimensions
+_INDEX_LIMIT = 1 << 62  # sizes, strides, offsets: what an int64 index can address
+
+
+def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int,
+                   storage_bytes: int | None) -> None:
+    """Refuse a tensor whose geometry reads outside its storage, before anything reads it.
+
+    Args:
+        shape, stride, storage_offset: as the file states them, in elements.
+        itemsize: bytes per element of the tensor's dtype.
+        storage_bytes: bytes the storage holds, or None for a meta tensor (no data).
+
+    Raises:
+        BadInputError: sizes or strides that are not non-negative integers of the same
+            length, an element past the end of the storage, or an expanded (stride-0)
+            tensor claiming far more elements than are stored.
+    """
+    from ptools.core import limits
+    from ptools.core.limits import brief
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _INDEX_LIMIT
+
+    if not isinstance(shape, tuple) or len(shape) > MAX_DIMS or not all(whole(s) for s in shape):
+        raise BadInputError(f"corrupt tensor record: shape {brief(shape)} is not a tuple of sizes")
+    if not isinstance(stride, tuple) or len(stride) != len(shape) or not all(whole(s) for s in stride):
+        raise BadInputError(f"corrupt tensor record: stride {brief(stride)} is not {len(shape)} "
+                            "non-negative integers")
+    if not whole(storage_offset):
+        raise BadInputError(f"corrupt tensor record: storage offset {brief(storage_offset)}")
+    numel = math.prod(shape)
+    if storage_bytes is None or numel == 0:
+        return
+    extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride))
+    end = (storage_offset + extent) * itemsize
+    if end > storage_bytes:
+        raise BadInputError(f"corrupt tensor record: shape {list(shape)} with stride {list(stride)} at "
+                            f"offset {storage_offset} reaches past the end of storage (byte {end:,} of {storage_bytes:,})")
+    if numel > extent * limits.EXPANSION.value and numel > (1 << 27):
+        raise limits.EXPANSION.exceeded(f"a tensor of shape {list(shape)} claims {numel:,} elements over "
+                                        f"{extent:,} stored")
