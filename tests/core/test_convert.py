@@ -412,8 +412,12 @@ def test_unsafe_input_is_refused_and_trust_is_explicit(tmp_path: Path) -> None:
     path = save_zip({"w": torch.ones(1), "counter": collections.Counter("aa")}, tmp_path / "in.pt")
     with pytest.raises(UnsafeFileError, match="collections.Counter"):
         convert_checkpoint(path, tmp_path / "out.pt")
-    convert_checkpoint(path, tmp_path / "out.pt", trust=True)
-    assert torch.load(tmp_path / "out.pt", weights_only=False)["counter"] == collections.Counter("aa")
+    # Even a trusted input's objects never become globals of the output: only the writer's table.
+    with pytest.raises(BadInputError, match="global 'collections.Counter'.*--extract auto"):
+        convert_checkpoint(path, tmp_path / "out.pt", trust=True)
+    assert not (tmp_path / "out.pt").exists()
+    convert_checkpoint(path, tmp_path / "out.pt", trust=True, drop="counter")
+    assert list(torch.load(tmp_path / "out.pt", weights_only=True)) == ["w"]
 
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:

@@ -11,13 +11,16 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, contiguous_stride
+from ptools.core import limits
+from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, check_geometry, contiguous_stride
+from ptools.core.limits import brief
 from ptools.core.checkpoint.unpickle import Opaque, TorchDType, unpickle
 from ptools.core.files import size_on_disk
 from ptools.errors import BadInputError
@@ -26,7 +29,6 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 LFS_MAGIC = b"version https://git-lfs"
-SAFETENSORS_HEADER_LIMIT = 100_000_000  # the reference implementation's bound
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
@@ -98,8 +100,13 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
         UnsafeFileError: the file needs code to be read and ``trust`` is off.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    kind = path_kind(path)
+    if kind == "folder":
         return _open_folder(path, trust)
+    if kind == "no such file":
+        raise BadInputError(f"{path}: no such file")
+    if kind != "file":
+        raise BadInputError(f"{path}: {kind}, not a checkpoint file", "name a checkpoint file or folder")
     head = _read_head(path, 64)
     if not head:
         raise BadInputError(f"{path}: empty file, not a checkpoint")
@@ -119,14 +126,64 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
         "index.json or DCP checkpoint")
 
 
+def path_kind(path: str) -> str:
+    """``file`` or ``folder``, else what the path is instead (a FIFO, a device, a symlink loop…),
+    found without opening it: opening a FIFO would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.islink(path) else "no such file"
+    except OSError as failure:
+        return f"cannot be read ({failure.strerror or failure})"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
 def _read_head(path: str, count: int) -> bytes:
     try:
-        with open(path, "rb") as handle:
+        # O_NONBLOCK: should the path have become a FIFO since it was checked, do not hang.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise BadInputError(f"{path}: not a regular file")
             return handle.read(count)
     except FileNotFoundError:
         raise BadInputError(f"{path}: no such file") from None
     except OSError as failure:
         raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
+
+
+def _zip_member(zip_file: zipfile.ZipFile, path: str, name: str, limit: int | None = None) -> bytes:
+    """A metadata member (a pickle, a small record), refused before inflating when it claims
+    more than ``limit`` bytes or inflates more than :data:`limits.INFLATION` times."""
+    try:
+        info = zip_file.getinfo(name)
+    except ZIP_ERRORS as failure:
+        raise BadInputError(f"{path}: corrupt zip archive ({failure})") from None
+    limit = limits.PICKLE_BYTES.value if limit is None else limit
+    if info.file_size > limit:
+        if limit < 1024:
+            raise BadInputError(f"{path}: corrupt checkpoint: record {name} has {info.file_size:,} bytes, "
+                                f"expected at most {limit}")
+        raise limits.PICKLE_BYTES.exceeded(f"{path}: record {name} has {info.file_size:,} bytes")
+    _check_inflation(path, info)
+    return _zip_read(zip_file, path, name)
+
+
+def _check_inflation(path: str, info: zipfile.ZipInfo) -> None:
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > (1 << 20) \
+            and info.file_size > limits.INFLATION.value * max(info.compress_size, 1):
+        raise limits.INFLATION.exceeded(
+            f"{path}: record {info.filename} inflates from {info.compress_size:,} to {info.file_size:,} bytes")
 
 
 def _open_folder(path: str, trust: bool) -> Checkpoint:
@@ -184,9 +241,9 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
     is_script = f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names)
     byteorder = "little"
     if f"{prefix}byteorder" in names:
-        byteorder = _zip_read(zip_file, path, f"{prefix}byteorder").decode(errors="replace").strip()
+        byteorder = _zip_member(zip_file, path, f"{prefix}byteorder", 16).decode(errors="replace").strip()
         if byteorder not in ("little", "big"):
-            raise BadInputError(f"{path}: corrupt checkpoint: byteorder record says {byteorder!r}")
+            raise BadInputError(f"{path}: corrupt checkpoint: byteorder record says {brief(byteorder)}")
     records: dict[str, str] = {}
     sizes = {info.filename: info.file_size for info in zip_file.infolist()}
 
@@ -200,13 +257,14 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
         records[key] = record
         return StorageRef(file=path, key=key, size_bytes=size, location=location, byteorder=byteorder)
 
-    data = _zip_read(zip_file, path, pickles[0])
+    data = _zip_member(zip_file, path, pickles[0])
     extra = _torchscript_globals() if is_script else None
     root = unpickle(data, storage_ref, what=path, trust=trust, extra_globals=extra)
     def read_record(ref: StorageRef, start: int, length: int) -> bytes:
         try:
+            _check_inflation(path, zip_file.getinfo(records[ref.key]))
             with zip_file.open(records[ref.key]) as record:
-                record.read(start)
+                record.seek(start)  # inflates and discards in bounded pieces
                 return record.read(length)
         except ZIP_ERRORS as failure:
             raise BadInputError(f"{path}: corrupt zip record for storage {ref.key} ({failure})") from None
@@ -270,7 +328,7 @@ def _script_parameter_lists(zip_file: zipfile.ZipFile, path: str, prefix: str) -
     for name in zip_file.namelist():
         if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
             continue
-        text = _zip_read(zip_file, path, name).decode(errors="replace")
+        text = _zip_member(zip_file, path, name).decode(errors="replace")
         classes = list(_CLASS_RE.finditer(text))
         for index, match in enumerate(classes):
             end = classes[index + 1].start() if index + 1 < len(classes) else len(text)
@@ -326,10 +384,11 @@ def _open_legacy(path: str, trust: bool) -> Checkpoint:
     except OSError as failure:
         raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
     with handle:
+        size = os.fstat(handle.fileno()).st_size
         for what in ("magic number", "protocol version", "system info"):
-            unpickle(handle, storage_ref, what=f"{path} ({what})")
-        root = unpickle(handle, storage_ref, what=path, trust=trust)
-        storage_keys = unpickle(handle, storage_ref, what=f"{path} (storage keys)")
+            unpickle(handle, storage_ref, what=f"{path} ({what})", size=size)
+        root = unpickle(handle, storage_ref, what=path, trust=trust, size=size)
+        storage_keys = unpickle(handle, storage_ref, what=f"{path} (storage keys)", size=size)
         if not isinstance(storage_keys, list) or not all(isinstance(k, str) for k in storage_keys):
             raise BadInputError(f"{path}: corrupt legacy checkpoint: storage key list")
         offsets = _walk_legacy_storages(handle, path, storage_keys, keys_seen)
@@ -383,16 +442,15 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             if len(prefix) < 8:
                 raise BadInputError(f"{path}: too short to be a safetensors file")
             header_size = int.from_bytes(prefix, "little")
-            if header_size > min(file_size - 8, SAFETENSORS_HEADER_LIMIT):
+            if header_size > file_size - 8:
                 raise BadInputError(f"{path}: safetensors header claims {header_size} bytes but the "
                                     f"file has {file_size - 8} after the length field")
+            if header_size > limits.HEADER_BYTES.value:
+                raise limits.HEADER_BYTES.exceeded(f"{path}: safetensors header of {header_size:,} bytes")
             raw = handle.read(header_size)
     except OSError as failure:
         raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as failure:
-        raise BadInputError(f"{path}: safetensors header is not valid JSON ({failure})") from None
+    header = _parse_json(raw, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise BadInputError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -453,6 +511,18 @@ def _open_safetensors(path: str) -> Checkpoint:
     return checkpoint
 
 
+def contained_path(path: str, real_folder: str, what: str) -> str:
+    """``path``'s real location, refused unless it lies inside ``real_folder`` (after symlinks).
+
+    Raises:
+        BadInputError: an absolute path, ``..``, or a symlink leading out of the folder.
+    """
+    real = os.path.realpath(path)
+    if not real.startswith(real_folder.rstrip(os.sep) + os.sep):
+        raise BadInputError(f"{what} points outside the checkpoint's folder; refusing to read it")
+    return real
+
+
 def restore_aliases(tensors: dict[str, Any], metadata: dict[str, str]) -> int:
     """Re-add tied names that safetensors' ``save_model`` stored as ``{alias: kept name}``."""
     added = 0
@@ -463,41 +533,54 @@ def restore_aliases(tensors: dict[str, Any], metadata: dict[str, str]) -> int:
     return added
 
 
+def _parse_json(raw: bytes, what: str) -> Any:
+    """JSON from a file we did not write; too deep a nesting is one clean error."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise limits.DEPTH.exceeded(f"{what} nests JSON") from None
+    except (UnicodeDecodeError, ValueError) as failure:
+        raise BadInputError(f"{what} is not valid JSON ({brief(str(failure))[1:-1]})") from None
+
+
 # --------------------------------------------------------------------------- sharded
 
 
 def _open_index(path: str, trust: bool) -> Checkpoint:
     try:
-        with open(path, encoding="utf-8") as handle:
-            index = json.load(handle)
+        with open(path, "rb") as handle:
+            raw = handle.read(limits.HEADER_BYTES.value + 1)
     except OSError as failure:
         raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
-    except ValueError as failure:
-        raise BadInputError(f"{path}: not valid JSON ({failure})") from None
+    if len(raw) > limits.HEADER_BYTES.value:
+        raise limits.HEADER_BYTES.exceeded(f"{path}: index")
+    index = _parse_json(raw, path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise BadInputError(f"{path}: not a sharded-checkpoint index (no weight_map of name -> file)")
     folder = os.path.dirname(os.path.abspath(path))
+    real_folder = os.path.realpath(folder)
     shards: dict[str, Checkpoint] = {}
     root: collections.OrderedDict[str, Any] = collections.OrderedDict()
     metadata: dict[str, str] = {}
     for name, shard_name in weight_map.items():
         if shard_name not in shards:
             shard_path = os.path.join(folder, shard_name)
-            if os.path.isabs(shard_name) or os.path.normpath(shard_name).startswith(".."):
-                raise BadInputError(f"{path}: shard {shard_name!r} points outside the index's folder")
+            contained_path(shard_path, real_folder, f"{path}: shard {brief(shard_name)}")
+            if os.path.realpath(shard_path) == os.path.realpath(path) or shard_name.endswith(".json"):
+                raise BadInputError(f"{path}: shard {brief(shard_name)} is an index, not a shard")
             if not os.path.isfile(shard_path):
-                raise BadInputError(f"{path}: shard {shard_name!r} listed in the index is missing")
+                raise BadInputError(f"{path}: shard {brief(shard_name)} listed in the index is missing")
             shard = open_checkpoint(shard_path, trust=trust)
             if shard.format not in ("safetensors", "torch-zip", "torch-legacy"):
-                raise BadInputError(f"{path}: shard {shard_name!r} is a {shard.format} file")
+                raise BadInputError(f"{path}: shard {brief(shard_name)} is a {shard.format} file")
             if not isinstance(shard.root, dict):
-                raise BadInputError(f"{path}: shard {shard_name!r} does not hold a flat state dict")
+                raise BadInputError(f"{path}: shard {brief(shard_name)} does not hold a flat state dict")
             shards[shard_name] = shard
             metadata.update(shard.metadata)
         tensor = shards[shard_name].root.get(name)
         if tensor is None:
-            raise BadInputError(f"{path}: tensor {name!r} is not in shard {shard_name!r}")
+            raise BadInputError(f"{path}: tensor {brief(name)} is not in shard {brief(shard_name)}")
         root[name] = tensor
     restore_aliases(root, metadata)
     by_file = {shard.path: shard for shard in shards.values()}
@@ -539,11 +622,16 @@ def _record_field(record: Any, name: str, position: int | None = None) -> Any:
 
 def _open_dcp(path: str) -> Checkpoint:
     metadata_path = os.path.join(path, ".metadata")
+    kind = path_kind(metadata_path)
+    if kind != "file":
+        raise BadInputError(f"{metadata_path}: {kind}, not DCP metadata")
     try:
         with open(metadata_path, "rb") as handle:
-            data = handle.read()
+            data = handle.read(limits.PICKLE_BYTES.value + 1)
     except OSError as failure:
         raise BadInputError(f"cannot read {metadata_path}: {failure.strerror or failure}") from None
+    if len(data) > limits.PICKLE_BYTES.value:
+        raise limits.PICKLE_BYTES.exceeded(metadata_path)
 
     def no_storage(key: str, location: str, size: int) -> StorageRef:
         raise BadInputError(f"{metadata_path}: unexpected tensor storage in DCP metadata")
@@ -551,44 +639,92 @@ def _open_dcp(path: str) -> Checkpoint:
     metadata = unpickle(data, no_storage, what=metadata_path, extra_globals=_DcpGlobals())
     entries = _record_field(metadata, "state_dict_metadata")
     storage_data = _record_field(metadata, "storage_data") or {}
-    if not isinstance(entries, dict):
-        raise BadInputError(f"{metadata_path}: not DCP metadata (no state_dict_metadata)")
+    if not isinstance(entries, dict) or not isinstance(storage_data, dict):
+        raise BadInputError(f"{metadata_path}: not DCP metadata (no state_dict_metadata and storage_data)")
+    locations = _dcp_locations(path, metadata_path, storage_data)
+    root: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    for fqn, entry in entries.items():
+        if not isinstance(fqn, str):
+            raise BadInputError(f"{metadata_path}: entry name {brief(fqn)} is not text")
+        chunks = _record_field(entry, "chunks")
+        if chunks is None:  # BytesStorageMetadata: a pickled non-tensor object
+            root[fqn] = _DcpBytes(fqn)
+            continue
+        root[fqn] = _dcp_tensor(metadata_path, fqn, entry, chunks, locations)
+    return Checkpoint(path=path, format="dcp", root=root, size_bytes=size_on_disk(path),
+                      notes=["torch.distributed.checkpoint folder: tensors assembled from chunks"])
+
+
+def _whole_numbers(value: Any, length: int | None = None) -> bool:
+    return (isinstance(value, tuple) and (length is None or len(value) == length) and len(value) <= 64
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (1 << 62) for v in value))
+
+
+def _dcp_locations(path: str, metadata_path: str, storage_data: dict[Any, Any]
+                   ) -> dict[tuple[str, tuple[int, ...]], StorageRef]:
+    """Where each chunk's bytes are: files inside the folder, byte ranges inside the files."""
+    real_folder = os.path.realpath(path)
+    file_sizes: dict[str, int] = {}
     locations: dict[tuple[str, tuple[int, ...]], StorageRef] = {}
-    for index, info in storage_data.items() if isinstance(storage_data, dict) else ():
+    for index, info in storage_data.items():
         fqn, offset = _record_field(index, "fqn", 0), _record_field(index, "offset", 1)
         relative, start, length = (_record_field(info, "relative_path", 0), _record_field(info, "offset", 1),
                                    _record_field(info, "length", 2))
         if _record_field(info, "transform_descriptors", 3):
             raise BadInputError(f"{path}: DCP chunks written with transforms (e.g. compression) "
                                 "are not supported")
-        if not (isinstance(relative, str) and isinstance(start, int) and isinstance(length, int)):
-            raise BadInputError(f"{metadata_path}: corrupt storage entry for {fqn!r}")
+        offset = tuple(offset) if isinstance(offset, list) else offset
+        if not (isinstance(fqn, str) and isinstance(relative, str) and _whole_numbers((start, length))
+                and (offset is None or _whole_numbers(offset))):
+            raise BadInputError(f"{metadata_path}: corrupt storage entry {brief(fqn)}")
         file = os.path.join(path, relative)
-        locations[(str(fqn), tuple(offset or ()))] = StorageRef(file=file, key=f"{relative}@{start}",
-                                                                size_bytes=length, offset=start)
-    root: collections.OrderedDict[str, Any] = collections.OrderedDict()
-    for fqn, entry in entries.items():
-        chunks = _record_field(entry, "chunks")
-        if chunks is None:  # BytesStorageMetadata: a pickled non-tensor object
-            root[fqn] = _DcpBytes(fqn)
-            continue
-        properties = _record_field(entry, "properties")
-        dtype = _record_field(properties, "dtype", 0)
-        shape = _record_field(entry, "size")
-        if not isinstance(dtype, TorchDType) or not isinstance(shape, tuple):
-            raise BadInputError(f"{metadata_path}: corrupt tensor entry for {fqn!r}")
-        tensor = TensorInfo(dtype=dtype.name, shape=shape, stride=contiguous_stride(shape))
-        for chunk in chunks:
-            offsets, sizes = _record_field(chunk, "offsets", 0), _record_field(chunk, "sizes", 1)
-            ref = locations.get((fqn, tuple(offsets or ())))
-            if ref is None:
-                raise BadInputError(f"{metadata_path}: no stored data for a chunk of {fqn!r}")
-            if not os.path.isfile(ref.file):
-                raise BadInputError(f"{path}: DCP shard {os.path.basename(ref.file)!r} is missing")
-            tensor.chunks.append((tuple(offsets), tuple(sizes), ref))
-        root[fqn] = tensor
-    return Checkpoint(path=path, format="dcp", root=root, size_bytes=size_on_disk(path),
-                      notes=["torch.distributed.checkpoint folder: tensors assembled from chunks"])
+        real = contained_path(file, real_folder, f"{metadata_path}: shard {brief(relative)}")
+        if real not in file_sizes:
+            kind = path_kind(real)
+            if kind != "file":
+                raise BadInputError(f"{path}: DCP shard {brief(relative)} is "
+                                    f"{'missing' if kind == 'no such file' else kind}")
+            file_sizes[real] = os.path.getsize(real)
+        if start + length > file_sizes[real]:
+            raise BadInputError(f"{metadata_path}: {brief(fqn)} is stored at bytes {start:,}–{start + length:,} "
+                                f"of {relative}, which has {file_sizes[real]:,}")
+        locations[(fqn, offset or ())] = StorageRef(file=real, key=f"{relative}@{start}", size_bytes=length,
+                                                    offset=start)
+    return locations
+
+
+def _dcp_tensor(metadata_path: str, fqn: str, entry: Any, chunks: Any,
+                locations: dict[tuple[str, tuple[int, ...]], StorageRef]) -> TensorInfo:
+    """A DCP tensor entry, its chunks checked to lie inside the tensor and to hold their bytes."""
+    dtype = _record_field(_record_field(entry, "properties"), "dtype", 0)
+    shape = _record_field(entry, "size")
+    shape = tuple(shape) if isinstance(shape, (list, tuple)) else shape
+    if not isinstance(dtype, TorchDType) or dtype.name not in ITEMSIZE or not _whole_numbers(shape) \
+            or not isinstance(chunks, (list, tuple)):
+        raise BadInputError(f"{metadata_path}: corrupt tensor entry for {brief(fqn)}")
+    itemsize = ITEMSIZE[dtype.name]
+    tensor = TensorInfo(dtype=dtype.name, shape=shape, stride=contiguous_stride(shape))
+    covered = 0
+    for chunk in chunks:
+        offsets, sizes = _record_field(chunk, "offsets", 0), _record_field(chunk, "sizes", 1)
+        offsets = tuple(offsets) if isinstance(offsets, list) else offsets
+        sizes = tuple(sizes) if isinstance(sizes, list) else sizes
+        if not (_whole_numbers(offsets, len(shape)) and _whole_numbers(sizes, len(shape))
+                and all(o + n <= d for o, n, d in zip(offsets, sizes, shape))):
+            raise BadInputError(f"{metadata_path}: a chunk of {brief(fqn)} lies outside its shape {list(shape)}")
+        ref = locations.get((fqn, offsets))
+        if ref is None:
+            raise BadInputError(f"{metadata_path}: no stored data for a chunk of {brief(fqn)}")
+        volume = math.prod(sizes)
+        if volume * itemsize > ref.size_bytes:
+            raise BadInputError(f"{metadata_path}: a chunk of {brief(fqn)} needs {volume * itemsize:,} bytes, "
+                                f"{ref.size_bytes:,} are stored")
+        covered += volume
+        tensor.chunks.append((offsets, sizes, ref))
+    if covered != tensor.numel:
+        raise BadInputError(f"{metadata_path}: the chunks of {brief(fqn)} hold {covered:,} of its "
+                            f"{tensor.numel:,} elements")
+    return tensor
 
 
 class _DcpBytes:

@@ -19,7 +19,8 @@ from typing import IO, Any
 
 from ptools.core.checkpoint.readers import Checkpoint, SAFETENSORS_DTYPES
 from ptools.core.checkpoint.tensors import ITEMSIZE, STORAGE_CLASSES, TensorInfo, contiguous_stride
-from ptools.core.checkpoint.unpickle import TorchDevice, TorchDType, TorchMarker, TorchSize
+from ptools.core.checkpoint.unpickle import _LAYOUTS, _TORCH_MARKERS, TorchDevice, TorchDType, TorchMarker, TorchSize
+from ptools.core.limits import brief
 from ptools.errors import BadInputError
 
 COPY_CHUNK_BYTES = 64 << 20
@@ -193,10 +194,45 @@ class _Failure:
 # --------------------------------------------------------------------------- the pickle
 
 
+def _output_globals() -> frozenset[tuple[str, str]]:
+    torch_names = {"device", "Size", *ITEMSIZE, *STORAGE_CLASSES, *_TORCH_MARKERS,
+                   *(layout.rpartition(".")[2] for layout in _LAYOUTS if layout.count(".") == 1)}
+    return frozenset({
+        *(("torch", name) for name in torch_names),
+        *(("torch._utils", name) for name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                                              "_rebuild_meta_tensor_no_storage")),
+        ("torch.storage", "UntypedStorage"),
+        ("collections", "OrderedDict"), ("argparse", "Namespace"), ("_codecs", "encode"),
+        *(("builtins", name) for name in ("set", "frozenset", "complex", "slice", "bytearray", "range")),
+        ("numpy", "dtype"), ("numpy", "ndarray"),
+        *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+          for name in ("_reconstruct", "scalar")),
+    })
+
+
+# Every global the writer may put in an output pickle. Nothing read from an input becomes a
+# global unless its (module, name) is here, so a loader of our output with
+# ``weights_only=False`` can only ever reach these.
+OUTPUT_GLOBALS = _output_globals()
+
+
+def check_output_global(module: str, name: str) -> None:
+    """Refuse a global that is not in :data:`OUTPUT_GLOBALS`.
+
+    Raises:
+        BadInputError: naming the global, which came from the input.
+    """
+    if (module, name) not in OUTPUT_GLOBALS:
+        raise BadInputError(f"the output would have to name the global {brief(f'{module}.{name}')} taken from "
+                            "the input; ptools writes only tensors and plain data",
+                            "pass --extract auto to write the model weights alone, or --drop the entry")
+
+
 class GlobalRef:
     """A reference to a global (``torch._utils._rebuild_tensor_v2``) written without importing it."""
 
     def __init__(self, module: str, name: str) -> None:
+        check_output_global(module, name)
         self.module, self.name = module, name
 
     def __call__(self, *args: Any) -> Any:  # pickle wants a callable; it is never called here
@@ -267,7 +303,13 @@ class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch t
             return _REBUILD_V2, args
         return _REBUILD_V3, (*args, TorchDType(dtype))
 
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        name = name if name is not None else getattr(obj, "__qualname__", None)
+        check_output_global(pickle.whichmodule(obj, name), str(name))
+        super().save_global(obj, name)
+
     def _save_global_ref(self, obj: GlobalRef) -> None:
+        check_output_global(obj.module, obj.name)
         self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
         self.memoize(obj)
 
