@@ -20,6 +20,12 @@ from ptools.cli import output
 from ptools.errors import PtoolsError
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit), raised where the program is so that
+    cleanup runs exactly as for Ctrl-C: no temporary file survives."""
 
 app = typer.Typer(
     name="ptools",
@@ -49,9 +55,9 @@ def error_edge(function: F) -> F:
                 traceback.print_exc()
             output.error(str(failure))
             raise typer.Exit(failure.exit_code) from None
-        except KeyboardInterrupt:
-            output.info("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as interrupt:
+            output.info("terminated" if isinstance(interrupt, Terminated) else "interrupted")
+            raise typer.Exit(EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -86,6 +92,13 @@ def _register() -> None:
 _register()
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
     app(prog_name="ptools")

@@ -42,12 +42,13 @@ def command(
     from ptools.core import models
 
     is_checkpoint = False
-    if os.path.exists(target) and not target.endswith((".py", ".pt2")):
+    if os.path.lexists(target) and not target.endswith((".py", ".pt2")):
         from ptools.core.checkpoint import open_checkpoint
+        from ptools.errors import UnsafeFileError
 
         try:
             is_checkpoint = open_checkpoint(target, trust=trust).format != "torchscript"
-        except Exception:  # let the model loader explain what the file is
+        except UnsafeFileError:  # a pickled whole model: the model loader explains, or loads with --trust
             is_checkpoint = False
     if is_checkpoint:
         result = models.count_checkpoint(target, key=key, depth=depth, trust=trust)

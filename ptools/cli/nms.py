@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.core.files import path_kind, require_regular_file
 from ptools.errors import BadInputError
 
 NAME = "nms"
@@ -72,6 +73,11 @@ def command(
         raise BadInputError(f"unknown --output-format {output_format!r}; choose one of: json, jsonl")
     if destination != "-" and source != "-" and os.path.exists(destination) and os.path.samefile(source, destination):
         raise BadInputError(f"--output {destination} is the input file", "write to another path")
+    if destination != "-" and os.path.lexists(destination) and path_kind(destination) != "file":
+        raise BadInputError(f"--output {destination}: {path_kind(destination)}; -o takes a file path",
+                            "name the output file, e.g. out.json")
+    if eval_path is not None:
+        require_regular_file(eval_path, "ground-truth file")
     data = _read(source)
     records, input_format = core.parse_detections(data, "stdin" if source == "-" else source)
     del data
@@ -104,6 +110,7 @@ def command(
 def _read(source: str) -> bytes:
     if source == "-":
         return sys.stdin.buffer.read()
+    require_regular_file(source, "detections file")
     try:
         with open(source, "rb") as handle:
             return handle.read()

@@ -11,6 +11,7 @@ output, verifies it if asked, and only then renames it into place.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from ptools.core.checkpoint.writers import (
     write_safetensors,
     write_torch_zip,
 )
-from ptools.core.files import size_on_disk, temporary_path, write_atomically, write_file
+from ptools.core.files import fsync_folder, size_on_disk, temporary_path, write_atomically, write_file
 from ptools.errors import BadInputError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -283,22 +284,67 @@ def _input_files(checkpoint: Checkpoint) -> set[str]:
     return {os.path.realpath(f) for f in files}
 
 
-def _check_destination(source: Checkpoint, destination: str, force: bool) -> None:
-    real = os.path.realpath(destination)
-    for path in _input_files(source) | {os.path.realpath(source.path)}:
-        same = real == path or (os.path.exists(destination) and os.path.exists(path)
-                                and os.path.samefile(destination, path))
-        inside = os.path.isdir(path) and real.startswith(path.rstrip(os.sep) + os.sep)
-        if same or inside:
-            raise BadInputError(f"{destination} is the input (or part of it); ptools never overwrites "
-                                "its input", "write to another path")
-    if os.path.lexists(destination) and not force:
-        raise BadInputError(f"{destination} exists", "pass --force to replace it")
+def _is_input(path: str, inputs: set[str]) -> bool:
+    real = os.path.realpath(path)
+    if real in inputs:
+        return True
+    if not os.path.exists(path):
+        return False
+    return any(os.path.exists(other) and os.path.samefile(path, other) for other in inputs)  # hard links
+
+
+def _inside(path: str, folders: set[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in folders)
+
+
+def _check_destination(source: Checkpoint, destination: str, force: bool, kind: str) -> None:
+    """Refuse any destination whose writing could touch the input: the same file (by path,
+    symlink or hard link), a file inside an input folder, or a folder holding the input."""
+    inputs = _input_files(source) | {os.path.realpath(source.path)}
+    input_folders = {path for path in inputs if os.path.isdir(path)}
+    never = "ptools never overwrites its input"
+    if _is_input(destination, inputs) or _inside(destination, input_folders):
+        raise BadInputError(f"{destination} is the input (or part of it); {never}", "write to another path")
     folder = os.path.dirname(os.path.abspath(destination))
     if not os.path.isdir(folder):
         raise BadInputError(f"folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BadInputError(f"cannot write to folder {folder}")
+    if kind == "sharded":
+        if os.path.lexists(destination) and not os.path.isdir(destination):
+            raise BadInputError(f"{destination} exists and is not a folder; --shard-size writes a folder")
+        return  # what may be replaced inside it is decided by _ShardedTarget
+    if os.path.isdir(destination):
+        raise BadInputError(f"{destination} is a folder", "name the output file, e.g. "
+                            f"{os.path.join(destination, 'model' + ('.safetensors' if kind == 'safetensors' else '.pt'))}")
+    if os.path.lexists(destination):
+        if not force:
+            raise BadInputError(f"{destination} exists", "pass --force to replace it")
+        if os.path.islink(destination) or not os.path.isfile(destination):
+            raise BadInputError(f"{destination} is not a regular file; --force replaces only a file",
+                                "remove it yourself or write elsewhere")
+
+
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def stale_temporaries(destination: str) -> list[str]:
+    """Temporary files an interrupted earlier run left beside ``destination`` (never removed
+    silently: the user decides)."""
+    folder = os.path.dirname(os.path.abspath(destination))
+    prefix = f".{os.path.basename(destination)}."
+    places = [folder] + ([destination] if os.path.isdir(destination) else [])
+    found = []
+    for place in places:
+        try:
+            names = os.listdir(place)
+        except OSError:
+            continue
+        found += [os.path.join(place, name) for name in names
+                  if name.endswith(".ptools-tmp") and (place != folder or name.startswith(prefix))]
+    return sorted(found)
 
 
 def _drop_training_state(root: Any, state_dict_path: str) -> list[str]:
@@ -391,7 +437,7 @@ def convert_checkpoint(
     rename_rules = [parse_rename(rule) for rule in rename]
     checkpoint = open_checkpoint(src, trust=trust)
     if not dry_run:
-        _check_destination(checkpoint, dst, force)
+        _check_destination(checkpoint, dst, force, kind)
 
     root = checkpoint.root
     path, node, how = find_state_dict(root, extract if extract is not None else "auto")
@@ -401,6 +447,11 @@ def convert_checkpoint(
     report = ConversionReport(input=src, output=dst, input_format=checkpoint.format,
                               output_format=kind, state_dict_key=path, state_dict_how=how, dry_run=dry_run,
                               bytes_in=checkpoint.size_bytes)
+    stale = stale_temporaries(dst)
+    if stale:
+        report.notes.append(f"{len(stale)} temporary file(s) from an interrupted earlier run: "
+                            f"{' '.join(stale[:3])}{' …' if len(stale) > 3 else ''}; ptools leaves them; "
+                            "remove them with rm -r once no conversion is running")
     # Where each tensor was, by object, in order (a tied tensor sits under several names).
     original_paths: dict[int, collections.deque[str]] = collections.defaultdict(collections.deque)
     for original_path, tensor in iter_tensors(root):
@@ -507,7 +558,8 @@ def convert_checkpoint(
     if on_total is not None:  # for a progress bar: the bytes about to be written
         on_total(report.bytes_out)
     if kind == "sharded":
-        _write_sharded(dst, groups, metadata, on_bytes, verify, report, checkpoint)
+        target = _ShardedTarget.plan(dst, len(groups), force, _input_files(checkpoint))
+        _write_sharded(target, groups, metadata, on_bytes, verify, report)
     else:
         write_atomically(dst, write, (lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report)) if verify
                          else None)
@@ -584,48 +636,99 @@ def _shards(entries: list[SafetensorsEntry], shard_size: int | None) -> list[lis
     return groups
 
 
+SPACE_MARGIN = 16 << 20
+
+
 def _check_space(destination: str, needed: int) -> None:
     folder = os.path.dirname(os.path.abspath(destination))
     free = shutil.disk_usage(folder).free
-    if needed + (16 << 20) > free:
+    if needed + SPACE_MARGIN > free:
         from ptools.core.units import format_bytes
 
-        raise BadInputError(f"not enough disk space in {folder}: the output needs {format_bytes(needed)}, "
-                            f"{format_bytes(free)} is free")
+        raise BadInputError(f"not enough disk space in {folder}: the output needs {format_bytes(needed)} plus a "
+                            f"{format_bytes(SPACE_MARGIN)} margin, {format_bytes(free)} is free")
 
 
-def _write_sharded(destination: str, groups: list[list[SafetensorsEntry]], metadata: dict[str, str],
-                   on_bytes: Callable[[int], None] | None, verify: bool, report: ConversionReport,
-                   checkpoint: Checkpoint) -> None:
-    """Shards and ``model.safetensors.index.json`` into a folder, built beside ``destination``
-    and renamed into place only when complete."""
-    import json
+@dataclass
+class _ShardedTarget:
+    """Where a sharded output goes, and the only files an existing OUT may lose: the index
+    ptools wrote there before and the shards it names (by ptools' own naming)."""
 
-    temporary = temporary_path(destination, directory=True)
+    folder: str
+    names: list[str]
+    replaced: list[str]   # existing files the new ones overwrite
+    stale: list[str]      # shards of the old index that the new output no longer has
+
+    @classmethod
+    def plan(cls, folder: str, count: int, force: bool, inputs: set[str]) -> _ShardedTarget:
+        names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)] + [INDEX_NAME]
+        ours = cls._files_of_old_index(folder)
+        replaced = [name for name in names if os.path.lexists(os.path.join(folder, name))]
+        stale = sorted(set(ours) - set(names))
+        for name in replaced:
+            if name not in ours:
+                raise BadInputError(f"{os.path.join(folder, name)} exists and is not part of a sharded output "
+                                    "ptools can recognise; ptools never replaces it", "write to another folder")
+        for name in replaced + stale:
+            path = os.path.join(folder, name)
+            if _is_input(path, inputs):
+                raise BadInputError(f"{folder} holds the input ({name}); writing there would replace it",
+                                    "write the shards to another folder")
+            if os.path.islink(path) or not os.path.isfile(path):
+                raise BadInputError(f"{path} is not a regular file; ptools never replaces it")
+        if (replaced or stale) and not force:
+            raise BadInputError(f"{folder} already holds a sharded output ({len(ours) - 1} shard(s))",
+                                "pass --force to replace it")
+        return cls(folder=folder, names=names, replaced=replaced, stale=stale)
+
+    @staticmethod
+    def _files_of_old_index(folder: str) -> list[str]:
+        index_path = os.path.join(folder, INDEX_NAME)
+        if not os.path.isfile(index_path):
+            return []
+        try:
+            with open(index_path, "rb") as handle:
+                weight_map = json.loads(handle.read(64 << 20)).get("weight_map")
+        except (OSError, ValueError, RecursionError, AttributeError):
+            return []
+        if not isinstance(weight_map, dict):
+            return []
+        shards = {name for name in weight_map.values() if isinstance(name, str) and _SHARD_NAME.match(name)}
+        return sorted(shards) + [INDEX_NAME]
+
+
+def _write_sharded(target: _ShardedTarget, groups: list[list[SafetensorsEntry]], metadata: dict[str, str],
+                   on_bytes: Callable[[int], None] | None, verify: bool, report: ConversionReport) -> None:
+    """Shards and the index into a temporary folder; verified there; then moved into place
+    (the whole folder when OUT is new, file by file with the index last otherwise)."""
+    destination = target.folder
+    exists = os.path.isdir(destination)
+    temporary = temporary_path(os.path.join(destination, "shards") if exists else destination, directory=True)
     try:
         weight_map: dict[str, str] = {}
-        count = len(groups)
-        for index, group in enumerate(groups):
-            shard = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        for group, shard in zip(groups, target.names):
             kept = {e.name for e in group}
             shard_metadata = {k: v for k, v in metadata.items() if k not in report.aliases or v in kept}
             write_file(os.path.join(temporary, shard),
-                        lambda handle, g=group, m=shard_metadata: write_safetensors(handle, g, m, on_bytes))
+                       lambda handle, g=group, m=shard_metadata: write_safetensors(handle, g, m, on_bytes))
             weight_map.update({e.name: shard for e in group})
         index = {"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map}
-        write_file(os.path.join(temporary, "model.safetensors.index.json"),
-                    lambda handle: handle.write(json.dumps(index, indent=2).encode()))
+        write_file(os.path.join(temporary, INDEX_NAME),
+                   lambda handle: handle.write(json.dumps(index, indent=2).encode()))
         if verify:
-            _verify_against(os.path.join(temporary, "model.safetensors.index.json"), groups, report)
-        os.chmod(temporary, 0o755)
-        old = None
-        if os.path.lexists(destination):
-            old = temporary_path(destination, directory=True)
-            os.rmdir(old)
-            os.replace(destination, old)
-        os.replace(temporary, destination)
-        if old is not None:
-            shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
+            _verify_against(os.path.join(temporary, INDEX_NAME), groups, report)
+        if not exists:
+            os.chmod(temporary, 0o755)
+            os.replace(temporary, destination)
+            fsync_folder(os.path.dirname(os.path.abspath(destination)))
+            return
+        for name in target.names:  # the index last: until then the old index stays whole
+            os.chmod(os.path.join(temporary, name), 0o644)
+            os.replace(os.path.join(temporary, name), os.path.join(destination, name))
+        for name in target.stale:
+            os.unlink(os.path.join(destination, name))
+        fsync_folder(destination)
+        os.rmdir(temporary)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import math
 import operator
 import time
@@ -73,13 +74,43 @@ def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str
                 try:
                     records.append(orjson.loads(line))
                 except orjson.JSONDecodeError as failure:
-                    raise BadInputError(f"{source} line {number} is not valid JSON ({failure})") from None
-        return records, "jsonl"
+                    if number == 1 and _parses(data):  # one object over several lines, not JSON Lines
+                        break
+                    raise BadInputError(f"{source} line {number} is not valid JSON ({_short(failure)})") from None
+            else:
+                return records, "jsonl"
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as failure:
-        raise BadInputError(f"{source} is not valid JSON ({failure})") from None
-    raise BadInputError(f"{source} holds a JSON {type(value).__name__}, not an array of detection records")
+        raise BadInputError(f"{source} is not valid JSON ({_short(failure)})") from None
+    raise BadInputError(f"{source} holds a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, not an "
+                        "array of detection records or JSON Lines",
+                        "COCO results are a list: [{\"image_id\": …, \"category_id\": …, \"bbox\": […], \"score\": …}]")
+
+
+_JSON_TYPES = {type(None): "null", dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        _json().loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def _short(failure: Exception) -> str:
+    text = str(failure)
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _shown(value: Any) -> str:
+    """A field's value for a message: bounded, and an integer past 64 bits said as such
+    (the JSON parser reads those as floats)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+        return "an integer too large for 64 bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def dump_detections(records: list[Any], output_format: str) -> bytes:
@@ -100,18 +131,18 @@ def _record_problem(index: int, record: Any, box_format: str) -> str | None:
     for name in ("image_id", "category_id"):
         value = record[name]
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            return f"record {index}: field {name!r} must be an integer or a string, got {value!r}"
+            return f"record {index}: field {name!r} must be an integer or a string, got {_shown(value)}"
     score = record["score"]
     if isinstance(score, bool) or not isinstance(score, (int, float)):
-        return f"record {index}: field 'score' must be a number, got {score!r}"
+        return f"record {index}: field 'score' must be a number, got {_shown(score)}"
     if not math.isfinite(score):
         return f"record {index}: field 'score' is {score!r}, not a finite number"
     box = record["bbox"]
     if not (isinstance(box, list) and len(box) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-        return f"record {index}: field 'bbox' must be a list of 4 numbers, got {box!r}"
+        return f"record {index}: field 'bbox' must be a list of 4 numbers, got {_shown(box)}"
     if not all(math.isfinite(v) for v in box):
-        return f"record {index}: field 'bbox' holds NaN or infinite values: {box!r}"
+        return f"record {index}: field 'bbox' holds NaN or infinite values: {_shown(box)}"
     if box_format == "xyxy":
         if box[2] < box[0] or box[3] < box[1]:
             return f"record {index}: field 'bbox' has x2 < x1 or y2 < y1 (xyxy {box!r})"
@@ -140,9 +171,17 @@ def _fast_arrays(records: list[Any]) -> tuple[Any, ...] | None:
     try:
         images = [r["image_id"] for r in records]
         categories = [r["category_id"] for r in records]
-        boxes = np.array([r["bbox"] for r in records])
-        scores = np.array([r["score"] for r in records])
+        box_lists = [r["bbox"] for r in records]
+        score_list = [r["score"] for r in records]
+        boxes = np.array(box_lists)
+        scores = np.array(score_list)
     except (KeyError, TypeError, ValueError):
+        return None
+    # numpy turns true/false into 1/0 beside numbers: a boolean anywhere sends us to the slow
+    # path, which names the record. One C-speed pass over the types of each field.
+    if (bool in set(map(type, images)) or bool in set(map(type, categories))
+            or bool in set(map(type, score_list))
+            or (boxes.ndim == 2 and bool in set(map(type, itertools.chain.from_iterable(box_lists))))):
         return None
     if (boxes.dtype.kind not in "iuf" or boxes.ndim != 2 or boxes.shape[1] != 4
             or scores.dtype.kind not in "iuf" or scores.ndim != 1):
@@ -319,6 +358,7 @@ def evaluate(ground_truth_path: str, *results: list[Any]) -> list[dict[str, floa
         BadInputError: the ground truth is not COCO, or results name images it lacks.
     """
     import contextlib
+import itertools
     import io
 
     try:

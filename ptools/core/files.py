@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
 from ptools.errors import BadInputError
+
+
+def path_kind(path: str) -> str:
+    """``file`` or ``folder``, else what the path is instead (a FIFO, a device, a symlink loop…),
+    found without opening it: opening a FIFO would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.islink(path) else "no such file"
+    except OSError as failure:
+        return f"cannot be read ({failure.strerror or failure})"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def require_regular_file(path: str, what: str = "file") -> None:
+    """Refuse anything but an existing regular file (or a symlink to one), without opening it.
+
+    Raises:
+        BadInputError: naming what the path is instead.
+    """
+    kind = path_kind(path)
+    if kind == "no such file":
+        raise BadInputError(f"{path}: no such file")
+    if kind != "file":
+        raise BadInputError(f"{path}: {kind}, not a {what}")
 
 
 def size_on_disk(path: str) -> int:

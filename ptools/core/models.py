@@ -76,6 +76,14 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
     kwargs = dict(kwargs or {})
     if os.path.isfile(spec):
         return _load_model_file(spec, trust)
+    if os.path.lexists(spec) or spec.endswith(_MODEL_FILE_EXTENSIONS):
+        from ptools.core.checkpoint.readers import path_kind
+
+        kind = path_kind(spec)
+        hint = ("count-params and inspect-state-dict read checkpoint folders; summary and freeze need a model spec"
+                if kind == "folder" else None)
+        raise BadInputError(f"{spec}: no such file" if kind == "no such file" else f"{spec}: {kind}, not a model file",
+                            hint)
     prefix, _, rest = spec.partition(":")
     if prefix == "torchvision" or (not rest and ":" not in spec):
         name = rest if prefix == "torchvision" else spec
@@ -126,15 +134,16 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
     return model
 
 
+_MODEL_FILE_EXTENSIONS = (".pt2", ".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".jit", ".ts")
+
+
 def _load_model_file(path: str, trust: bool) -> Any:
     import torch
 
     if path.endswith(".pt2"):
-        try:
-            return torch.export.load(path).module()
-        except Exception as failure:
-            raise BadInputError(f"{path}: not a loadable ExportedProgram ({type(failure).__name__}: {failure})") \
-                from None
+        from ptools.core.checkpoint.exported import load_exported_program
+
+        return load_exported_program(path, trust).module()
     from ptools.core.checkpoint import open_checkpoint
 
     try:

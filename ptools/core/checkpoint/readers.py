@@ -22,7 +22,7 @@ from ptools.core import limits
 from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, check_geometry, contiguous_stride
 from ptools.core.limits import brief
 from ptools.core.checkpoint.unpickle import Opaque, TorchDType, unpickle
-from ptools.core.files import size_on_disk
+from ptools.core.files import path_kind, size_on_disk
 from ptools.errors import BadInputError
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
@@ -124,28 +124,6 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
     raise BadInputError(
         f"{path}: unknown format: not a PyTorch (zip or legacy), TorchScript, safetensors, "
         "index.json or DCP checkpoint")
-
-
-def path_kind(path: str) -> str:
-    """``file`` or ``folder``, else what the path is instead (a FIFO, a device, a symlink loop…),
-    found without opening it: opening a FIFO would wait for a writer forever."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "a broken symlink" if os.path.islink(path) else "no such file"
-    except OSError as failure:
-        return f"cannot be read ({failure.strerror or failure})"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
 
 
 def _read_head(path: str, count: int) -> bytes:
