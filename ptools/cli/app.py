@@ -48,8 +48,13 @@ def error_edge(function: F) -> F:
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ptools.core.memory import gc_paused
+
         try:
-            return function(*args, **kwargs)
+            # A command lives seconds and builds up to millions of acyclic records (tensor
+            # descriptions, detections): the cyclic collector's passes would cost more than it frees.
+            with gc_paused():
+                return function(*args, **kwargs)
         except PtoolsError as failure:
             if os.environ.get("PTOOLS_DEBUG") == "1":
                 traceback.print_exc()

@@ -83,22 +83,23 @@ def command(
         _emit_diff(result.to_dict(), json_output, ndjson)
         return
 
-    data = listing.to_dict()
-    if tree:
-        data["tree"] = core.group_by_prefix(listing.rows, depth)
     want_values = stats or check_finite
     if ndjson and not tree:
+        if not want_values:
+            output.print_ndjson(row.to_dict() for row in listing.rows)
+            return
         # Stream: each tensor's line is printed as soon as its statistics are known.
-        rows = core.iter_stats(checkpoint, listing.rows) if want_values else ((r, None) for r in listing.rows)
         bad = []
-        for row, tensor_stats in rows:
+        for row, tensor_stats in core.iter_stats(checkpoint, listing.rows):
             line = row.to_dict()
-            if want_values:
-                line["stats"] = _stats_dict(tensor_stats)
-                bad += _non_finite(row.name, tensor_stats)
+            line["stats"] = _stats_dict(tensor_stats)
+            bad += _non_finite(row.name, tensor_stats)
             output.print_ndjson([line])
         _finish_check(check_finite, bad, len(listing.rows))
         return
+    data = listing.to_dict()
+    if tree:
+        data["tree"] = core.group_by_prefix(listing.rows, depth)
 
     bad = []
     if want_values:
@@ -148,12 +149,15 @@ def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
             [(s["key"], s["type"], s["summary"]) for s in data["structure"]]))
     totals = data["totals"]
     if tree:
+        groups, more_groups = _bounded(data["tree"])
         renderables.append(output.make_table(
             "Tensors by module prefix", ["Prefix", ("Tensors", "right"), ("Elements", "right"),
                                          ("Bytes", "right"), ("Share", "right")],
             [("  " * (g["depth"] - 1) + g["prefix"], g["tensors"], f"{g['numel']:,}",
               format_bytes(g["bytes"]), f"{100 * g['bytes'] / totals['bytes']:.1f}%" if totals["bytes"] else "-")
-             for g in data["tree"]]))
+             for g in groups]))
+        if more_groups:
+            renderables.append(more_groups)
     if not tree or stats:
         columns: list[Any] = ["Name", "Shape", "Dtype", ("Elements", "right"), ("Bytes", "right"), "Device",
                               "Kind", "Shares storage with"]
@@ -171,11 +175,17 @@ def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
                 row += [_number(s.get("min")), _number(s.get("max")), _number(s.get("mean")),
                         _number(s.get("std")), s.get("nan"), s.get("inf")]
             rows.append(row)
-        renderables.append(output.make_table(f"State dict ({len(rows)} tensors)", columns, rows))
+        shown, more = _bounded(rows)
+        renderables.append(output.make_table(f"State dict ({len(rows)} tensors)", columns, shown))
+        if more:
+            renderables.append(more)
     if data["non_tensors"]:
+        entries, more_entries = _bounded(data["non_tensors"])
         renderables.append(output.make_table(
             "Other entries in the state dict", ["Name", "Type", "Value"],
-            [(n["name"], n["type"], str(n["value"])[:80]) for n in data["non_tensors"]]))
+            [(n["name"], n["type"], str(n["value"])[:80]) for n in entries]))
+        if more_entries:
+            renderables.append(more_entries)
     dtype_rows = [(dtype, d["tensors"], f"{d['numel']:,}", format_bytes(d["bytes"]))
                   for dtype, d in totals["by_dtype"].items()]
     dtype_rows.append(("total", totals["tensors"], f"{totals['numel']:,}", format_bytes(totals["bytes"])))
@@ -190,6 +200,17 @@ def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
         f"buffers: {totals['buffers']['tensors']} tensors, {totals['buffers']['numel']:,} elements"
         f"{inferred}{shared}")
     return renderables
+
+
+TABLE_ROWS = 500  # a terminal table of a million rows takes minutes to lay out and helps nobody
+
+
+def _bounded(rows: list[Any]) -> tuple[list[Any], str | None]:
+    """The first rows of a long table, and a line saying how to see the rest."""
+    if len(rows) <= TABLE_ROWS:
+        return rows, None
+    return rows[:TABLE_ROWS], (f"… {len(rows) - TABLE_ROWS:,} more rows not shown: --filter REGEX narrows the "
+                               "listing, --json or --ndjson lists every row")
 
 
 def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:

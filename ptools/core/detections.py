@@ -8,8 +8,6 @@ descending (equal scores keep input order).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import math
 import operator
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ptools.core import nms as nms_core
+from ptools.core.memory import gc_paused
 from ptools.errors import BadInputError
 
 REQUIRED = ("image_id", "category_id", "bbox", "score")
@@ -30,19 +29,6 @@ def _json() -> Any:
     import orjson
 
     return orjson
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Any:
-    """Pause the cyclic garbage collector while a million records are built: they hold no
-    cycles, and the collector's repeated passes over them cost more than parsing (3x here)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str]:
@@ -60,14 +46,14 @@ def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str
         raise BadInputError(f"{source} is empty; expected a JSON array of detections or JSON Lines")
     if text[:1] == b"[":
         try:
-            with _gc_paused():
+            with gc_paused():
                 records = orjson.loads(data)
         except orjson.JSONDecodeError as failure:
             raise BadInputError(f"{source} is not valid JSON ({failure})") from None
         return records, "json"
     if text[:1] == b"{":
         records = []
-        with _gc_paused():
+        with gc_paused():
             for number, line in enumerate(data.splitlines(), start=1):
                 if not line.strip():
                     continue
@@ -358,7 +344,6 @@ def evaluate(ground_truth_path: str, *results: list[Any]) -> list[dict[str, floa
         BadInputError: the ground truth is not COCO, or results name images it lacks.
     """
     import contextlib
-import itertools
     import io
 
     try:

@@ -28,7 +28,6 @@ from ptools.errors import BadInputError, UnsafeFileError
 from tests.checkpoint_fixtures import (
     as_numpy,
     contiguous_copy,
-    flat_torch_tensors,
     retag_devices,
     save_dcp,
     save_legacy,

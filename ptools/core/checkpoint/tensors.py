@@ -52,7 +52,7 @@ def is_buffer_name(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     """A run of bytes holding one storage.
 
@@ -70,7 +70,7 @@ class StorageRef:
     byteorder: str = "little"
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorInfo:
     """One tensor as the checkpoint describes it. ``storage`` is None for meta tensors."""
 
@@ -111,6 +111,8 @@ class TensorInfo:
 
     @property
     def is_contiguous(self) -> bool:
+        if self.stride == contiguous_stride(self.shape):  # the common case, without the loop below
+            return True
         expected = 1
         for size, stride in zip(reversed(self.shape), reversed(self.stride)):
             if size != 1 and stride != expected:

@@ -133,7 +133,7 @@ def _tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_
         raise BadInputError("corrupt tensor record: its storage is not a storage reference")
     if dtype is None:
         raise BadInputError("corrupt tensor record: untyped storage without a dtype")
-    size, stride = tuple(size) if isinstance(size, TorchSize) else size, stride
+    size = tuple(size) if isinstance(size, TorchSize) else size
     check_geometry(size, stride, storage_offset, ITEMSIZE[dtype], storage.ref.size_bytes)
     return TensorInfo(dtype=dtype, shape=size, stride=stride, storage_offset=storage_offset,
                       storage=storage.ref, requires_grad=bool(requires_grad))
