@@ -48,7 +48,9 @@ def command(
 
         try:
             is_checkpoint = open_checkpoint(target, trust=trust).format != "torchscript"
-        except UnsafeFileError:  # a pickled whole model: the model loader explains, or loads with --trust
+        except UnsafeFileError as failure:  # a pickled whole model: loaded only with --trust
+            if not trust:
+                raise models.whole_model_refused(target, failure) from None
             is_checkpoint = False
     if is_checkpoint:
         result = models.count_checkpoint(target, key=key, depth=depth, trust=trust)

@@ -177,7 +177,10 @@ def _fast_arrays(records: list[Any]) -> tuple[Any, ...] | None:
 
 def _id_codes(values: list[Any]) -> tuple[np.ndarray, list[Any]] | None:
     """Codes of integer ids, or of all-string ids; None for anything else (slow path)."""
-    array = np.array(values)
+    try:
+        array = np.array(values)
+    except (ValueError, TypeError):  # lists or mixed shapes among the ids: the slow path names them
+        return None
     if array.dtype.kind in "iu" or (array.dtype.kind == "U" and all(type(v) is str for v in values)):
         uniques, codes = np.unique(array, return_inverse=True)
         return codes.reshape(-1).astype(np.int64), uniques.tolist()

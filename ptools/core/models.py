@@ -150,17 +150,25 @@ def _load_model_file(path: str, trust: bool) -> Any:
         checkpoint = open_checkpoint(path, trust=False)
     except UnsafeFileError as failure:
         if not trust:
-            raise UnsafeFileError(f"{path} holds pickled objects (a whole model?): {failure.message}",
-                                  "pass --trust to load it with torch.load(weights_only=False); it runs code "
-                                  "from the file") from None
+            raise whole_model_refused(path, failure) from None
         model = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(model, torch.nn.Module):
             raise BadInputError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module") from None
         return model
     if checkpoint.format == "torchscript":
-        return torch.jit.load(path, map_location="cpu")
+        try:
+            return torch.jit.load(path, map_location="cpu")
+        except Exception as failure:  # torch's own (restricted) unpickler refused a tampered archive
+            message = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+            raise BadInputError(f"{path}: not a loadable TorchScript archive ({message[:200]})") from None
     raise BadInputError(f"{path} is a checkpoint ({checkpoint.format}), not a model",
                         "name the model (e.g. resnet50) and pass the file with --weights")
+
+
+def whole_model_refused(path: str, failure: UnsafeFileError) -> UnsafeFileError:
+    """The error for a pickled object (a whole model?) opened without trust."""
+    return UnsafeFileError(f"{path} holds pickled objects (a whole model?): {failure.message}",
+                           "pass --trust to load it with torch.load(weights_only=False); it runs code from the file")
 
 
 def is_library_model(spec: str) -> bool:

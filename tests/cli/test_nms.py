@@ -109,7 +109,7 @@ def test_string_ids_and_agnostic(tmp_path: Path) -> None:
     (b"   \n", "is empty"),
     (b"not json", "is not valid JSON"),
     (b'{"a": 1', "line 1 is not valid JSON"),
-    (b"42", "holds a JSON int, not an array"),
+    (b"42", "holds a JSON number, not an array"),
     (b"[1, 2]", "record 0 is a int, not an object"),
     (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]', "record 0: missing field 'score'"),
     (b'[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 1}]', "record 0: field 'bbox' must be a list of 4 numbers"),
