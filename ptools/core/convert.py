@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ptools.core.checkpoint.readers import Checkpoint, open_checkpoint
+from ptools.core.checkpoint.readers import Checkpoint, DcpBytes, open_checkpoint
 from ptools.core.checkpoint.structure import find_state_dict, is_state_dict, iter_tensors
 from ptools.core.checkpoint.tensors import TensorInfo
 from ptools.core.checkpoint.writers import (
@@ -436,10 +436,17 @@ def convert_checkpoint(
         raise BadInputError(f"--keep-dtype {keep_dtype!r}: invalid regular expression ({failure})") from None
     rename_rules = [parse_rename(rule) for rule in rename]
     checkpoint = open_checkpoint(src, trust=trust)
+    notes_for_report: list[str] = []
     if not dry_run:
         _check_destination(checkpoint, dst, force, kind)
 
     root = checkpoint.root
+    if checkpoint.format == "dcp":
+        # Non-tensor DCP entries are pickles of their own that ptools does not read: left out.
+        kept = collections.OrderedDict((k, v) for k, v in root.items() if not isinstance(v, DcpBytes))
+        if len(kept) != len(root):
+            notes_for_report = [f"{len(root) - len(kept)} non-tensor DCP entr(ies) (pickled objects) left out"]
+            root = kept
     path, node, how = find_state_dict(root, extract if extract is not None else "auto")
     if extract is None and not isinstance(node, Mapping):
         raise BadInputError("the model weights are not a dict of tensors; pass --extract KEY")
@@ -447,6 +454,7 @@ def convert_checkpoint(
     report = ConversionReport(input=src, output=dst, input_format=checkpoint.format,
                               output_format=kind, state_dict_key=path, state_dict_how=how, dry_run=dry_run,
                               bytes_in=checkpoint.size_bytes)
+    report.notes += notes_for_report
     stale = stale_temporaries(dst)
     if stale:
         report.notes.append(f"{len(stale)} temporary file(s) from an interrupted earlier run: "

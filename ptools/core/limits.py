@@ -51,7 +51,7 @@ INFLATION = Limit("PTOOLS_MAX_INFLATION", 100, "× inflation of a compressed zip
 DEPTH = Limit("PTOOLS_MAX_DEPTH", 100, "levels of nesting")
 # Objects made by copying (sets, sizes, bytearrays) or reached through shared references,
 # beyond what the pickle's own bytes hold.
-OBJECTS = Limit("PTOOLS_MAX_OBJECTS", 10_000_000, "objects built or walked")
+OBJECTS = Limit("PTOOLS_MAX_OBJECTS", 2_000_000, "objects built or walked")
 # JSON headers and indexes (safetensors' reference implementation bounds headers at 100 MB).
 HEADER_BYTES = Limit("PTOOLS_MAX_HEADER_BYTES", 100_000_000, "bytes of JSON header")
 # A stride-0 (expanded) tensor may claim this many elements per stored element.

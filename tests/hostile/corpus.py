@@ -396,6 +396,12 @@ def safetensors_huge_header_length(folder: Path, marker: Path) -> Path:
     return path
 
 
+@case("code", PICKLE_PAYLOAD, expect="OrderedDict state")
+def ordered_dict_metadata_not_a_dict(folder: Path, marker: Path) -> Path:
+    state = Raw(b"ccollections\nOrderedDict\n)R}" + text("_metadata") + b"K\x05sb")
+    return torch_zip(folder / "metadata.pt", b"\x80\x02" + dumps(state)[2:-1] + b".")
+
+
 # --- numpy state (never handed to numpy's __setstate__)
 
 

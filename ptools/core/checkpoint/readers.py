@@ -638,7 +638,7 @@ def _open_dcp(path: str) -> Checkpoint:
             raise BadInputError(f"{metadata_path}: entry name {brief(fqn)} is not text")
         chunks = _record_field(entry, "chunks")
         if chunks is None:  # BytesStorageMetadata: a pickled non-tensor object
-            root[fqn] = _DcpBytes(fqn)
+            root[fqn] = DcpBytes(fqn)
             continue
         root[fqn] = _dcp_tensor(metadata_path, fqn, entry, chunks, locations)
     return Checkpoint(path=path, format="dcp", root=root, size_bytes=size_on_disk(path),
@@ -717,7 +717,7 @@ def _dcp_tensor(metadata_path: str, fqn: str, entry: Any, chunks: Any,
     return tensor
 
 
-class _DcpBytes:
+class DcpBytes:
     """A non-tensor object stored in a DCP checkpoint (its bytes are a pickle, not read)."""
 
     def __init__(self, fqn: str) -> None:

@@ -101,7 +101,7 @@ def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
     """A DCP tensor: each chunk is a small torch.save archive inside a shard file."""
     import numpy as np
 
-    from ptools.core.checkpoint.readers import ZIP_ERRORS
+    from ptools.core.checkpoint.readers import ZIP_ERRORS, _check_inflation, _zip_member
     from ptools.core.checkpoint.readers import Checkpoint as _Checkpoint
     from ptools.core.checkpoint.unpickle import unpickle
 
@@ -119,7 +119,9 @@ def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
         def storage_ref(key: str, location: str, size: int, _prefix: str = prefix) -> StorageRef:
             return StorageRef(file=ref.file, key=f"{_prefix}data/{key}", size_bytes=size, location=location)
 
-        chunk_info = unpickle(archive.read(pickle_name), storage_ref, what=f"{ref.file} chunk")
+        for info in archive.infolist():
+            _check_inflation(ref.file, info)
+        chunk_info = unpickle(_zip_member(archive, ref.file, pickle_name), storage_ref, what=f"{ref.file} chunk")
         if not isinstance(chunk_info, TensorInfo) or tuple(chunk_info.shape) != tuple(sizes):
             raise BadInputError(f"{ref.file}: DCP chunk does not hold a tensor of shape {list(sizes)}")
         inner = _Checkpoint(path=ref.file, format="torch-zip", root=chunk_info, size_bytes=len(blob),

@@ -1,0 +1,118 @@
+"""The hostile corpus as a measurement: how long it takes, the worst file per attack class
+(wall time and peak RSS of one ptools run), and, for contrast, what torch's own loaders do
+with the same payload files.
+
+    python benchmarks/bench_hostile.py [--skip-contrast]
+
+Prints two tables. Every ptools run must end in a clean refusal (the test suite asserts
+that); here only the costs are measured. The contrast runs ``torch.load(weights_only=False)``
+and ``torch.load(weights_only=True)`` (``torch.export.load`` for .pt2 archives) in a
+subprocess per file and counts payloads that ran (their marker file appeared), files refused
+(an exception) and files loaded without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.hostile.corpus import CASES  # noqa: E402
+from tests.hostile.harness import TORCH_COMMANDS, TORCH_FREE_LIMIT, TORCH_LIMIT, command_line, run_ptools  # noqa: E402
+
+_LOADERS = {
+    "weights_only=False": "import torch; torch.load({path!r}, map_location='cpu', weights_only=False)",
+    "weights_only=True": "import torch; torch.load({path!r}, map_location='cpu', weights_only=True)",
+}
+_PT2_LOADER = "import torch; torch.export.load({path!r})"
+
+
+def measure_corpus(root: Path) -> tuple[float, float, int, dict[str, list[tuple[str, str, float, int]]]]:
+    """Build and run everything; (build seconds, run seconds, runs, per-class results)."""
+    built = {}
+    started = time.perf_counter()
+    for case in CASES:
+        folder = root / case.name
+        folder.mkdir()
+        built[case.name] = case.build(folder, folder / "PAYLOAD_RAN")
+    build_seconds = time.perf_counter() - started
+    per_class: dict[str, list[tuple[str, str, float, int]]] = collections.defaultdict(list)
+    runs = 0
+    started = time.perf_counter()
+    for case in CASES:
+        for command in case.commands:
+            out = Path(tempfile.mkdtemp(dir=root))
+            limit = TORCH_LIMIT if command in TORCH_COMMANDS or case.attack == "pt2" else TORCH_FREE_LIMIT
+            run = run_ptools(command_line(command, built[case.name], out), limit)
+            runs += 1
+            per_class[case.attack].append((case.name, command, run.seconds, run.peak_rss_bytes))
+            if run.returncode != 1 or run.timed_out:
+                print(f"unexpected: {case.name} {command} exit {run.returncode}: {run.stderr[-300:]}",
+                      file=sys.stderr)
+    return build_seconds, time.perf_counter() - started, runs, per_class
+
+
+def contrast(root: Path) -> dict[str, collections.Counter[str]]:
+    """What torch's loaders do with every payload file (files whose payload creates a marker)."""
+    tally: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in _LOADERS}
+    for case in CASES:
+        if case.attack not in ("code", "pt2", "numpy"):
+            continue
+        folder = root / f"contrast-{case.name}"
+        folder.mkdir()
+        marker = folder / "PAYLOAD_RAN"
+        path = case.build(folder, marker)
+        if path.is_dir() or path.suffix == ".json":
+            continue  # folders and indexes are not loaded by torch.load
+        for name, template in _LOADERS.items():
+            code = (_PT2_LOADER if path.suffix == ".pt2" else template).format(path=str(path))
+            marker.unlink(missing_ok=True)
+
+            def limit() -> None:
+                resource.setrlimit(resource.RLIMIT_AS, (TORCH_LIMIT, TORCH_LIMIT))
+
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, preexec_fn=limit)
+            outcome = "ran the payload" if marker.exists() else "refused" if result.returncode else "loaded, nothing ran"
+            tally[name][outcome] += 1
+            tally[name]["files"] += 1
+    return tally
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-contrast", action="store_true", help="only the ptools corpus")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        build, seconds, runs, per_class = measure_corpus(root)
+        print(f"corpus: {len(CASES)} hostile inputs, {runs} ptools runs; built in {build:.1f} s, "
+              f"run in {seconds:.1f} s (median run {statistics.median(r[2] for v in per_class.values() for r in v):.2f} s)")
+        print()
+        print(f"{'class':<12} {'runs':>5} {'worst wall (file, command)':<58} {'worst peak RSS (file, command)':<58}")
+        for attack, rows in per_class.items():
+            slow = max(rows, key=lambda r: r[2])
+            big = max(rows, key=lambda r: r[3])
+            print(f"{attack:<12} {len(rows):>5} {f'{slow[2]:.2f} s  {slow[0]} {slow[1]}':<58} "
+                  f"{f'{big[3] / 2**20:.0f} MiB  {big[0]} {big[1]}':<58}")
+        if options.skip_contrast:
+            return
+        print()
+        tally = contrast(root)
+        print(f"{'loader':<22} {'files':>6} {'ran the payload':>16} {'refused':>8} {'loaded, nothing ran':>20}")
+        for name, counts in tally.items():
+            print(f"torch.load {name:<11} {counts['files']:>6} {counts['ran the payload']:>16} {counts['refused']:>8} "
+                  f"{counts['loaded, nothing ran']:>20}")
+        ptools_files = sum(counts["files"] for counts in list(tally.values())[:1])
+        print(f"{'ptools (any command)':<22} {ptools_files:>6} {0:>16} {ptools_files:>8} {0:>20}")
+
+
+if __name__ == "__main__":
+    main()
