@@ -29,9 +29,10 @@ from tests.hostile.corpus import CASES  # noqa: E402
 from tests.hostile.harness import TORCH_COMMANDS, TORCH_FREE_LIMIT, TORCH_LIMIT, command_line, run_ptools  # noqa: E402
 
 _LOADERS = {
-    "weights_only=False": "import torch; torch.load({path!r}, map_location='cpu', weights_only=False)",
-    "weights_only=True": "import torch; torch.load({path!r}, map_location='cpu', weights_only=True)",
+    "torch.load(weights_only=False)": "import torch; torch.load({path!r}, map_location='cpu', weights_only=False)",
+    "torch.load(weights_only=True)": "import torch; torch.load({path!r}, map_location='cpu', weights_only=True)",
 }
+_PT2 = "torch.export.load (.pt2)"
 _PT2_LOADER = "import torch; torch.export.load({path!r})"
 
 
@@ -62,7 +63,7 @@ def measure_corpus(root: Path) -> tuple[float, float, int, dict[str, list[tuple[
 
 def contrast(root: Path) -> dict[str, collections.Counter[str]]:
     """What torch's loaders do with every payload file (files whose payload creates a marker)."""
-    tally: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in _LOADERS}
+    tally: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in [*_LOADERS, _PT2]}
     for case in CASES:
         if case.attack not in ("code", "pt2", "numpy"):
             continue
@@ -72,14 +73,15 @@ def contrast(root: Path) -> dict[str, collections.Counter[str]]:
         path = case.build(folder, marker)
         if path.is_dir() or path.suffix == ".json":
             continue  # folders and indexes are not loaded by torch.load
-        for name, template in _LOADERS.items():
-            code = (_PT2_LOADER if path.suffix == ".pt2" else template).format(path=str(path))
+        loaders = {_PT2: _PT2_LOADER} if path.suffix == ".pt2" else _LOADERS
+        for name, template in loaders.items():
             marker.unlink(missing_ok=True)
 
             def limit() -> None:
                 resource.setrlimit(resource.RLIMIT_AS, (TORCH_LIMIT, TORCH_LIMIT))
 
-            result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, preexec_fn=limit)
+            result = subprocess.run([sys.executable, "-c", template.format(path=str(path))], capture_output=True,
+                                    timeout=120, preexec_fn=limit)
             outcome = "ran the payload" if marker.exists() else "refused" if result.returncode else "loaded, nothing ran"
             tally[name][outcome] += 1
             tally[name]["files"] += 1
@@ -106,12 +108,13 @@ def main() -> None:
             return
         print()
         tally = contrast(root)
-        print(f"{'loader':<22} {'files':>6} {'ran the payload':>16} {'refused':>8} {'loaded, nothing ran':>20}")
+        print(f"{'payload files, loaded with':<32} {'files':>6} {'ran the payload':>16} {'refused':>8} "
+              f"{'loaded, nothing ran':>20}")
         for name, counts in tally.items():
-            print(f"torch.load {name:<11} {counts['files']:>6} {counts['ran the payload']:>16} {counts['refused']:>8} "
-                  f"{counts['loaded, nothing ran']:>20}")
-        ptools_files = sum(counts["files"] for counts in list(tally.values())[:1])
-        print(f"{'ptools (any command)':<22} {ptools_files:>6} {0:>16} {ptools_files:>8} {0:>20}")
+            print(f"{name:<32} {counts['files']:>6} {counts['ran the payload']:>16} "
+                  f"{counts['refused']:>8} {counts['loaded, nothing ran']:>20}")
+        files = tally[_PT2]["files"] + next(iter(tally.values()))["files"]
+        print(f"{'ptools (every command above)':<32} {files:>6} {0:>16} {files:>8} {0:>20}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ memory limit and a timeout, and everything around it watched."""
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -49,36 +48,47 @@ class Run:
     timed_out: bool
 
 
-def run_ptools(arguments: list[str], memory_limit: int, timeout: float = TIMEOUT_S, cwd: Path | None = None) -> Run:
-    """``python -m ptools ARGUMENTS`` under RLIMIT_AS, killed after ``timeout``; peak RSS from
-    the kernel's accounting of that one child."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-        os.setsid()
+# A small launcher between the test process and ptools: a child forked from a process that
+# has imported torch would count the parent's pages in its own peak RSS.
+_LAUNCHER = """
+import os, resource, sys
+limit, report = int(sys.argv[1]), sys.argv[2]
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "ptools", *sys.argv[3:]])
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as handle:
+    handle.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
+
+def run_ptools(arguments: list[str], memory_limit: int, timeout: float = TIMEOUT_S, cwd: Path | None = None) -> Run:
+    """``python -m ptools ARGUMENTS`` under RLIMIT_AS, killed after ``timeout``, with the peak
+    RSS the kernel recorded for that process alone."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PTOOLS_DEBUG", None)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as report:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "ptools", *arguments], stdout=out, stderr=err,
-                                   stdin=subprocess.DEVNULL, preexec_fn=limit, cwd=cwd, env=env)
+        process = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(memory_limit), report.name, *arguments],
+                                   stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+                                   start_new_session=True)
         timed_out = False
-        while True:  # wait4, not communicate: the kernel's peak RSS of this one child
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - started > timeout:
-                timed_out = True
-                os.killpg(process.pid, signal.SIGKILL)
-                _, status, usage = os.wait4(process.pid, 0)
-                break
-            time.sleep(0.005)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         seconds = time.perf_counter() - started
+        peak = int(report.read() or 0) * 1024
         out.seek(0)
         err.seek(0)
         return Run(process.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                   seconds, usage.ru_maxrss * 1024, timed_out)
+                   seconds, peak, timed_out)
 
 
 def snapshot(folder: Path, skip: Path) -> dict[str, tuple[int, int, str]]:
