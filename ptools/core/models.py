@@ -71,8 +71,6 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
             error inside user code (reported as such).
         UnsafeFileError: a pickled module without ``trust``.
     """
-    import torch
-
     kwargs = dict(kwargs or {})
     if os.path.isfile(spec):
         return _load_model_file(spec, trust)
@@ -84,6 +82,8 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
                 if kind == "folder" else None)
         raise BadInputError(f"{spec}: no such file" if kind == "no such file" else f"{spec}: {kind}, not a model file",
                             hint)
+    import torch
+
     prefix, _, rest = spec.partition(":")
     if prefix == "torchvision" or (not rest and ":" not in spec):
         name = rest if prefix == "torchvision" else spec

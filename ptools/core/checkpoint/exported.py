@@ -148,10 +148,10 @@ def load_exported_program(path: str, trust: bool = False) -> Any:
         UnsafeFileError: see :func:`check_exported_program`.
         BadInputError: torch cannot load it.
     """
-    import torch
-
     if not trust:
         check_exported_program(path)
+    import torch
+
     guard = contextlib.nullcontext() if trust else _weights_only_unpickling()
     try:
         with guard:
