@@ -109,9 +109,14 @@ def check_pickled_blob(blob: bytes, what: str) -> None:
 def _weights_only_unpickling() -> Iterator[None]:
     """While torch loads an archive: ``torch.load`` always with ``weights_only=True``, and the
     plain-pickle and TorchScript-object loaders refused (defence in depth behind the check)."""
-    import torch
-    from torch.export.pt2_archive import _package
+    import importlib
 
+    import torch
+
+    try:  # where torch keeps its .pt2 loader (2.7+); older versions unpickle through torch.load only
+        _package: Any = importlib.import_module("torch.export.pt2_archive._package")
+    except ImportError:
+        _package = None
     real_load = torch.load
 
     def safe_load(*args: Any, **kwargs: Any) -> Any:
@@ -125,7 +130,8 @@ def _weights_only_unpickling() -> Iterator[None]:
         loads = staticmethod(refuse)
         load = staticmethod(refuse)
 
-    saved = (torch.load, getattr(torch._C, "_pickle_load_obj", None), getattr(_package, "pickle", None))
+    saved = (torch.load, getattr(torch._C, "_pickle_load_obj", None),
+             getattr(_package, "pickle", None) if _package is not None else None)
     torch.load = safe_load
     if saved[1] is not None:
         torch._C._pickle_load_obj = refuse
