@@ -482,6 +482,19 @@ def copies_through_memo(folder: Path, marker: Path) -> Path:
     return torch_zip(folder / "memo_copies.pt", body)
 
 
+@case("memory", MEMORY, expect="bytes in a pickle of")
+def bytearray8_length_1_5_gb(folder: Path, marker: Path) -> Path:
+    # Protocol 5's BYTEARRAY8 would zero-fill its claimed length before reading the data.
+    return torch_zip(folder / "bytearray8.pt", b"\x80\x05\x96" + struct.pack("<Q", 1_500_000_000) + b".")
+
+
+@case("memory", ("inspect", "count"), expect="bytes in a pickle of")
+def legacy_binbytes8_length(folder: Path, marker: Path) -> Path:
+    path = folder / "legacy_bytes.pt"
+    path.write_bytes(dumps(0x1950A86A20F9469CFC6C) + dumps(1001) + b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b".")
+    return path
+
+
 @case("memory", MEMORY, expect="")
 def memo_index_1e8(folder: Path, marker: Path) -> Path:
     return torch_zip(folder / "memo.pt", b"\x80\x02}r" + struct.pack("<I", 100_000_000) + b".")

@@ -18,6 +18,7 @@ import itertools
 import math
 import pathlib
 import pickle
+import struct
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -534,9 +535,37 @@ class CheckpointUnpickler(pickle._Unpickler):
             return cls.__new__(cls, *args, **kwargs)
         raise BadInputError(f"corrupt pickle: NEWOBJ of {brief(cls)}")
 
+    def _length(self, size_format: str) -> int:
+        """A length field, refused past the pickle's own size: the stock opcodes would allocate
+        it (BYTEARRAY8 zero-fills it) before finding out the data is not there."""
+        (length,) = struct.unpack(size_format, self.read(struct.calcsize(size_format)))
+        if length > self.size:
+            raise BadInputError(f"corrupt pickle: a value of {length:,} bytes in a pickle of {self.size:,}")
+        return length
+
+    def _load_bytearray8(self) -> None:
+        buffer = bytearray(self._length("<Q"))
+        self.readinto(buffer)
+        self.append(buffer)
+
+    def _load_bytes(self, size_format: str) -> None:
+        self.append(self.read(self._length(size_format)))
+
+    def _load_text(self, size_format: str) -> None:
+        self.append(str(self.read(self._length(size_format)), "utf-8", "surrogatepass"))
+
+    def _load_binstring(self) -> None:
+        self.append(self._decode_string(self.read(self._length("<i"))))
+
     dispatch[pickle.BUILD[0]] = _load_build
     dispatch[pickle.NEWOBJ[0]] = _load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+    dispatch[pickle.BINBYTES8[0]] = lambda self: self._load_bytes("<Q")
+    dispatch[pickle.BINBYTES[0]] = lambda self: self._load_bytes("<I")
+    dispatch[pickle.BINUNICODE8[0]] = lambda self: self._load_text("<Q")
+    dispatch[pickle.BINUNICODE[0]] = lambda self: self._load_text("<I")
+    dispatch[pickle.BINSTRING[0]] = _load_binstring
 
 
 _OWN_TYPES = (TorchDType, TorchMarker, TensorInfo, _PickledStorage, _StorageType, NumpyDType, NumpyArray)
