@@ -36,8 +36,9 @@ _PT2 = "torch.export.load (.pt2)"
 _PT2_LOADER = "import torch; torch.export.load({path!r})"
 
 
-def measure_corpus(root: Path) -> tuple[float, float, int, dict[str, list[tuple[str, str, float, int]]]]:
-    """Build and run everything; (build seconds, run seconds, runs, per-class results)."""
+def measure_corpus(root: Path, repeats: int) -> tuple[float, float, int, dict[str, list[tuple[str, str, float, int]]]]:
+    """Build and run everything ``repeats`` times; (build seconds, seconds of one pass over the
+    corpus (median), runs per pass, per-class (file, command, median wall, median peak RSS))."""
     built = {}
     started = time.perf_counter()
     for case in CASES:
@@ -45,20 +46,25 @@ def measure_corpus(root: Path) -> tuple[float, float, int, dict[str, list[tuple[
         folder.mkdir()
         built[case.name] = case.build(folder, folder / "PAYLOAD_RAN")
     build_seconds = time.perf_counter() - started
+    samples: dict[tuple[str, str, str], list[tuple[float, int]]] = collections.defaultdict(list)
+    passes = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for case in CASES:
+            for command in case.commands:
+                out = Path(tempfile.mkdtemp(dir=root))
+                limit = TORCH_LIMIT if command in TORCH_COMMANDS or case.attack == "pt2" else TORCH_FREE_LIMIT
+                run = run_ptools(command_line(command, built[case.name], out), limit)
+                samples[(case.attack, case.name, command)].append((run.seconds, run.peak_rss_bytes))
+                if run.returncode != 1 or run.timed_out:
+                    print(f"unexpected: {case.name} {command} exit {run.returncode}: {run.stderr[-300:]}",
+                          file=sys.stderr)
+        passes.append(time.perf_counter() - started)
     per_class: dict[str, list[tuple[str, str, float, int]]] = collections.defaultdict(list)
-    runs = 0
-    started = time.perf_counter()
-    for case in CASES:
-        for command in case.commands:
-            out = Path(tempfile.mkdtemp(dir=root))
-            limit = TORCH_LIMIT if command in TORCH_COMMANDS or case.attack == "pt2" else TORCH_FREE_LIMIT
-            run = run_ptools(command_line(command, built[case.name], out), limit)
-            runs += 1
-            per_class[case.attack].append((case.name, command, run.seconds, run.peak_rss_bytes))
-            if run.returncode != 1 or run.timed_out:
-                print(f"unexpected: {case.name} {command} exit {run.returncode}: {run.stderr[-300:]}",
-                      file=sys.stderr)
-    return build_seconds, time.perf_counter() - started, runs, per_class
+    for (attack, name, command), values in samples.items():
+        per_class[attack].append((name, command, statistics.median(v[0] for v in values),
+                                  int(statistics.median(v[1] for v in values))))
+    return build_seconds, statistics.median(passes), len(samples), per_class
 
 
 def contrast(root: Path) -> dict[str, collections.Counter[str]]:
@@ -91,12 +97,15 @@ def contrast(root: Path) -> dict[str, collections.Counter[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-contrast", action="store_true", help="only the ptools corpus")
+    parser.add_argument("--runs", type=int, default=3, help="passes over the corpus; medians are shown")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        build, seconds, runs, per_class = measure_corpus(root)
-        print(f"corpus: {len(CASES)} hostile inputs, {runs} ptools runs; built in {build:.1f} s, "
-              f"run in {seconds:.1f} s (median run {statistics.median(r[2] for v in per_class.values() for r in v):.2f} s)")
+        build, seconds, runs, per_class = measure_corpus(root, options.runs)
+        print(f"corpus: {len(CASES)} hostile inputs, {runs} ptools runs per pass; built in {build:.1f} s, one pass "
+              f"{seconds:.1f} s (median of {options.runs}); median run "
+              f"{statistics.median(r[2] for v in per_class.values() for r in v):.2f} s; per class, the worst "
+              "file's median:")
         print()
         print(f"{'class':<12} {'runs':>5} {'worst wall (file, command)':<58} {'worst peak RSS (file, command)':<58}")
         for attack, rows in per_class.items():
