@@ -373,7 +373,10 @@ def _replace_at(root: Any, path: str, value: Any) -> Any:
     while rest:  # the same walk as navigate, remembering the last container and key
         if isinstance(node, Mapping):
             parts = rest.split(".")
-            cut = next(c for c in range(len(parts), 0, -1) if ".".join(parts[:c]) in node)
+            cut = next((c for c in range(len(parts), 0, -1) if ".".join(parts[:c]) in node), None)
+            if cut is None:  # a key that is not text (an int, bytes) cannot be named by a path
+                raise BadInputError(f"cannot rewrite the state dict at {path!r}: a key on its path is not text",
+                                    "pass --extract auto to write the state dict alone")
             container, key = node, ".".join(parts[:cut])
             node, rest = node[key], ".".join(parts[cut:])
         else:
@@ -535,6 +538,11 @@ def convert_checkpoint(
         if tensor.storage is None and not tensor.chunks:
             return None  # a meta tensor
         identity = _storage_identity(tensor) or id(tensor)
+        known = storages.get(identity)
+        if known is not None and tensor.storage is not None and (
+                known.tensor.dtype != tensor.dtype or known.tensor.storage.size_bytes != tensor.storage.size_bytes):
+            raise BadInputError(f"{src}: storage {tensor.storage.key} is claimed with different dtypes or sizes "
+                                "by the tensors sharing it; the file is corrupt")
         if identity not in storages:
             location = tensor.device
             storages[identity] = OutputStorage(

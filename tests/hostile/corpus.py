@@ -402,6 +402,21 @@ def ordered_dict_metadata_not_a_dict(folder: Path, marker: Path) -> Path:
     return torch_zip(folder / "metadata.pt", b"\x80\x02" + dumps(state)[2:-1] + b".")
 
 
+@case("geometry", ("convert-pt",), expect="different dtypes or sizes")
+def storage_claimed_with_two_dtypes(folder: Path, marker: Path) -> Path:
+    # Found by fuzzing: the output's storage would be too small for one of its tensors.
+    return state_zip(folder / "two_claims.pt", {"a": tensor(storage("0", 4), (4,), (1,)),
+                                                "b": tensor(storage("0", 4, "DoubleStorage"), (4,), (1,))},
+                     {"0": b"\0" * 32})
+
+
+@case("nesting", ("convert-pt",), expect="not text")
+def state_dict_under_a_number(folder: Path, marker: Path) -> Path:
+    # Found by fuzzing: a dotted path cannot name the key 5, so the rewrite must say so.
+    return state_zip(folder / "int_key.pt", {5: Call(G("collections", "OrderedDict"), [["w", plain_tensor()]]),
+                                             "epoch": 1})
+
+
 # --- numpy state (never handed to numpy's __setstate__)
 
 

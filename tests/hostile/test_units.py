@@ -178,3 +178,20 @@ def test_random_opcode_streams_give_only_clean_errors(stream: bytes) -> None:
         unpickle(stream, _any_storage, what="fuzz")
     except PtoolsError as error:
         assert "\n" not in error.message and len(error.message) < 1000
+
+
+def test_only_floating_tensors_keep_requires_grad(tmp_path: Path) -> None:
+    """Found by fuzzing: torch refuses an integer tensor that requires grad, so ptools drops the flag."""
+    from ptools.core.checkpoint import open_checkpoint
+    from tests.hostile.corpus import Call, G, state_zip, storage
+
+    def rebuilt(key: str, kind: str) -> Call:
+        return Call(G("torch._utils", "_rebuild_tensor_v2"), storage(key, 4, kind), 0, (4,), (1,), True,
+                    Call(G("collections", "OrderedDict")))
+
+    path = state_zip(tmp_path / "grad.pt", {"i": rebuilt("0", "LongStorage"), "f": rebuilt("1", "FloatStorage")},
+                     {"0": b"\0" * 32, "1": b"\0" * 16})
+    root = open_checkpoint(path).root
+    assert (root["i"].requires_grad, root["f"].requires_grad) == (False, True)
+    convert_checkpoint(path, tmp_path / "out.pt")
+    assert torch.load(tmp_path / "out.pt", weights_only=True)["f"].requires_grad

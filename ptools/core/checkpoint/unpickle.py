@@ -18,6 +18,7 @@ import itertools
 import math
 import pathlib
 import pickle
+import re
 import struct
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -26,7 +27,9 @@ from ptools.core import limits
 from ptools.core.limits import brief
 
 from ptools.core.checkpoint.tensors import (
+    COMPLEX,
     DTYPE_ALIASES,
+    FLOATING,
     ITEMSIZE,
     STORAGE_CLASSES,
     StorageRef,
@@ -128,6 +131,9 @@ def _torch_device(kind: Any, index: Any = None) -> TorchDevice:
     return TorchDevice(_device_string(kind, index))
 
 
+_GRAD_DTYPES = FLOATING | COMPLEX
+
+
 def _tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
             dtype: str | None) -> TensorInfo:
     if not isinstance(storage, _PickledStorage):
@@ -136,8 +142,9 @@ def _tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_
         raise BadInputError("corrupt tensor record: untyped storage without a dtype")
     size = tuple(size) if isinstance(size, TorchSize) else size
     check_geometry(size, stride, storage_offset, ITEMSIZE[dtype], storage.ref.size_bytes)
+    # Only floating and complex tensors can require gradients; torch refuses anything else.
     return TensorInfo(dtype=dtype, shape=size, stride=stride, storage_offset=storage_offset,
-                      storage=storage.ref, requires_grad=bool(requires_grad))
+                      storage=storage.ref, requires_grad=requires_grad is True and dtype in _GRAD_DTYPES)
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> TensorInfo:
@@ -164,7 +171,8 @@ def _rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any,
         raise BadInputError(f"corrupt tensor record: unknown dtype {brief(dtype)}")
     size = tuple(size) if isinstance(size, TorchSize) else size
     check_geometry(size, stride, 0, ITEMSIZE[dtype.name], None)
-    return TensorInfo(dtype=dtype.name, shape=size, stride=stride, requires_grad=bool(requires_grad))
+    return TensorInfo(dtype=dtype.name, shape=size, stride=stride,
+                      requires_grad=requires_grad is True and dtype.name in _GRAD_DTYPES)
 
 
 class _PickledStorage:
@@ -184,7 +192,7 @@ def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any,
     if not isinstance(data, TensorInfo):
         raise BadInputError("corrupt parameter record: its data is not a tensor")
     data.is_parameter = True
-    data.requires_grad = bool(requires_grad)
+    data.requires_grad = requires_grad is True and data.dtype in _GRAD_DTYPES
     return data
 
 
@@ -482,7 +490,7 @@ class CheckpointUnpickler(pickle._Unpickler):
         storage_type, key, location, numel = pid[1:5]
         if (not isinstance(storage_type, _StorageType) or not isinstance(numel, int) or isinstance(numel, bool)
                 or numel < 0 or not isinstance(key, (str, int)) or not isinstance(location, str)
-                or len(str(key)) > 256 or len(location) > 64):
+                or len(str(key)) > 256 or not _DEVICE_TAG.match(location)):
             raise BadInputError(f"corrupt pickle: malformed storage reference {brief(pid)}")
         dtype = storage_type.dtype
         size = numel * ITEMSIZE[dtype] if dtype is not None else numel
@@ -568,6 +576,8 @@ class CheckpointUnpickler(pickle._Unpickler):
     dispatch[pickle.BINSTRING[0]] = _load_binstring
 
 
+# torch's device tags: a lowercase type, an optional index (cpu, cuda:1, mps, xpu:0, meta).
+_DEVICE_TAG = re.compile(r"[a-z_][a-z0-9_]{0,31}(:[0-9]{1,6})?\Z")
 _OWN_TYPES = (TorchDType, TorchMarker, TensorInfo, _PickledStorage, _StorageType, NumpyDType, NumpyArray)
 _END = object()
 
