@@ -169,7 +169,8 @@ def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
             shared = t["shares_storage_with"]
             row = [t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['numel']:,}",
                    format_bytes(t["bytes"]), t["device"], t["kind"],
-                   (shared[0] + (f" (+{len(shared) - 1})" if len(shared) > 1 else "")) if shared else ""]
+                   (shared[0] + (f" (+{t['shares_storage_count'] - 1})" if t["shares_storage_count"] > 1 else ""))
+                   if shared else ""]
             if stats:
                 s = t.get("stats") or {}
                 row += [_number(s.get("min")), _number(s.get("max")), _number(s.get("mean")),

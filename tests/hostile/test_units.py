@@ -195,3 +195,16 @@ def test_only_floating_tensors_keep_requires_grad(tmp_path: Path) -> None:
     assert (root["i"].requires_grad, root["f"].requires_grad) == (False, True)
     convert_checkpoint(path, tmp_path / "out.pt")
     assert torch.load(tmp_path / "out.pt", weights_only=True)["f"].requires_grad
+
+
+def test_a_storage_shared_by_every_tensor_stays_linear(tmp_path: Path) -> None:
+    """20k tensors on one storage once cost 20k × 20k names in the listing (4·10^8)."""
+    from ptools.core.checkpoint import list_checkpoint, open_checkpoint
+    from tests.hostile.corpus import state_zip, storage, tensor
+
+    shared = storage("0", 4)
+    path = state_zip(tmp_path / "shared.pt", {f"t{i}": tensor(shared, (4,), (1,)) for i in range(20_000)})
+    rows = list_checkpoint(open_checkpoint(path)).rows
+    assert len(rows) == 20_000
+    assert rows[0].shares_storage_count == 19_999 and len(rows[0].shares_storage_with) == 16
+    assert rows[5].shares_storage_with[:2] == ["t0", "t1"]

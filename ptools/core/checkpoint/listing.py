@@ -23,6 +23,7 @@ class TensorRow:
     tensor: TensorInfo
     kind: str
     shares_storage_with: list[str] = field(default_factory=list)
+    shares_storage_count: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         t = self.tensor
@@ -31,7 +32,8 @@ class TensorRow:
             "bytes": t.nbytes, "device": t.device, "stride": list(t.stride),
             "storage_offset": t.storage_offset, "contiguous": t.is_contiguous,
             "storage_bytes": t.storage.size_bytes if t.storage is not None else None,
-            "shares_storage_with": self.shares_storage_with, "kind": self.kind,
+            "shares_storage_with": self.shares_storage_with, "shares_storage_count": self.shares_storage_count,
+            "kind": self.kind,
             "requires_grad": t.requires_grad,
         }
 
@@ -116,15 +118,27 @@ def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto",
                    non_tensors=non_tensors, kinds_inferred=inferred)
 
 
+SHARED_NAMES_SHOWN = 16  # a storage shared by 100k tensors must not cost 10^10 names
+
+
 def _mark_shared_storages(rows: list[TensorRow]) -> None:
-    groups: dict[tuple[str, str], list[TensorRow]] = collections.defaultdict(list)
+    """Name the other tensors on each row's storage: at most :data:`SHARED_NAMES_SHOWN` of them,
+    with the full count, so that a storage shared by every tensor stays linear."""
+    groups: dict[tuple[str, str], list[TensorRow]] = {}
     for row in rows:
         if row.tensor.storage is not None:
-            groups[(row.tensor.storage.file, row.tensor.storage.key)].append(row)
+            key = (row.tensor.storage.file, row.tensor.storage.key)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [row]
+            else:
+                group.append(row)
     for members in groups.values():
         if len(members) > 1:
+            head = members[:SHARED_NAMES_SHOWN + 1]
             for row in members:
-                row.shares_storage_with = [other.name for other in members if other is not row]
+                row.shares_storage_with = [other.name for other in head if other is not row][:SHARED_NAMES_SHOWN]
+                row.shares_storage_count = len(members) - 1
 
 
 def totals(rows: list[TensorRow], kinds_inferred: bool) -> dict[str, Any]:

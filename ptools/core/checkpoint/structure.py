@@ -128,6 +128,8 @@ def _state_dicts(node: Any, prefix: str) -> Iterator[tuple[str, Mapping[str, Any
 def flatten(node: Any) -> collections.OrderedDict[str, Any]:
     """The chosen sub-tree as ``{name: TensorInfo or other value}``; nested containers dotted."""
     if isinstance(node, Mapping):
+        if all(type(value) is TensorInfo and type(key) is str for key, value in node.items()):
+            return collections.OrderedDict(node)  # a flat state dict (the common case): one C-speed copy
         flat: collections.OrderedDict[str, Any] = collections.OrderedDict()
         for key, value in node.items():
             if isinstance(value, (Mapping, list, tuple)) and any(True for _ in iter_tensors(value)):
