@@ -31,7 +31,15 @@ from ptools.core.checkpoint.writers import (
     write_safetensors,
     write_torch_zip,
 )
-from ptools.core.files import fsync_folder, size_on_disk, temporary_path, write_atomically, write_file
+from ptools.core.files import (
+    fsync_folder,
+    is_within,
+    size_on_disk,
+    stale_temporaries,
+    temporary_path,
+    write_atomically,
+    write_file,
+)
 from ptools.errors import BadInputError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -276,6 +284,7 @@ def output_format(path: str, requested: str | None, shard_size: int | None) -> s
 
 
 def _input_files(checkpoint: Checkpoint) -> set[str]:
+    """Real paths of everything the checkpoint was read from (its path, shards, chunk files)."""
     files = {checkpoint.path}
     for _, tensor in iter_tensors(checkpoint.root):
         if tensor.storage is not None:
@@ -293,18 +302,13 @@ def _is_input(path: str, inputs: set[str]) -> bool:
     return any(os.path.exists(other) and os.path.samefile(path, other) for other in inputs)  # hard links
 
 
-def _inside(path: str, folders: set[str]) -> bool:
-    real = os.path.realpath(path)
-    return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in folders)
-
-
-def _check_destination(source: Checkpoint, destination: str, force: bool, kind: str) -> None:
-    """Refuse any destination whose writing could touch the input: the same file (by path,
-    symlink or hard link), a file inside an input folder, or a folder holding the input."""
-    inputs = _input_files(source) | {os.path.realpath(source.path)}
-    input_folders = {path for path in inputs if os.path.isdir(path)}
+def _check_destination(inputs: set[str], destination: str, force: bool, kind: str) -> None:
+    """Refuse any destination whose writing could touch the input (``inputs``: real paths of
+    its files and folders): the same file (by path, symlink or hard link), or a file inside an
+    input folder. What a sharded OUT folder may lose is decided by :class:`_ShardedTarget`."""
     never = "ptools never overwrites its input"
-    if _is_input(destination, inputs) or _inside(destination, input_folders):
+    if _is_input(destination, inputs) or any(is_within(destination, path) for path in inputs
+                                               if os.path.isdir(path)):
         raise BadInputError(f"{destination} is the input (or part of it); {never}", "write to another path")
     folder = os.path.dirname(os.path.abspath(destination))
     if not os.path.isdir(folder):
@@ -328,23 +332,6 @@ def _check_destination(source: Checkpoint, destination: str, force: bool, kind: 
 
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def stale_temporaries(destination: str) -> list[str]:
-    """Temporary files an interrupted earlier run left beside ``destination`` (never removed
-    silently: the user decides)."""
-    folder = os.path.dirname(os.path.abspath(destination))
-    prefix = f".{os.path.basename(destination)}."
-    places = [folder] + ([destination] if os.path.isdir(destination) else [])
-    found = []
-    for place in places:
-        try:
-            names = os.listdir(place)
-        except OSError:
-            continue
-        found += [os.path.join(place, name) for name in names
-                  if name.endswith(".ptools-tmp") and (place != folder or name.startswith(prefix))]
-    return sorted(found)
 
 
 def _drop_training_state(root: Any, state_dict_path: str) -> list[str]:
@@ -439,9 +426,10 @@ def convert_checkpoint(
         raise BadInputError(f"--keep-dtype {keep_dtype!r}: invalid regular expression ({failure})") from None
     rename_rules = [parse_rename(rule) for rule in rename]
     checkpoint = open_checkpoint(src, trust=trust)
+    inputs = _input_files(checkpoint)
     notes_for_report: list[str] = []
     if not dry_run:
-        _check_destination(checkpoint, dst, force, kind)
+        _check_destination(inputs, dst, force, kind)
 
     root = checkpoint.root
     if checkpoint.format == "dcp":
@@ -574,7 +562,7 @@ def convert_checkpoint(
     if on_total is not None:  # for a progress bar: the bytes about to be written
         on_total(report.bytes_out)
     if kind == "sharded":
-        target = _ShardedTarget.plan(dst, len(groups), force, _input_files(checkpoint))
+        target = _ShardedTarget.plan(dst, len(groups), force, inputs)
         _write_sharded(target, groups, metadata, on_bytes, verify, report)
     else:
         write_atomically(dst, write, (lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report)) if verify
@@ -671,9 +659,8 @@ class _ShardedTarget:
     ptools wrote there before and the shards it names (by ptools' own naming)."""
 
     folder: str
-    names: list[str]
-    replaced: list[str]   # existing files the new ones overwrite
-    stale: list[str]      # shards of the old index that the new output no longer has
+    names: list[str]  # the new shards, then the index
+    stale: list[str]  # shards of the old index that the new output no longer has
 
     @classmethod
     def plan(cls, folder: str, count: int, force: bool, inputs: set[str]) -> _ShardedTarget:
@@ -695,7 +682,7 @@ class _ShardedTarget:
         if (replaced or stale) and not force:
             raise BadInputError(f"{folder} already holds a sharded output ({len(ours) - 1} shard(s))",
                                 "pass --force to replace it")
-        return cls(folder=folder, names=names, replaced=replaced, stale=stale)
+        return cls(folder=folder, names=names, stale=stale)
 
     @staticmethod
     def _files_of_old_index(folder: str) -> list[str]:

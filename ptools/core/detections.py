@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ptools.core import nms as nms_core
+from ptools.core.limits import brief, brief_text
 from ptools.core.memory import gc_paused
 from ptools.errors import BadInputError
 
@@ -62,13 +63,13 @@ def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str
                 except orjson.JSONDecodeError as failure:
                     if number == 1 and _parses(data):  # one object over several lines, not JSON Lines
                         break
-                    raise BadInputError(f"{source} line {number} is not valid JSON ({_short(failure)})") from None
+                    raise BadInputError(f"{source} line {number} is not valid JSON ({brief_text(str(failure))})") from None
             else:
                 return records, "jsonl"
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as failure:
-        raise BadInputError(f"{source} is not valid JSON ({_short(failure)})") from None
+        raise BadInputError(f"{source} is not valid JSON ({brief_text(str(failure))})") from None
     raise BadInputError(f"{source} holds a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, not an "
                         "array of detection records or JSON Lines",
                         "COCO results are a list: [{\"image_id\": …, \"category_id\": …, \"bbox\": […], \"score\": …}]")
@@ -85,18 +86,12 @@ def _parses(data: bytes) -> bool:
     return True
 
 
-def _short(failure: Exception) -> str:
-    text = str(failure)
-    return text if len(text) <= 200 else text[:199] + "…"
-
-
 def _shown(value: Any) -> str:
     """A field's value for a message: bounded, and an integer past 64 bits said as such
     (the JSON parser reads those as floats)."""
     if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
         return "an integer too large for 64 bits"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:79] + "…"
+    return brief(value)
 
 
 def dump_detections(records: list[Any], output_format: str) -> bytes:

@@ -33,17 +33,23 @@ def path_kind(path: str) -> str:
     return "not a regular file"
 
 
-def require_regular_file(path: str, what: str = "file") -> None:
+def require_regular_file(path: str, what: str = "file", hint: str | None = None) -> None:
     """Refuse anything but an existing regular file (or a symlink to one), without opening it.
 
     Raises:
-        BadInputError: naming what the path is instead.
+        BadInputError: naming what the path is instead (with ``hint`` when it exists).
     """
     kind = path_kind(path)
     if kind == "no such file":
         raise BadInputError(f"{path}: no such file")
     if kind != "file":
-        raise BadInputError(f"{path}: {kind}, not a {what}")
+        raise BadInputError(f"{path}: {kind}, not a {what}", hint)
+
+
+def is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, both after symlinks."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def size_on_disk(path: str) -> int:
@@ -53,18 +59,38 @@ def size_on_disk(path: str) -> int:
     return os.path.getsize(path) if os.path.isfile(path) else 0
 
 
+_TEMPORARY_SUFFIX = ".ptools-tmp"
+
+
 def temporary_path(destination: str, directory: bool = False) -> str:
     """A new temporary file (or folder) beside ``destination``, hidden, ending ``.ptools-tmp``."""
     folder = os.path.dirname(os.path.abspath(destination))
     prefix = f".{os.path.basename(destination)}."
     try:
         if directory:
-            return tempfile.mkdtemp(prefix=prefix, suffix=".ptools-tmp", dir=folder)
-        handle, path = tempfile.mkstemp(prefix=prefix, suffix=".ptools-tmp", dir=folder)
+            return tempfile.mkdtemp(prefix=prefix, suffix=_TEMPORARY_SUFFIX, dir=folder)
+        handle, path = tempfile.mkstemp(prefix=prefix, suffix=_TEMPORARY_SUFFIX, dir=folder)
     except OSError as failure:
         raise BadInputError(f"cannot write to folder {folder}: {failure.strerror or failure}") from None
     os.close(handle)
     return path
+
+
+def stale_temporaries(destination: str) -> list[str]:
+    """Temporary files (of :func:`temporary_path`) that an interrupted earlier run left beside
+    ``destination``, or inside it when it is a folder; never removed silently: the user decides."""
+    folder = os.path.dirname(os.path.abspath(destination))
+    prefix = f".{os.path.basename(destination)}."
+    places = [folder] + ([destination] if os.path.isdir(destination) else [])
+    found = []
+    for place in places:
+        try:
+            names = os.listdir(place)
+        except OSError:
+            continue
+        found += [os.path.join(place, name) for name in names
+                  if name.endswith(_TEMPORARY_SUFFIX) and (place != folder or name.startswith(prefix))]
+    return sorted(found)
 
 
 def fsync_folder(folder: str) -> None:

@@ -66,6 +66,11 @@ for _attribute in ("maxtuple", "maxlist", "maxdict", "maxset", "maxfrozenset", "
     setattr(_BRIEF, _attribute, 6)
 
 
+def brief_text(text: str, limit: int = 200) -> str:
+    """File-controlled text (an error message quoting the file) for a message, bounded."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def brief(value: object) -> str:
     """A repr of file-controlled data for a message, bounded whatever its size."""
     try:

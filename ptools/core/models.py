@@ -75,13 +75,10 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
     if os.path.isfile(spec):
         return _load_model_file(spec, trust)
     if os.path.lexists(spec) or spec.endswith(_MODEL_FILE_EXTENSIONS):
-        from ptools.core.checkpoint.readers import path_kind
+        from ptools.core.files import require_regular_file
 
-        kind = path_kind(spec)
-        hint = ("count-params and inspect-state-dict read checkpoint folders; summary and freeze need a model spec"
-                if kind == "folder" else None)
-        raise BadInputError(f"{spec}: no such file" if kind == "no such file" else f"{spec}: {kind}, not a model file",
-                            hint)
+        require_regular_file(spec, "model file", "count-params and inspect-state-dict read checkpoint folders; "
+                             "summary and freeze need a model spec" if os.path.isdir(spec) else None)
     import torch
 
     prefix, _, rest = spec.partition(":")

@@ -117,6 +117,15 @@ def state_zip(path: Path, entries: dict[str, Any], storages: dict[str, bytes] | 
                      storages, **kw)
 
 
+def _written(path: Path, content: str | bytes) -> Path:
+    """``path`` holding ``content`` (text or bytes)."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
 def safetensors(path: Path, header: Any, data: bytes = b"", header_bytes: bytes | None = None) -> Path:
     raw = header_bytes if header_bytes is not None else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
@@ -204,9 +213,7 @@ def rebuild_from_type_gadget(folder: Path, marker: Path) -> Path:
 @case("code", PICKLE_PAYLOAD, expect="--trust")
 def payload_in_legacy_sys_info(folder: Path, marker: Path) -> Path:
     magic = dumps(0x1950A86A20F9469CFC6C)
-    path = folder / "legacy.pt"
-    path.write_bytes(magic + dumps(1001) + dumps(system(marker)) + dumps({}) + dumps([]))
-    return path
+    return _written(folder / "legacy.pt", magic + dumps(1001) + dumps(system(marker)) + dumps({}) + dumps([]))
 
 
 @case("code", PICKLE_PAYLOAD, expect="")
@@ -391,9 +398,7 @@ def safetensors_lying_offsets(folder: Path, marker: Path) -> Path:
 
 @case("geometry", ("inspect", "inspect-stats", "count", "convert-st"), expect="")
 def safetensors_huge_header_length(folder: Path, marker: Path) -> Path:
-    path = folder / "header_len.safetensors"
-    path.write_bytes(struct.pack("<Q", 2**63) + b"{}")
-    return path
+    return _written(folder / "header_len.safetensors", struct.pack("<Q", 2**63) + b"{}")
 
 
 @case("code", PICKLE_PAYLOAD, expect="OrderedDict state")
@@ -505,9 +510,8 @@ def bytearray8_length_1_5_gb(folder: Path, marker: Path) -> Path:
 
 @case("memory", ("inspect", "count"), expect="bytes in a pickle of")
 def legacy_binbytes8_length(folder: Path, marker: Path) -> Path:
-    path = folder / "legacy_bytes.pt"
-    path.write_bytes(dumps(0x1950A86A20F9469CFC6C) + dumps(1001) + b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b".")
-    return path
+    return _written(folder / "legacy_bytes.pt", dumps(0x1950A86A20F9469CFC6C) + dumps(1001)
+                    + b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b".")
 
 
 @case("memory", MEMORY, expect="")
@@ -744,8 +748,7 @@ def _record(**overrides: Any) -> dict[str, Any]:
 
 
 def _detections(path: Path, records: list[Any]) -> Path:
-    path.write_text(json.dumps(records))
-    return path
+    return _written(path, json.dumps(records))
 
 
 @case("nms", NMS, expect="bbox")
@@ -765,44 +768,33 @@ def nms_bool_score(folder: Path, marker: Path) -> Path:
 
 @case("nms", NMS, expect="null")
 def nms_null(folder: Path, marker: Path) -> Path:
-    path = folder / "null.json"
-    path.write_text("null")
-    return path
+    return _written(folder / "null.json", "null")
 
 
 @case("nms", NMS, expect="JSON object")
 def nms_pretty_object(folder: Path, marker: Path) -> Path:
-    path = folder / "pretty.json"
-    path.write_text(json.dumps({"annotations": [_record()]}, indent=2))
-    return path
+    return _written(folder / "pretty.json", json.dumps({"annotations": [_record()]}, indent=2))
 
 
 @case("nms", NMS, expect="64 bits")
 def nms_int_past_64_bits(folder: Path, marker: Path) -> Path:
-    path = folder / "bigint.json"
-    path.write_text('[{"image_id": 18446744073709551621, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]')
-    return path
+    return _written(folder / "bigint.json",
+                    '[{"image_id": 18446744073709551621, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]')
 
 
 @case("nms", NMS, expect="")
 def nms_nan_and_infinity(folder: Path, marker: Path) -> Path:
-    path = folder / "nan.json"
-    path.write_text('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": NaN}]')
-    return path
+    return _written(folder / "nan.json", '[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": NaN}]')
 
 
 @case("nms", NMS, expect="")
 def nms_1e400(folder: Path, marker: Path) -> Path:
-    path = folder / "inf.json"
-    path.write_text('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1e400, 1], "score": 0.5}]')
-    return path
+    return _written(folder / "inf.json", '[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1e400, 1], "score": 0.5}]')
 
 
 @case("nms", NMS, expect="")
 def nms_deep_nesting(folder: Path, marker: Path) -> Path:
-    path = folder / "deep.json"
-    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
-    return path
+    return _written(folder / "deep.json", b"[" * 100_000 + b"]" * 100_000)
 
 
 @case("nms", NMS, expect="line 1000000")

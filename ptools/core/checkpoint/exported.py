@@ -18,10 +18,11 @@ import zipfile
 from collections.abc import Iterator
 from typing import Any
 
-from ptools.core.checkpoint.readers import ZIP_ERRORS, ZIP_MAGIC, _zip_member, path_kind
+from ptools.core.checkpoint.readers import ZIP_ERRORS, ZIP_MAGIC, _zip_member
 from ptools.core.checkpoint.tensors import StorageRef
 from ptools.core.checkpoint.unpickle import TRUST_HINT, unpickle
-from ptools.core.limits import brief
+from ptools.core.files import require_regular_file
+from ptools.core.limits import brief, brief_text
 from ptools.errors import BadInputError, UnsafeFileError
 
 _DATA_DIRS = ("data/weights/", "data/constants/", "data/sample_inputs/")
@@ -37,9 +38,7 @@ def check_exported_program(path: str) -> None:
             holds compiled code or pickled Python objects.
         BadInputError: not a readable ``.pt2`` archive.
     """
-    kind = path_kind(path)
-    if kind != "file":
-        raise BadInputError(f"{path}: {kind}, not an ExportedProgram file")
+    require_regular_file(path, "ExportedProgram file")
     try:
         archive = zipfile.ZipFile(path)
         names = archive.namelist()
@@ -166,4 +165,4 @@ def load_exported_program(path: str, trust: bool = False) -> Any:
         raise
     except Exception as failure:
         raise BadInputError(f"{path}: not a loadable ExportedProgram "
-                            f"({type(failure).__name__}: {brief(str(failure))[1:-1]})") from None
+                            f"({type(failure).__name__}: {brief_text(str(failure))})") from None

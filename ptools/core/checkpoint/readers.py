@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ptools.core import limits
-from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, contiguous_stride
-from ptools.core.limits import brief
+from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, contiguous_stride, whole_numbers
 from ptools.core.checkpoint.unpickle import Opaque, TorchDType, unpickle
-from ptools.core.files import path_kind, size_on_disk
+from ptools.core.files import is_within, path_kind, require_regular_file, size_on_disk
+from ptools.core.limits import brief, brief_text
 from ptools.errors import BadInputError
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
@@ -99,13 +99,9 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
         UnsafeFileError: the file needs code to be read and ``trust`` is off.
     """
     path = os.fspath(path)
-    kind = path_kind(path)
-    if kind == "folder":
+    if os.path.isdir(path):
         return _open_folder(path, trust)
-    if kind == "no such file":
-        raise BadInputError(f"{path}: no such file")
-    if kind != "file":
-        raise BadInputError(f"{path}: {kind}, not a checkpoint file", "name a checkpoint file or folder")
+    require_regular_file(path, "checkpoint file", "name a checkpoint file or folder")
     head = _read_head(path, 64)
     if not head:
         raise BadInputError(f"{path}: empty file, not a checkpoint")
@@ -481,9 +477,9 @@ def _safetensors_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int
         raise BadInputError(f"{what}: unknown dtype {brief(code)}")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if not (isinstance(shape, list) and _whole_numbers(tuple(shape))):
+    if not (isinstance(shape, list) and whole_numbers(tuple(shape))):
         raise BadInputError(f"{what}: shape {brief(shape)} is not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and _whole_numbers(tuple(offsets))
+    if not (isinstance(offsets, list) and len(offsets) == 2 and whole_numbers(tuple(offsets))
             and offsets[0] <= offsets[1]):
         raise BadInputError(f"{what}: data_offsets {brief(offsets)} are invalid")
     return dtype, tuple(shape), offsets[0], offsets[1]
@@ -506,10 +502,9 @@ def contained_path(path: str, real_folder: str, what: str) -> str:
     Raises:
         BadInputError: an absolute path, ``..``, or a symlink leading out of the folder.
     """
-    real = os.path.realpath(path)
-    if not real.startswith(real_folder.rstrip(os.sep) + os.sep):
+    if not is_within(path, real_folder) or os.path.realpath(path) == os.path.realpath(real_folder):
         raise BadInputError(f"{what} points outside the checkpoint's folder; refusing to read it")
-    return real
+    return os.path.realpath(path)
 
 
 def restore_aliases(tensors: dict[str, Any], metadata: dict[str, str]) -> int:
@@ -530,21 +525,26 @@ def _parse_json(raw: bytes, what: str) -> Any:
     try:
         return orjson.loads(raw)
     except (UnicodeDecodeError, ValueError) as failure:
-        raise BadInputError(f"{what} is not valid JSON ({brief(str(failure))[1:-1]})") from None
+        raise BadInputError(f"{what} is not valid JSON ({brief_text(str(failure))})") from None
 
 
 # --------------------------------------------------------------------------- sharded
 
 
-def _open_index(path: str, trust: bool) -> Checkpoint:
+def _read_bounded(path: str, limit: limits.Limit, what: str) -> bytes:
+    """A whole metadata file, refused (without reading further) once it passes ``limit``."""
     try:
         with open(path, "rb") as handle:
-            raw = handle.read(limits.HEADER_BYTES.value + 1)
+            data = handle.read(limit.value + 1)
     except OSError as failure:
         raise BadInputError(f"cannot read {path}: {failure.strerror or failure}") from None
-    if len(raw) > limits.HEADER_BYTES.value:
-        raise limits.HEADER_BYTES.exceeded(f"{path}: index")
-    index = _parse_json(raw, path)
+    if len(data) > limit.value:
+        raise limit.exceeded(what)
+    return data
+
+
+def _open_index(path: str, trust: bool) -> Checkpoint:
+    index = _parse_json(_read_bounded(path, limits.HEADER_BYTES, f"{path}: index"), path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise BadInputError(f"{path}: not a sharded-checkpoint index (no weight_map of name -> file)")
@@ -612,16 +612,8 @@ def _record_field(record: Any, name: str, position: int | None = None) -> Any:
 
 def _open_dcp(path: str) -> Checkpoint:
     metadata_path = os.path.join(path, ".metadata")
-    kind = path_kind(metadata_path)
-    if kind != "file":
-        raise BadInputError(f"{metadata_path}: {kind}, not DCP metadata")
-    try:
-        with open(metadata_path, "rb") as handle:
-            data = handle.read(limits.PICKLE_BYTES.value + 1)
-    except OSError as failure:
-        raise BadInputError(f"cannot read {metadata_path}: {failure.strerror or failure}") from None
-    if len(data) > limits.PICKLE_BYTES.value:
-        raise limits.PICKLE_BYTES.exceeded(metadata_path)
+    require_regular_file(metadata_path, "DCP metadata file")
+    data = _read_bounded(metadata_path, limits.PICKLE_BYTES, metadata_path)
 
     def no_storage(key: str, location: str, size: int) -> StorageRef:
         raise BadInputError(f"{metadata_path}: unexpected tensor storage in DCP metadata")
@@ -645,11 +637,6 @@ def _open_dcp(path: str) -> Checkpoint:
                       notes=["torch.distributed.checkpoint folder: tensors assembled from chunks"])
 
 
-def _whole_numbers(value: Any, length: int | None = None) -> bool:
-    return (isinstance(value, tuple) and (length is None or len(value) == length) and len(value) <= 64
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (1 << 62) for v in value))
-
-
 def _dcp_locations(path: str, metadata_path: str, storage_data: dict[Any, Any]
                    ) -> dict[tuple[str, tuple[int, ...]], StorageRef]:
     """Where each chunk's bytes are: files inside the folder, byte ranges inside the files."""
@@ -664,8 +651,8 @@ def _dcp_locations(path: str, metadata_path: str, storage_data: dict[Any, Any]
             raise BadInputError(f"{path}: DCP chunks written with transforms (e.g. compression) "
                                 "are not supported")
         offset = tuple(offset) if isinstance(offset, list) else offset
-        if not (isinstance(fqn, str) and isinstance(relative, str) and _whole_numbers((start, length))
-                and (offset is None or _whole_numbers(offset))):
+        if not (isinstance(fqn, str) and isinstance(relative, str) and whole_numbers((start, length))
+                and (offset is None or whole_numbers(offset))):
             raise BadInputError(f"{metadata_path}: corrupt storage entry {brief(fqn)}")
         file = os.path.join(path, relative)
         real = contained_path(file, real_folder, f"{metadata_path}: shard {brief(relative)}")
@@ -689,7 +676,7 @@ def _dcp_tensor(metadata_path: str, fqn: str, entry: Any, chunks: Any,
     dtype = _record_field(_record_field(entry, "properties"), "dtype", 0)
     shape = _record_field(entry, "size")
     shape = tuple(shape) if isinstance(shape, (list, tuple)) else shape
-    if not isinstance(dtype, TorchDType) or dtype.name not in ITEMSIZE or not _whole_numbers(shape) \
+    if not isinstance(dtype, TorchDType) or dtype.name not in ITEMSIZE or not whole_numbers(shape) \
             or not isinstance(chunks, (list, tuple)):
         raise BadInputError(f"{metadata_path}: corrupt tensor entry for {brief(fqn)}")
     itemsize = ITEMSIZE[dtype.name]
@@ -699,7 +686,7 @@ def _dcp_tensor(metadata_path: str, fqn: str, entry: Any, chunks: Any,
         offsets, sizes = _record_field(chunk, "offsets", 0), _record_field(chunk, "sizes", 1)
         offsets = tuple(offsets) if isinstance(offsets, list) else offsets
         sizes = tuple(sizes) if isinstance(sizes, list) else sizes
-        if not (_whole_numbers(offsets, len(shape)) and _whole_numbers(sizes, len(shape))
+        if not (whole_numbers(offsets, len(shape)) and whole_numbers(sizes, len(shape))
                 and all(o + n <= d for o, n, d in zip(offsets, sizes, shape))):
             raise BadInputError(f"{metadata_path}: a chunk of {brief(fqn)} lies outside its shape {list(shape)}")
         ref = locations.get((fqn, offsets))

@@ -134,6 +134,13 @@ MAX_DIMS = 64  # torch's own bound on a tensor's dimensions
 _INDEX_LIMIT = 1 << 62  # sizes, strides, offsets: what an int64 index can address
 
 
+def whole_numbers(values: Any, length: int | None = None) -> bool:
+    """A tuple of at most :data:`MAX_DIMS` non-negative ints (not bools) an int64 index can
+    address, of ``length`` items when given: sizes, strides, offsets as a file states them."""
+    return (isinstance(values, tuple) and len(values) <= MAX_DIMS and (length is None or len(values) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INDEX_LIMIT for v in values))
+
+
 def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int,
                    storage_bytes: int | None) -> None:
     """Refuse a tensor whose geometry reads outside its storage, before anything reads it.
@@ -151,15 +158,12 @@ def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int,
     from ptools.core import limits
     from ptools.core.limits import brief
 
-    def whole(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _INDEX_LIMIT
-
-    if not isinstance(shape, tuple) or len(shape) > MAX_DIMS or not all(whole(s) for s in shape):
+    if not whole_numbers(shape):
         raise BadInputError(f"corrupt tensor record: shape {brief(shape)} is not a tuple of sizes")
-    if not isinstance(stride, tuple) or len(stride) != len(shape) or not all(whole(s) for s in stride):
+    if not whole_numbers(stride, len(shape)):
         raise BadInputError(f"corrupt tensor record: stride {brief(stride)} is not {len(shape)} "
                             "non-negative integers")
-    if not whole(storage_offset):
+    if not whole_numbers((storage_offset,)):
         raise BadInputError(f"corrupt tensor record: storage offset {brief(storage_offset)}")
     numel = math.prod(shape)
     if storage_bytes is None or numel == 0:

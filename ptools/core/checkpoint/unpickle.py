@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from ptools.core import limits
-from ptools.core.limits import brief
-
 from ptools.core.checkpoint.tensors import (
     COMPLEX,
     DTYPE_ALIASES,
@@ -35,7 +33,9 @@ from ptools.core.checkpoint.tensors import (
     StorageRef,
     TensorInfo,
     check_geometry,
+    whole_numbers,
 )
+from ptools.core.limits import brief, brief_text
 from ptools.errors import BadInputError, PtoolsError, UnsafeFileError
 
 TRUST_HINT = "pass --trust only if you made this file or trust who did: it runs code"
@@ -273,8 +273,7 @@ class NumpyArray:
             raise BadInputError("corrupt pickle: numpy array without a plain dtype")
         if not isinstance(data, (bytes, bytearray)):
             raise UnsafeFileError("numpy object arrays are not read without --trust", TRUST_HINT)
-        if not (isinstance(shape, tuple) and len(shape) <= 32
-                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        if not (whole_numbers(shape) and len(shape) <= 32):
             raise BadInputError(f"corrupt pickle: numpy array shape {brief(shape)}")
         if math.prod(shape) * dtype.dtype.itemsize != len(data):
             raise BadInputError(f"corrupt pickle: numpy array of shape {list(shape)} and dtype {dtype.dtype} "
@@ -659,16 +658,14 @@ def unpickle(data: bytes | IO[bytes], storage_ref: Callable[[str, str, int], Sto
     result = None
     try:
         result = unpickler.load()
-    except UnsafeFileError as error:
-        failure = error
-    except BadInputError as error:
+    except (UnsafeFileError, BadInputError) as error:
         failure = error
     except RecursionError:
         failure = BadInputError("the pickle nests too deeply to read")
     except MemoryError:
         failure = BadInputError("the pickle asks for more memory than there is")
     except Exception as error:  # corrupt data can fail anywhere inside pickle; no code ran
-        failure = BadInputError(f"corrupt pickle ({type(error).__name__}: {brief(str(error))[1:-1]})")
+        failure = BadInputError(f"corrupt pickle ({type(error).__name__}: {brief_text(str(error))})")
     if unpickler.unknown_globals and not trust:
         names = ", ".join(sorted(unpickler.unknown_globals)[:20])
         raise UnsafeFileError(f"{what} needs globals that are not known to be safe: {names}", TRUST_HINT)
