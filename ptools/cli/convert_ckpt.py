@@ -8,7 +8,8 @@ from typing import Annotated, Any, Iterator
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import JsonOption, TrustOption
+from ptools.cli.options import JsonOption, TrustOption, usage_check
+from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat
 from ptools.core.units import format_bytes, parse_size
 from ptools.errors import BadInputError
 
@@ -30,6 +31,12 @@ Reads any format inspect-state-dict reads, with the same safety rules, and strea
 
   ptools convert-ckpt old.pt new.pt --rename '^backbone\\.=encoder.' --drop '^head\\.' --dry-run
 """
+
+
+def _parse_map_location(text: str) -> Any:
+    from ptools.core.convert import parse_map_location
+
+    return parse_map_location(text)
 
 
 @contextmanager
@@ -56,7 +63,7 @@ def command(
     destination: Annotated[str, typer.Argument(metavar="OUT", help="File to write (a folder with --shard-size).",
                                                show_default=False)],
     map_location: Annotated[str | None, typer.Option(
-        "--map-location", metavar="DEVICE",
+        "--map-location", metavar="DEVICE", callback=usage_check(_parse_map_location),
         help="New device tags, as torch.load's map_location: cpu, cuda, cuda:N, or 'cuda:1=cuda:0,cuda:2=cuda:0'. "
              "The written file loads with a plain torch.load on a machine without those devices.")] = None,
     strip_prefix: Annotated[str | None, typer.Option(
@@ -79,16 +86,19 @@ def command(
                           "non-tensor values.")] = False,
     drop_optimizer: Annotated[bool, typer.Option(
         "--drop-optimizer", help="Keep the training checkpoint but remove optimizer, scheduler and scaler state.")] = False,
-    dtype: Annotated[str | None, typer.Option(
-        "--dtype", metavar="fp16|bf16|fp32",
+    dtype: Annotated[CastDtype | None, typer.Option(
+        "--dtype",
         help="Cast floating tensors (never integers, booleans or num_batches_tracked).")] = None,
     keep_dtype: Annotated[str | None, typer.Option(
         "--keep-dtype", metavar="REGEX", help="Keys matching REGEX keep their dtype (e.g. 'norm|bn').")] = None,
-    output_format: Annotated[str | None, typer.Option(
-        "--format", metavar="torch|safetensors",
+    cast_scope: Annotated[CastScope, typer.Option(
+        "--cast-scope", help="What --dtype casts: the model weights (the state dict --extract auto finds), or all "
+                             "floating tensors, optimizer state included.")] = "weights",
+    output_format: Annotated[CheckpointOutputFormat | None, typer.Option(
+        "--format",
         help="Output format; default from OUT's extension (.pt .pth .bin .ckpt / .safetensors).")] = None,
     shard_size: Annotated[str | None, typer.Option(
-        "--shard-size", metavar="SIZE",
+        "--shard-size", metavar="SIZE", callback=usage_check(parse_size),
         help="Write sharded safetensors of at most SIZE each (e.g. 2GB) and model.safetensors.index.json "
              "into the folder OUT.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (old key → new key, dtypes, "
@@ -110,7 +120,8 @@ def command(
         report = convert_checkpoint(
             source, destination, map_location=map_location, strip=strip_prefix, add=add_prefix,
             rename=rename or (), keep=keep, drop=drop, extract=extract, flatten=flatten,
-            drop_optimizer=drop_optimizer, dtype=dtype, keep_dtype=keep_dtype, format=output_format,
+            drop_optimizer=drop_optimizer, dtype=dtype, keep_dtype=keep_dtype, cast_scope=cast_scope,
+            format=output_format,
             shard_size=shard_bytes, force=force, trust=trust, dry_run=dry_run, verify=verify,
             on_bytes=on_bytes, on_total=on_total)
     data = report.to_dict()
@@ -152,8 +163,10 @@ def _summary(data: dict[str, Any]) -> None:
         lines.append(f"  {len(data['dropped_keys'])} key(s) dropped")
     if data["dropped_entries"]:
         lines.append(f"  removed training state: {', '.join(data['dropped_entries'])}")
-    if data["cast"] or data["kept_dtype"]:
-        lines.append(f"  {data['cast']} tensor(s) cast; {len(data['kept_dtype'])} kept their dtype")
+    if data["cast"] or data["kept_dtype"] or data["outside_cast_scope"]:
+        lines.append(f"  {data['cast']} tensor(s) cast; {len(data['kept_dtype'])} kept their dtype (--keep-dtype)"
+                     + (f"; {data['outside_cast_scope']} outside the model weights not cast (--cast-scope all "
+                        "casts them)" if data["outside_cast_scope"] else ""))
     for old, new in data["devices"].items():
         lines.append(f"  device {old} → {new}")
     if data["aliases"]:
@@ -164,3 +177,12 @@ def _summary(data: dict[str, Any]) -> None:
         lines.append("  verified: every tensor matches the input")
     lines += [f"  note: {note}" for note in data["notes"]]
     output.info("\n".join(lines))
+    losses = data["cast_losses"]
+    if losses:
+        to_zero = sum(loss["to_zero"] for loss in losses)
+        to_inf = sum(loss["to_inf"] for loss in losses)
+        worst = max(losses, key=lambda loss: loss["to_zero"] + loss["to_inf"])
+        output.warn(f"the cast lost values in {len(losses)} of {data['cast']} cast tensor(s): {to_zero:,} non-zero "
+                    f"value(s) became 0 and {to_inf:,} finite value(s) became ±inf (most in {worst['names'][0]}: "
+                    f"{worst['to_zero']:,} to 0, {worst['to_inf']:,} to inf of {worst['numel']:,}); per tensor in "
+                    "--json cast_losses; --keep-dtype REGEX keeps such tensors as they are")

@@ -9,6 +9,7 @@ import typer
 
 from ptools.cli import output
 from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption
+from ptools.core.choices import BatchNormMode
 from ptools.errors import BadInputError
 
 NAME = "freeze"
@@ -34,7 +35,8 @@ def command(
                                               help="Modules to freeze (globs; repeatable or comma-separated).")],
     except_: Annotated[list[str] | None, typer.Option("--except", metavar="PATTERN",
                                                       help="Modules to keep trainable inside the frozen part.")] = None,
-    bn: Annotated[str, typer.Option("--bn", help="frozen (replace with FrozenBatchNorm), eval, or none.")] = "frozen",
+    bn: Annotated[BatchNormMode, typer.Option(
+        "--bn", help="frozen: replace with FrozenBatchNorm; eval: eval mode; none: leave them.")] = "frozen",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report only; change nothing.")] = False,
     out: Annotated[str | None, typer.Option(
         "--out", metavar="FILE", help="Save the frozen whole module (loading it needs torch.load(weights_only=False) "

@@ -9,8 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import JsonOption
+from ptools.cli.options import JsonOption, usage_check
 from ptools.core import gpu
+from ptools.core.choices import SelectOrder
 from ptools.core.units import format_bytes, parse_size
 from ptools.errors import BadInputError
 
@@ -47,13 +48,13 @@ def command(
         help="Print the CUDA_VISIBLE_DEVICES value naming the N best GPUs, best first "
              "(it becomes cuda:0); exit 3 if fewer qualify.")] = None,
     min_free_memory: Annotated[str | None, typer.Option(
-        "--min-free-memory", metavar="SIZE",
+        "--min-free-memory", metavar="SIZE", callback=usage_check(parse_size),
         help="Only GPUs with at least this much free memory, e.g. 20GiB, 8GB, 512MiB.")] = None,
     max_utilization: Annotated[float | None, typer.Option(
         "--max-utilization", min=0, max=100, metavar="PCT",
         help="Only GPUs whose utilization is at most PCT percent.")] = None,
-    order: Annotated[str, typer.Option(
-        "--order", metavar="POLICY",
+    order: Annotated[SelectOrder, typer.Option(
+        "--order",
         help="Ranking for --select: free-memory (most free, then least busy, then lowest "
              "index), utilization (least busy, then most free, then lowest index) or index.")
     ] = "free-memory",
@@ -61,8 +62,6 @@ def command(
         "--watch", min=0.1, metavar="SECONDS",
         help="Refresh every SECONDS until Ctrl-C (with --json: one JSON object per line).")] = None,
 ) -> None:
-    if order not in gpu.SELECT_ORDERS:
-        raise BadInputError(f"unknown --order {order!r}; choose one of: {', '.join(gpu.SELECT_ORDERS)}")
     min_free = parse_size(min_free_memory) if min_free_memory is not None else None
     limits = {"min_free_memory_bytes": min_free, "max_utilization_percent": max_utilization}
     gating = select is not None or require is not None

@@ -53,10 +53,13 @@ def command(
     diff: Annotated[str | None, typer.Option(
         "--diff", metavar="OTHER",
         help="Compare with another checkpoint (any format): keys only in one side, shape and dtype "
-             "mismatches; a constant prefix difference (module., _orig_mod., model.) is detected "
-             "and its fix shown.")] = None,
+             "mismatches, and whether each common tensor holds the same bytes; a constant prefix "
+             "difference (module., _orig_mod., model.) is detected and its fix shown.")] = None,
     values: Annotated[bool, typer.Option(
-        "--values", help="With --diff: also the max absolute difference per common tensor.")] = False,
+        "--values", help="With --diff: also the max absolute and relative difference per common tensor "
+                         "(dtypes may differ).")] = False,
+    keys_only: Annotated[bool, typer.Option(
+        "--keys-only", help="With --diff: compare names, shapes and dtypes only; read no tensor data.")] = False,
     trust: TrustOption = False,
     json_output: JsonOption = False,
     ndjson: NdjsonOption = False,
@@ -65,8 +68,10 @@ def command(
 
     if json_output and ndjson:
         raise BadInputError("choose one of --json and --ndjson")
-    if values and diff is None:
-        raise BadInputError("--values needs --diff OTHER")
+    if (values or keys_only) and diff is None:
+        raise BadInputError(f"{'--values' if values else '--keys-only'} needs --diff OTHER")
+    if values and keys_only:
+        raise BadInputError("choose one of --values and --keys-only")
     if diff is not None and (stats or check_finite or tree):
         raise BadInputError("--diff cannot be combined with --stats, --check-finite or --tree")
 
@@ -79,7 +84,8 @@ def command(
     if diff is not None:
         other = core.open_checkpoint(diff, trust=trust)
         other_listing = core.list_checkpoint(other, key="auto", name_filter=name_filter)
-        result = core.diff_state_dicts(listing, checkpoint, other_listing, other, values=values)
+        compare = "numbers" if values else "keys" if keys_only else "bytes"
+        result = core.diff_state_dicts(listing, checkpoint, other_listing, other, compare=compare)
         _emit_diff(result.to_dict(), json_output, ndjson)
         return
 
@@ -223,7 +229,7 @@ def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
         lines += [{"change": "only_in_b", "name": n} for n in data["only_in_b"]]
         lines += [{"change": "shape", **m} for m in data["shape_mismatches"]]
         lines += [{"change": "dtype", **m} for m in data["dtype_mismatches"]]
-        lines += [{"change": "values", **v} for v in data["values"] or []]
+        lines += [{"change": "values", **v} for v in data["values"] or [] if not v["equal"]]
         output.print_ndjson(lines)
         return
     console = output.stdout_console()
@@ -238,8 +244,13 @@ def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
         ("only in B", len(data["only_in_b"])),
         ("shape mismatches", len(data["shape_mismatches"])),
         ("dtype mismatches", len(data["dtype_mismatches"])),
-        ("identical", "yes" if data["identical"] else "no"),
     ]
+    if data["values"] is not None:
+        summary.append(("values differ", f"{data['values_differ']} of {len(data['values'])} compared tensors"))
+    compared = {"keys": "keys, shapes and dtypes; no values read (--keys-only)",
+                "bytes": "keys, shapes, dtypes and the bytes of every common tensor",
+                "numbers": "keys, shapes, dtypes and values (bytes, max |A−B|, max relative)"}[data["compared"]]
+    summary.append(("identical", f"{'yes' if data['identical'] else 'no'} (compared: {compared})"))
     console.print(output.make_table("Diff", ["", "value"], summary))
     if prefix:
         console.print(f"Fix: {prefix['fix']}", markup=False)
@@ -251,8 +262,13 @@ def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
                 for m in data["shape_mismatches"]]
         rows += [(m["name"], "dtype", m["a"], m["b"]) for m in data["dtype_mismatches"]]
         console.print(output.make_table("Mismatches", ["Name", "What", "A", "B"], rows))
-    if data["values"] is not None:
-        differing = [(v["name"], _number(v["max_abs_diff"])) for v in data["values"] if v["max_abs_diff"] != 0]
+    if data["compared"] == "bytes" and data["values_differ"]:
+        console.print(output.make_table(
+            f"Values differ in {data['values_differ']} of {len(data['values'])} compared tensors "
+            "(--values shows by how much)", ["Name"], [(v["name"],) for v in data["values"] if not v["equal"]]))
+    elif data["compared"] == "numbers":
+        differing = [(v["name"], _number(v["max_abs_diff"]), _number(v["max_rel_diff"]))
+                     for v in data["values"] if not v["equal"]]
         console.print(output.make_table(
             f"Values: {len(differing)} of {len(data['values'])} compared tensors differ",
-            ["Name", ("Max |A − B|", "right")], differing))
+            ["Name", ("Max |A − B|", "right"), ("Max relative", "right")], differing))

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.core.choices import BoxFormat, DetectionsFormat, NmsDevice, NmsMethod, SoftFunction
 from ptools.core.files import path_kind, require_regular_file
 from ptools.errors import BadInputError
 
@@ -36,7 +37,7 @@ def command(
                                           show_default=False)],
     destination: Annotated[str, typer.Option("--output", "-o", metavar="FILE",
                                              help="Where to write the kept detections; - for stdout.")] = "-",
-    method: Annotated[str, typer.Option(
+    method: Annotated[NmsMethod, typer.Option(
         "--method", help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft.")] = "hard",
     iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0,
                                        help="Suppress when IoU (DIoU for diou) > this.")] = 0.5,
@@ -48,17 +49,17 @@ def command(
                                                 help="Keep at most N detections per image, highest scores.")] = None,
     agnostic: Annotated[bool, typer.Option("--agnostic", help="Ignore classes: any box may suppress any other "
                                                               "in its image.")] = False,
-    soft_fn: Annotated[str, typer.Option("--soft-fn", help="Soft-NMS decay: gaussian or linear.")] = "gaussian",
+    soft_fn: Annotated[SoftFunction, typer.Option("--soft-fn", help="Soft-NMS decay.")] = "gaussian",
     sigma: Annotated[float, typer.Option("--sigma", help="Gaussian Soft-NMS: s *= exp(-IoU^2 / sigma).")] = 0.5,
-    box_format: Annotated[str, typer.Option("--box-format", help="bbox layout: xywh (COCO), xyxy or cxcywh.")] = "xywh",
-    output_format: Annotated[str | None, typer.Option(
-        "--output-format", metavar="json|jsonl", help="Default: the input's format.")] = None,
+    box_format: Annotated[BoxFormat, typer.Option("--box-format", help="bbox layout (xywh: COCO).")] = "xywh",
+    output_format: Annotated[DetectionsFormat | None, typer.Option(
+        "--output-format", help="Default: the input's format.")] = None,
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Drop invalid records (counted on stderr) instead of stopping at the first.")] = False,
     eval_path: Annotated[str | None, typer.Option(
         "--eval", metavar="GT.json",
         help="COCO ground truth: print AP, AP50, AP75, AR@100 of input and output (pycocotools) on stderr.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu (default, fastest here) or cuda "
+    device: Annotated[NmsDevice, typer.Option("--device", help="cpu (default, fastest here) or cuda "
                                                          "(hard NMS with torchvision's kernel).")] = "cpu",
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print the summary (counts per class, time, evaluation) as JSON on stdout; "
@@ -69,8 +70,6 @@ def command(
     started = time.perf_counter()
     if json_output and destination == "-":
         raise BadInputError("--json prints the summary on stdout; write the detections with -o FILE")
-    if output_format is not None and output_format not in core.FORMATS:
-        raise BadInputError(f"unknown --output-format {output_format!r}; choose one of: json, jsonl")
     if destination != "-" and source != "-" and os.path.exists(destination) and os.path.samefile(source, destination):
         raise BadInputError(f"--output {destination} is the input file", "write to another path")
     if destination != "-" and os.path.lexists(destination) and path_kind(destination) != "file":

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
+
+from ptools.errors import BadInputError
+
+
+def usage_check(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A Typer callback running a core parser on an option's value at parse time, so a
+    malformed value (a size, a device, JSON) is a usage error (exit 2) like an unknown choice.
+    The value itself is passed on unchanged."""
+
+    def callback(value: Any) -> Any:
+        if value is None:
+            return value
+        try:
+            for item in value if isinstance(value, list) else [value]:
+                parse(item)
+        except BadInputError as failure:
+            raise typer.BadParameter(str(failure)) from None
+        return value
+
+    return callback
+
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")
@@ -21,8 +43,14 @@ TrustOption = Annotated[
              "only for files you made or trust.")
 ]
 
+def _parse_kwargs(text: str) -> Any:
+    from ptools.core.models import parse_kwargs
+
+    return parse_kwargs(text)
+
+
 KwargsOption = Annotated[
-    str | None, typer.Option("--kwargs", metavar="JSON",
+    str | None, typer.Option("--kwargs", metavar="JSON", callback=usage_check(_parse_kwargs),
                              help="Keyword arguments for the model factory, e.g. '{\"num_classes\": 10}'.")
 ]
 
@@ -36,3 +64,4 @@ WeightsOption = Annotated[
 StrictOption = Annotated[bool, typer.Option("--strict", help="With --weights: any mismatch is an error.")]
 
 DepthOption = Annotated[int, typer.Option("--depth", min=0, metavar="N", help="Module levels to list.")]
+

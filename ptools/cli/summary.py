@@ -8,7 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption
+from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption, usage_check
+from ptools.core.choices import SummaryDtype, SummaryFormat, SummaryMode
+from ptools.core.summary import check_device, parse_input_size
 from ptools.core.units import format_bytes
 from ptools.errors import BadInputError
 
@@ -36,19 +38,19 @@ def command(
     model_spec: Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
                                               help="resnet50, timm:NAME, package.module:factory, file.py:Class, …")],
     input_size: Annotated[list[str] | None, typer.Option(
-        "--input-size", metavar="C,H,W", help="One input's size without the batch dimension; repeatable.")] = None,
+        "--input-size", metavar="C,H,W", callback=usage_check(parse_input_size), help="One input's size without the batch dimension; repeatable.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch dimension added to --input-size.")] = 1,
     input_spec: Annotated[str | None, typer.Option(
         "--input-spec", metavar="JSON",
         help='Inputs for forward(*args, **kwargs): {"args": [...], "kwargs": {...}}, tensors as '
              '{"shape": [...], "dtype": "int64", "fill": "randint", "high": N}; or @file.json.')] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16, bfloat16 or float64.")] = "float32",
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or meta (shapes and counts only).")] = "cpu",
+    dtype: Annotated[SummaryDtype, typer.Option("--dtype", help="Parameter and input dtype.")] = "float32",
+    device: Annotated[str, typer.Option("--device", callback=usage_check(check_device),
+                                        help="cpu, cuda, cuda:N, or meta (shapes and counts only).")] = "cpu",
     depth: Annotated[int, typer.Option("--depth", min=1, metavar="N", help="Module levels shown.")] = 3,
-    mode: Annotated[str, typer.Option("--mode", help="eval (default) or train (buffers restored after).")] = "eval",
-    output_format: Annotated[str, typer.Option(
-        "--format", metavar="table|torchsummary", help="torchsummary: the classic layout, via the torchsummary package.")
-    ] = "table",
+    mode: Annotated[SummaryMode, typer.Option("--mode", help="train: buffers restored after.")] = "eval",
+    output_format: Annotated[SummaryFormat, typer.Option(
+        "--format", help="torchsummary: the classic layout, via the torchsummary package.")] = "table",
     kwargs: KwargsOption = None,
     weights: WeightsOption = None,
     strict: StrictOption = False,
@@ -60,11 +62,7 @@ def command(
     from ptools.core import models
     from ptools.core import summary as core
 
-    if dtype not in core.DTYPES:
-        raise BadInputError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(core.DTYPES)}")
-    if output_format not in ("table", "torchsummary"):
-        raise BadInputError(f"unknown --format {output_format!r}; choose one of: table, torchsummary")
-    sizes = [core.parse_input_size(text) for text in input_size or []]
+    sizes = [parse_input_size(text) for text in input_size or []]
     device = core.model_device(device)
     model = models.load_model(model_spec, models.parse_kwargs(kwargs), trust=trust,
                               device="meta" if device == "meta" else None)

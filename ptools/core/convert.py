@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ptools.core.checkpoint.readers import Checkpoint, DcpBytes, open_checkpoint
+from ptools.core.choices import CastScope, CheckpointOutputFormat, values
 from ptools.core.checkpoint.structure import find_state_dict, is_state_dict, iter_tensors
 from ptools.core.checkpoint.tensors import TensorInfo
 from ptools.core.checkpoint.writers import (
     CASTABLE,
+    CastTally,
     OutputStorage,
     SafetensorsEntry,
     build_torch_pickle,
@@ -47,7 +49,7 @@ OPTIMIZER_KEYS = ("optimizer", "optimizers", "optimizer_state_dict", "optimizer_
                   "optim_state_dict", "lr_scheduler", "lr_schedulers", "scheduler", "schedulers",
                   "scheduler_state_dict", "scaler", "grad_scaler", "scaler_state_dict", "amp")
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-OUTPUT_FORMATS = ("torch", "safetensors")
+OUTPUT_FORMATS = values(CheckpointOutputFormat)
 DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
           "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
 _DEVICE_RE = re.compile(r"^[a-z]+(:\d+)?$")
@@ -251,6 +253,9 @@ class ConversionReport:
     dropped_entries: list[str] = field(default_factory=list)
     cast: int = 0
     kept_dtype: list[str] = field(default_factory=list)
+    cast_scope: str = "weights"
+    outside_cast_scope: int = 0
+    cast_losses: list[dict[str, Any]] = field(default_factory=list)
     devices: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     shards: int = 0
@@ -397,6 +402,7 @@ def convert_checkpoint(
     drop_optimizer: bool = False,
     dtype: str | None = None,
     keep_dtype: str | None = None,
+    cast_scope: CastScope = "weights",
     format: str | None = None,  # noqa: A002  (the flag's name)
     shard_size: int | None = None,
     force: bool = False,
@@ -419,6 +425,8 @@ def convert_checkpoint(
     src, dst = os.fspath(src), os.fspath(dst)
     kind = output_format(dst, format, shard_size)
     target_dtype = parse_dtype(dtype) if dtype is not None else None
+    if cast_scope not in values(CastScope):
+        raise BadInputError(f"unknown cast_scope {cast_scope!r}; choose one of: {', '.join(values(CastScope))}")
     relocate = parse_map_location(map_location) if map_location is not None else None
     try:
         keep_dtype_re = re.compile(keep_dtype) if keep_dtype else None
@@ -444,7 +452,7 @@ def convert_checkpoint(
     state = node if isinstance(node, Mapping) else collections.OrderedDict(iter_tensors(node))
     report = ConversionReport(input=src, output=dst, input_format=checkpoint.format,
                               output_format=kind, state_dict_key=path, state_dict_how=how, dry_run=dry_run,
-                              bytes_in=checkpoint.size_bytes)
+                              bytes_in=checkpoint.size_bytes, cast_scope=cast_scope)
     report.notes += notes_for_report
     stale = stale_temporaries(dst)
     if stale:
@@ -485,12 +493,18 @@ def convert_checkpoint(
     names_by_storage: dict[Any, list[str]] = collections.defaultdict(list)
     for name, tensor in iter_tensors(root):
         names_by_storage[_storage_identity(tensor) or id(tensor)].append(name)
+    # By default only the model weights are cast: an optimizer's second moments (exp_avg_sq,
+    # ~1e-10 and below) underflow to zero in float16.
+    in_cast_scope = None if cast_scope == "all" else {
+        _storage_identity(tensor) or id(tensor) for _, tensor in iter_tensors(transformed)}
 
     def dtype_for(tensor: TensorInfo) -> str:
         if target_dtype is None or tensor.dtype not in CASTABLE:
             return tensor.dtype
-        names = names_by_storage[_storage_identity(tensor) or id(tensor)]
-        if keep_dtype_re is not None and any(keep_dtype_re.search(n) for n in names):
+        identity = _storage_identity(tensor) or id(tensor)
+        if in_cast_scope is not None and identity not in in_cast_scope:
+            return tensor.dtype
+        if keep_dtype_re is not None and any(keep_dtype_re.search(n) for n in names_by_storage[identity]):
             return tensor.dtype
         return target_dtype
 
@@ -500,7 +514,10 @@ def convert_checkpoint(
         if new_dtype != tensor.dtype:
             report.cast += 1
         elif target_dtype is not None and tensor.dtype in CASTABLE and tensor.dtype != target_dtype:
-            report.kept_dtype.append(name)
+            if in_cast_scope is not None and (_storage_identity(tensor) or id(tensor)) not in in_cast_scope:
+                report.outside_cast_scope += 1
+            else:
+                report.kept_dtype.append(name)
         device = tensor.device
         new_device = relocate(device) if relocate is not None and kind == "torch" else device
         if new_device != device:
@@ -533,9 +550,12 @@ def convert_checkpoint(
                                 "by the tensors sharing it; the file is corrupt")
         if identity not in storages:
             location = tensor.device
+            new_dtype = dtype_for(tensor)
+            tally = CastTally(names_by_storage[identity][:16], tensor.dtype, new_dtype) \
+                if new_dtype != tensor.dtype else None
             storages[identity] = OutputStorage(
                 key=str(len(storages)), source_checkpoint=checkpoint, tensor=tensor,
-                dtype=dtype_for(tensor), location=relocate(location) if relocate else location)
+                dtype=new_dtype, location=relocate(location) if relocate else location, tally=tally)
         return storages[identity]
 
     if kind == "torch":
@@ -548,6 +568,9 @@ def convert_checkpoint(
                             list(storages.values()), on_bytes)
     else:
         entries, metadata = _safetensors_entries(root, checkpoint, dtype_for, report)
+        for entry in entries:
+            if entry.dtype != entry.tensor.dtype:
+                entry.tally = CastTally([entry.name], entry.tensor.dtype, entry.dtype)
         report.bytes_out = sum(e.nbytes for e in entries)
         groups = _shards(entries, shard_size) if kind == "sharded" else [entries]
         report.shards = len(groups) if kind == "sharded" else 0
@@ -567,6 +590,8 @@ def convert_checkpoint(
     else:
         write_atomically(dst, write, (lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report)) if verify
                          else None)
+    tallies = [s.tally for s in storages.values()] if kind == "torch" else [e.tally for e in entries]
+    report.cast_losses = [tally.to_dict() for tally in tallies if tally is not None and tally.lossy]
     report.bytes_out = size_on_disk(dst)
     report.seconds = time.perf_counter() - started
     return report

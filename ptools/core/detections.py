@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from ptools.core import nms as nms_core
+from ptools.core.choices import DetectionsFormat, values
 from ptools.core.limits import brief, brief_text
 from ptools.core.memory import gc_paused
 from ptools.errors import BadInputError
 
 REQUIRED = ("image_id", "category_id", "bbox", "score")
-FORMATS = ("json", "jsonl")
+FORMATS = values(DetectionsFormat)
 
 
 def _json() -> Any:

@@ -26,9 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ptools.core.choices import SelectOrder, values
 from ptools.errors import BadInputError, RequirementNotMetError
 
-SELECT_ORDERS = ("free-memory", "utilization", "index")
+SELECT_ORDERS = values(SelectOrder)
 
 
 @dataclass

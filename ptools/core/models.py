@@ -24,9 +24,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ptools.core.choices import BatchNormMode, values
 from ptools.errors import BadInputError, UnsafeFileError
 
-BN_MODES = ("frozen", "eval", "none")
+BN_MODES = values(BatchNormMode)
 
 
 # --------------------------------------------------------------------------- loading

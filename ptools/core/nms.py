@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from ptools.core.choices import BoxFormat, SoftFunction, values
 from ptools.errors import BadInputError, RequirementNotMetError
 
 METHODS = ("hard", "and", "merge", "diou", "soft")
 ALIASES = {"vision": "hard", "vision_batch": "hard", "batched": "hard", "or": "hard"}
-SOFT_FUNCTIONS = ("gaussian", "linear")
-BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+SOFT_FUNCTIONS = values(SoftFunction)
+BOX_FORMATS = values(BoxFormat)
 DEFAULT_SOFT_SCORE_THRESHOLD = 0.001
 
 

@@ -12,9 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ptools.core.choices import SummaryDtype, values
 from ptools.errors import BadInputError
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES = values(SummaryDtype)
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:
@@ -307,12 +308,24 @@ def torchsummary_text(model: Any, input_sizes: list[tuple[int, ...]], batch_size
     return text.getvalue()
 
 
-def model_device(text: str) -> str:
-    """Validate ``--device``: cpu, meta, cuda or cuda:N."""
+def check_device(text: str) -> str:
+    """The form of a model device: cpu, meta, cuda or cuda:N (whether it exists is
+    :func:`model_device`'s question)."""
     import re
 
     if not re.fullmatch(r"cpu|meta|cuda(:\d+)?", text):
-        raise BadInputError(f"unknown --device {text!r}; choose cpu, meta, cuda or cuda:N")
+        raise BadInputError(f"unknown device {text!r}; choose cpu, meta, cuda or cuda:N")
+    return text
+
+
+def model_device(text: str) -> str:
+    """Validate ``--device``: cpu, meta, cuda or cuda:N, and that torch sees CUDA for the latter.
+
+    Raises:
+        BadInputError: not a device name.
+        RequirementNotMetError: a CUDA device on a machine where torch sees none.
+    """
+    check_device(text)
     if text.startswith("cuda"):
         import torch
 

@@ -68,8 +68,6 @@ def test_dry_run_prints_the_plan(ddp_file: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["{src}", "{src}", "--force"], "is the input (or part of it); ptools never overwrites its input"),
     (["{src}", "{tmp}/out.onnx"], "cannot tell the output format"),
-    (["{src}", "{tmp}/o.pt", "--dtype", "fp8"], "unknown --dtype 'fp8'; choose one of: fp16, bf16, fp32"),
-    (["{src}", "{tmp}/o", "--shard-size", "lots"], "invalid size 'lots'"),
     (["{src}", "{tmp}/o.pt", "--rename", "(="], "--rename '(=': invalid regular expression"),
     (["{src}", "{tmp}/missing/o.pt"], "does not exist"),
     (["{tmp}/nope.pt", "{tmp}/o.pt"], "nope.pt: no such file"),
@@ -111,3 +109,21 @@ def test_inspect_fix_suggestion_works(tmp_path: Path) -> None:
                                            str(plain), "--values", "--json"]).stdout)
     assert again["a"]["state_dict_key"] == "model_state_dict"
     assert again["prefix"] is None and again["identical"]
+
+
+def test_cast_warns_about_lost_values_and_skips_optimizer_state(tmp_path: Path) -> None:
+    state = collections.OrderedDict(w=torch.tensor([1.0, 1e-9, 7e4, 2.0]))
+    checkpoint = {"state_dict": state, "optimizer": {"state": {0: {"exp_avg_sq": torch.full((4,), 1e-10)}},
+                                                     "param_groups": [{"params": [0]}]}}
+    source = save_zip(checkpoint, tmp_path / "train.ckpt")
+    result = run(source, tmp_path / "half.ckpt", "--dtype", "fp16")
+    assert result.exit_code == 0, result.output
+    assert "1 tensor(s) cast; 0 kept their dtype (--keep-dtype); 1 outside the model weights not cast" \
+        in result.stderr
+    assert ("warning: the cast lost values in 1 of 1 cast tensor(s): 1 non-zero value(s) became 0 and 1 finite "
+            "value(s) became ±inf (most in state_dict.w: 1 to 0, 1 to inf of 4)") in result.stderr
+    loaded = torch.load(tmp_path / "half.ckpt", weights_only=True)
+    assert loaded["optimizer"]["state"][0]["exp_avg_sq"].dtype == torch.float32
+    data = json.loads(run(source, tmp_path / "all.ckpt", "--dtype", "fp16", "--cast-scope", "all", "--json").stdout)
+    assert [(loss["names"], loss["to_zero"]) for loss in data["cast_losses"]] == [
+        (["state_dict.w"], 1), (["optimizer.state.0.exp_avg_sq"], 4)]

@@ -103,7 +103,36 @@ def test_diff_detects_prefix_and_shows_fix(tmp_path: Path) -> None:
     assert "Values: 0 of 9 compared tensors differ" in result.stdout
     data = json.loads(run(ddp, "--diff", plain, "--json").stdout)
     assert data["prefix"]["prefix"] == "module." and data["identical"] and data["common"] == 9
-    assert data["values"] is None
+    assert data["compared"] == "bytes" and [v["equal"] for v in data["values"]] == [True] * 9
+
+
+def test_diff_compares_values_by_default(tmp_path: Path) -> None:
+    """Same keys, shapes and dtypes but one value changed: not identical, and it says what it compared."""
+    a = save_zip({"w": torch.ones(64, 64), "b": torch.zeros(3)}, tmp_path / "a.pt")
+    changed = torch.ones(64, 64)
+    changed[63, 63] = 1 + 2**-20
+    b = save_safetensors({"w": changed, "b": torch.zeros(3)}, tmp_path / "b.safetensors")
+    human = run(a, "--diff", b)
+    assert human.exit_code == 0, human.output
+    assert "identical        │ no (compared: keys, shapes, dtypes and the bytes of every common tensor)" in human.stdout
+    assert "Values differ in 1 of 2 compared tensors" in human.stdout
+    data = json.loads(run(a, "--diff", b, "--json").stdout)
+    assert (data["identical"], data["values_differ"]) == (False, 1)
+    assert data["values"] == [{"name": "w", "equal": False}, {"name": "b", "equal": True}]
+    keys = json.loads(run(a, "--diff", b, "--json", "--keys-only").stdout)
+    assert (keys["compared"], keys["values"], keys["identical"]) == ("keys", None, True)
+    numbers = json.loads(run(a, "--diff", b, "--json", "--values").stdout)
+    w = numbers["values"][0]
+    assert w["max_abs_diff"] == pytest.approx(2**-20) and w["max_rel_diff"] == pytest.approx(2**-20 / (1 + 2**-20))
+
+
+def test_diff_bytes_are_bit_exact(tmp_path: Path) -> None:
+    """-0.0 and 0.0 are equal numbers but not the same bytes; a strided view compares by element."""
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    a = save_zip({"z": torch.zeros(4), "view": base.t()}, tmp_path / "a.pt")
+    b = save_zip({"z": -torch.zeros(4), "view": base.t().contiguous()}, tmp_path / "b.pt")
+    data = json.loads(run(a, "--diff", b, "--json").stdout)
+    assert {v["name"]: v["equal"] for v in data["values"]} == {"z": False, "view": True}
 
 
 def test_diff_across_formats_as_ndjson(tmp_path: Path) -> None:
@@ -112,7 +141,7 @@ def test_diff_across_formats_as_ndjson(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in run(a, "--diff", b, "--values", "--ndjson").stdout.splitlines()]
     assert {"change": "only_in_a", "name": "only_a"} in lines
     assert {"change": "only_in_b", "name": "only_b"} in lines
-    assert {"change": "values", "name": "w", "max_abs_diff": 1.0} in lines
+    assert {"change": "values", "name": "w", "equal": False, "max_abs_diff": 1.0, "max_rel_diff": 1.0} in lines
 
 
 @pytest.mark.parametrize(("args", "message"), [

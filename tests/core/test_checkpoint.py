@@ -339,7 +339,7 @@ def test_diff_with_values(tmp_path: Path) -> None:
     a = save_zip(changed, tmp_path / "ddp.pt")
     b = save_safetensors(contiguous_copy(state), tmp_path / "plain.safetensors")
     ca, cb = open_checkpoint(a), open_checkpoint(b)
-    result = diff_state_dicts(list_checkpoint(ca), ca, list_checkpoint(cb), cb, values=True)
+    result = diff_state_dicts(list_checkpoint(ca), ca, list_checkpoint(cb), cb, compare="numbers")
     assert result.prefix.prefix == "module." and result.prefix.side == "a"
     assert result.only_in_a == ["extra"] and result.only_in_b == ["bn.bias"]
     assert result.shape_mismatches == [{"name": "head.weight", "a": [3, 4], "b": [2, 4]}]
@@ -347,6 +347,9 @@ def test_diff_with_values(tmp_path: Path) -> None:
     differences = {v["name"]: v["max_abs_diff"] for v in result.values}
     assert differences["conv.weight"] == pytest.approx(0.5, rel=1e-6)
     assert differences["bn.running_mean"] == 0
+    assert differences["conv.bias"] == 0  # float64 vs float32 of the same values: equal numbers
+    equal = {v["name"]: v["equal"] for v in result.values}
+    assert equal["bn.running_mean"] and not equal["conv.weight"] and not equal["conv.bias"]  # dtypes differ
     assert not result.identical
 
 

@@ -6,6 +6,7 @@ import collections
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -328,6 +329,65 @@ def test_bf16_cast_is_bit_exact_with_torch_and_leaves_integers(tmp_path: Path) -
             else:
                 assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
         assert report.cast == sum(1 for t in state.values() if t.is_floating_point() and t.dtype != torch_dtype)
+
+
+def _adam_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    """A training checkpoint whose Adam second moments are tiny (they underflow in float16)
+    and whose weights hold values past float16's range."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.Adam(model.parameters())
+    for _ in range(3):
+        (model(torch.randn(8, 64)) * 1e-4).sum().backward()
+        optimizer.step()
+    state = model.state_dict()
+    state["weight"][0, :4] = torch.tensor([1e-9, 7e4, -1e6, 1e-30])
+    checkpoint = {"model": state, "optimizer": optimizer.state_dict(), "epoch": 3}
+    torch.save(checkpoint, path)
+    return path, checkpoint
+
+
+def _losses(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
+    cast = tensor.to(dtype)
+    return (int(((tensor != 0) & (cast == 0)).sum()), int((torch.isfinite(tensor) & torch.isinf(cast)).sum()))
+
+
+@pytest.mark.parametrize("output", ["torch", "safetensors"])
+def test_cast_defaults_to_the_model_weights_and_counts_losses(tmp_path: Path, output: str) -> None:
+    path, checkpoint = _adam_checkpoint(tmp_path / "train.ckpt")
+    out = tmp_path / ("half.pt" if output == "torch" else "half.safetensors")
+    flatten = output == "safetensors"
+    report = convert_checkpoint(path, out, dtype="fp16", flatten=flatten, verify=True)
+    loaded = torch.load(out, weights_only=True) if output == "torch" else load_file(str(out))
+    weight = loaded["model"]["weight"] if output == "torch" else loaded["model.weight"]
+    moments = loaded["optimizer"]["state"][0]["exp_avg_sq"] if output == "torch" \
+        else loaded["optimizer.state.0.exp_avg_sq"]
+    assert weight.dtype == torch.float16 and torch.equal(weight, checkpoint["model"]["weight"].half())
+    expected_moments = checkpoint["optimizer"]["state"][0]["exp_avg_sq"]
+    assert moments.dtype == torch.float32 and torch.equal(moments, expected_moments)  # untouched
+    assert (report.cast, report.outside_cast_scope, report.cast_scope) == (2, 6, "weights")  # step, exp_avg(_sq)
+    assert report.cast_losses == [{"names": ["model.weight"], "from": "float32", "to": "float16", "numel": 4096,
+                                   "to_zero": 2, "to_inf": 2}]
+    assert _losses(checkpoint["model"]["weight"], torch.float16) == (2, 2)
+
+    everything = convert_checkpoint(path, tmp_path / f"all.{'pt' if output == 'torch' else 'safetensors'}",
+                                    dtype="fp16", cast_scope="all", flatten=flatten)
+    assert (everything.cast, everything.outside_cast_scope) == (8, 0)
+    losses = {loss["names"][0]: (loss["to_zero"], loss["to_inf"]) for loss in everything.cast_losses}
+    zeroed = _losses(expected_moments, torch.float16)
+    assert zeroed[0] > 1000 and losses["optimizer.state.0.exp_avg_sq"] == zeroed
+
+
+@pytest.mark.parametrize(("dtype", "torch_dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_cast_loss_counts_match_torch(tmp_path: Path, dtype: str, torch_dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    values = torch.cat([torch.randn(5000) * 10.0 ** torch.randint(-45, 39, (5000,)).float(),
+                        torch.tensor([0.0, -0.0, float("nan"), float("inf"), 1e-45, 3.4e38, 65520.0, 65519.0])])
+    path = save_zip({"w": values, "d": values.double()}, tmp_path / "in.pt")
+    report = convert_checkpoint(path, tmp_path / "out.pt", dtype=dtype)
+    found = {loss["names"][0]: (loss["to_zero"], loss["to_inf"]) for loss in report.cast_losses}
+    assert found["w"] == _losses(values, torch_dtype)
+    assert found["d"] == _losses(values.double(), torch_dtype)
 
 
 def test_keep_dtype_exempts_keys(tmp_path: Path) -> None:

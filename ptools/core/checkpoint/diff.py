@@ -1,4 +1,5 @@
-"""Comparing two state dicts: keys, shapes, dtypes, and optionally values.
+"""Comparing two state dicts: keys, shapes, dtypes, and the bytes of every common tensor
+(bit-exact, streamed); optionally the numeric differences.
 
 A constant prefix on one side (``module.`` from DataParallel/DDP, ``_orig_mod.`` from
 torch.compile, ``model.`` from wrappers) is detected and reported with its fix, and the
@@ -12,7 +13,15 @@ from typing import Any
 
 from ptools.core.checkpoint.listing import Listing, TensorRow
 from ptools.core.checkpoint.readers import Checkpoint
-from ptools.core.checkpoint.values import max_abs_difference, read_tensor
+from ptools.core.checkpoint.values import (
+    max_abs_difference,
+    max_relative_difference,
+    read_tensor,
+    tensors_equal,
+)
+
+# What a diff compares, from least to most work.
+COMPARE_LEVELS = ("keys", "bytes", "numbers")
 
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "module._orig_mod.", "_orig_mod.module.")
 
@@ -41,22 +50,28 @@ class StateDictDiff:
     only_in_b: list[str]
     shape_mismatches: list[dict[str, Any]]
     dtype_mismatches: list[dict[str, Any]]
+    compared: str = "bytes"
     values: list[dict[str, Any]] | None = field(default=None)
 
     @property
     def identical(self) -> bool:
-        """Same keys (after alignment), shapes and dtypes, and equal values when compared."""
+        """Same keys (after alignment), shapes and dtypes, and - unless only keys were
+        compared - equal values in every common tensor."""
         same = not (self.only_in_a or self.only_in_b or self.shape_mismatches or self.dtype_mismatches)
-        if self.values is not None:
-            same = same and all(v["max_abs_diff"] == 0 for v in self.values)
-        return same
+        return same and all(v["equal"] for v in self.values or ())
+
+    @property
+    def differing(self) -> int:
+        """Common tensors whose values differ (0 when only keys were compared)."""
+        return sum(1 for v in self.values or () if not v["equal"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "a": self.a, "b": self.b, "prefix": self.prefix.to_dict() if self.prefix else None,
-            "common": self.common, "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
-            "shape_mismatches": self.shape_mismatches, "dtype_mismatches": self.dtype_mismatches,
-            "values": self.values, "identical": self.identical,
+            "compared": self.compared, "common": self.common, "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b, "shape_mismatches": self.shape_mismatches,
+            "dtype_mismatches": self.dtype_mismatches, "values": self.values,
+            "values_differ": self.differing, "identical": self.identical,
         }
 
 
@@ -86,9 +101,20 @@ def detect_prefix(names_a: list[str], names_b: list[str], file_a: str = "A",
 
 
 def diff_state_dicts(listing_a: Listing, checkpoint_a: Checkpoint, listing_b: Listing,
-                     checkpoint_b: Checkpoint, *, values: bool = False) -> StateDictDiff:
-    """Compare two listings; with ``values``, the max absolute difference of each common
-    tensor of equal shape, read one pair at a time."""
+                     checkpoint_b: Checkpoint, *, compare: str = "bytes") -> StateDictDiff:
+    """Compare two listings, one pair of tensors at a time.
+
+    Args:
+        compare: ``keys`` - names, shapes and dtypes only (no tensor data read); ``bytes``
+            (default) - also whether each common tensor of equal shape and dtype holds the
+            same bytes; ``numbers`` - also, for each common tensor of equal shape (dtypes may
+            differ), the max absolute and relative differences.
+
+    Raises:
+        ValueError: an unknown ``compare`` level.
+    """
+    if compare not in COMPARE_LEVELS:
+        raise ValueError(f"compare must be one of {', '.join(COMPARE_LEVELS)}, not {compare!r}")
     prefix = detect_prefix([r.name for r in listing_a.rows], [r.name for r in listing_b.rows],
                            listing_a.file, listing_b.file)
 
@@ -105,12 +131,21 @@ def diff_state_dicts(listing_a: Listing, checkpoint_a: Checkpoint, listing_b: Li
             shapes.append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
         if ta.dtype != tb.dtype:
             dtypes.append({"name": name, "a": ta.dtype, "b": tb.dtype})
-        if values and ta.shape == tb.shape:
-            difference = max_abs_difference(read_tensor(checkpoint_a, ta), read_tensor(checkpoint_b, tb))
-            compared.append({"name": name, "max_abs_diff": difference})
+        if compare == "keys" or ta.shape != tb.shape:
+            continue
+        if compare == "bytes":
+            if ta.dtype == tb.dtype:
+                compared.append({"name": name, "equal": tensors_equal(checkpoint_a, ta, checkpoint_b, tb)})
+            continue
+        values_a, values_b = read_tensor(checkpoint_a, ta), read_tensor(checkpoint_b, tb)
+        absolute = max_abs_difference(values_a, values_b)
+        compared.append({"name": name, "equal": ta.dtype == tb.dtype and tensors_equal(checkpoint_a, ta, checkpoint_b, tb),
+                         "max_abs_diff": absolute,
+                         "max_rel_diff": max_relative_difference(values_a, values_b)})
     describe = lambda listing: {"file": listing.file, "format": listing.format,  # noqa: E731
                                 "state_dict_key": listing.state_dict_key, "tensors": len(listing.rows)}
     return StateDictDiff(
         a=describe(listing_a), b=describe(listing_b), prefix=prefix, common=len(common),
         only_in_a=[n for n in rows_a if n not in rows_b], only_in_b=[n for n in rows_b if n not in rows_a],
-        shape_mismatches=shapes, dtype_mismatches=dtypes, values=compared if values else None)
+        shape_mismatches=shapes, dtype_mismatches=dtypes, compared=compare,
+        values=None if compare == "keys" else compared)

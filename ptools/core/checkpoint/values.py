@@ -211,3 +211,61 @@ def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float | None:
             break
     return worst
 
+
+
+def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Largest ``|a - b| / max(|a|, |b|)`` over elements (0 where both are equal, NaN where
+    either side is NaN and the other is not); None when empty. Chunked like
+    :func:`max_abs_difference`."""
+    import numpy as np
+
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    worst: float | None = None
+    for start in range(0, flat_a.size, CHUNK_ELEMENTS):
+        kind = np.complex128 if np.iscomplexobj(flat_a) or np.iscomplexobj(flat_b) else np.float64
+        left = flat_a[start:start + CHUNK_ELEMENTS].astype(kind)
+        right = flat_b[start:start + CHUNK_ELEMENTS].astype(kind)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            relative = np.abs(left - right) / np.maximum(np.abs(left), np.abs(right))
+        relative = np.where((left == right) | (np.isnan(left) & np.isnan(right)), 0.0, relative)
+        value = float(np.nan) if np.isnan(relative).any() else float(relative.max())
+        worst = value if worst is None or math.isnan(value) or value > worst else worst
+        if math.isnan(worst):
+            break
+    return worst
+
+
+_COMPARE_BYTES = 64 << 20
+
+
+def tensors_equal(checkpoint_a: Checkpoint, a: TensorInfo, checkpoint_b: Checkpoint, b: TensorInfo) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bytes, element by element
+    (bit-exact: -0.0 differs from 0.0, a NaN equals the same NaN). Dense tensors are compared
+    by streaming their bytes in bounded pieces, without decoding them."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.numel == 0:
+        return True
+    ref_a, ref_b = a.storage, b.storage
+    if (ref_a is not None and ref_b is not None and a.is_contiguous and b.is_contiguous
+            and (ref_a.byteorder == ref_b.byteorder or ITEMSIZE[a.dtype] == 1)):
+        itemsize = ITEMSIZE[a.dtype]
+        length = a.numel * itemsize
+        start_a, start_b = a.storage_offset * itemsize, b.storage_offset * itemsize
+        for done in range(0, length, _COMPARE_BYTES):
+            size = min(_COMPARE_BYTES, length - done)
+            if checkpoint_a.read(ref_a, start_a + done, size) != checkpoint_b.read(ref_b, start_b + done, size):
+                return False
+        return True
+    import numpy as np
+
+    values_a, values_b = read_tensor(checkpoint_a, a), read_tensor(checkpoint_b, b)
+    # Same dtype on both sides, so the decoded arrays share a numpy dtype: compare their bits.
+    bits = np.dtype(f"u{values_a.dtype.itemsize}") if values_a.dtype.itemsize in (1, 2, 4, 8) else None
+    if bits is None:
+        return bool(np.array_equal(values_a, values_b, equal_nan=True))
+    left = np.ascontiguousarray(values_a).view(bits)
+    right = np.ascontiguousarray(values_b).view(bits)
+    if values_a.dtype.isnative != values_b.dtype.isnative:
+        right = right.byteswap()
+    return bool(np.array_equal(left, right))

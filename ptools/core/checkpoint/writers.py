@@ -41,8 +41,46 @@ def _as_bytes(array: Any) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
 
 
-def _encode(values: Any, dtype: str) -> memoryview:
-    """numpy values -> little-endian bytes of ``dtype`` (float32 source for bf16/fp16 casts)."""
+@dataclass
+class CastTally:
+    """What a cast did to one output tensor (or storage): values that were not zero and
+    became zero (underflow), and finite values that became infinite (overflow). Rounding to
+    the nearest representable value is what a cast is for, and is not counted."""
+
+    names: list[str]
+    source: str
+    target: str
+    numel: int = 0
+    to_zero: int = 0
+    to_inf: int = 0
+
+    @property
+    def lossy(self) -> bool:
+        return bool(self.to_zero or self.to_inf)
+
+    def add(self, before: Any, after_bits: Any, zero_mask: int, inf_bits: int) -> None:
+        """Count one chunk: ``before`` the source values, ``after_bits`` the encoded values as
+        unsigned integers, where ``bits & zero_mask == 0`` is ±0 and ``== inf_bits`` is ±inf."""
+        import numpy as np
+
+        magnitude = after_bits & after_bits.dtype.type(zero_mask)
+        self.numel += before.size
+        self.to_zero += int(np.count_nonzero((magnitude == 0) & (before != 0)))
+        self.to_inf += int(np.count_nonzero((magnitude == inf_bits) & np.isfinite(before)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": self.names, "from": self.source, "to": self.target, "numel": self.numel,
+                "to_zero": self.to_zero, "to_inf": self.to_inf}
+
+
+# Per target dtype: the unsigned view of its bits, the mask that clears the sign, and ±inf.
+_TALLY_BITS = {"float16": ("<u2", 0x7FFF, 0x7C00), "bfloat16": ("<u2", 0x7FFF, 0x7F80),
+               "float32": ("<u4", 0x7FFFFFFF, 0x7F800000)}
+
+
+def _encode(values: Any, dtype: str, tally: CastTally | None = None, original: Any = None) -> memoryview:
+    """numpy values -> little-endian bytes of ``dtype`` (float32 source for bf16/fp16 casts);
+    ``tally`` counts the ``original`` values (before any widening) lost to underflow or overflow."""
     import numpy as np
 
     if dtype == "bfloat16":
@@ -55,13 +93,19 @@ def _encode(values: Any, dtype: str) -> memoryview:
         nan = np.isnan(values)
         if nan.any():
             rounded[nan] = (bits[nan] >> np.uint32(16)) | np.uint32(0x40)
-        return _as_bytes(rounded.astype("<u2"))
-    codes = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
-    with np.errstate(over="ignore"):  # out-of-range values become ±inf, as in torch
-        return _as_bytes(np.asarray(values).astype(codes[dtype], copy=False))
+        encoded = rounded.astype("<u2")
+    else:
+        codes = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
+        with np.errstate(over="ignore"):  # out-of-range values become ±inf, as in torch
+            encoded = np.asarray(values).astype(codes[dtype], copy=False)
+    if tally is not None and dtype in _TALLY_BITS:
+        view, zero_mask, inf_bits = _TALLY_BITS[dtype]
+        tally.add(np.asarray(values if original is None else original), np.ascontiguousarray(encoded).view(view),
+                  zero_mask, inf_bits)
+    return _as_bytes(encoded)
 
 
-def encode_values(values: Any, dtype: str) -> memoryview | bytes:
+def encode_values(values: Any, dtype: str, tally: CastTally | None = None) -> memoryview | bytes:
     """Values as read by :func:`~ptools.core.checkpoint.values.read_tensor` -> dense
     little-endian bytes of ``dtype`` (exact when the values came from that dtype)."""
     import numpy as np
@@ -69,23 +113,23 @@ def encode_values(values: Any, dtype: str) -> memoryview | bytes:
     values = np.ascontiguousarray(values)
     if dtype in CASTABLE:
         return _encode(values.astype(np.float32, copy=False) if dtype in ("float16", "bfloat16") else values,
-                       dtype)
+                       dtype, tally, values)
     if dtype in ("float8_e4m3fn", "float8_e5m2", "complex32"):
         raise BadInputError(f"writing {dtype} values gathered from chunks or strided views is not supported")
     return values.astype(values.dtype.newbyteorder("<")).tobytes()
 
 
-def cast_bytes(raw: bytes, source: str, target: str, byteorder: str = "little") -> memoryview:
+def cast_bytes(raw: bytes, source: str, target: str, byteorder: str = "little",
+               tally: CastTally | None = None) -> memoryview:
     """Cast raw storage bytes between floating dtypes the way torch's ``.to(dtype)`` does
     (via float32 for half-precision targets, rounding to nearest even)."""
     import numpy as np
 
     from ptools.core.checkpoint.values import decode
 
-    values = decode(raw, source, byteorder)
-    if target in ("float16", "bfloat16"):
-        values = values.astype(np.float32, copy=False)
-    return _encode(values, target)
+    original = decode(raw, source, byteorder)
+    values = original.astype(np.float32, copy=False) if target in ("float16", "bfloat16") else original
+    return _encode(values, target, tally, original)
 
 
 def _little_endian(raw: bytes, dtype: str, byteorder: str) -> bytes:
@@ -106,6 +150,7 @@ class OutputStorage:
     tensor: TensorInfo  # a tensor of this storage (all share dtype and storage)
     dtype: str          # output dtype
     location: str
+    tally: CastTally | None = None  # filled while a cast storage is written
 
     @property
     def source_dtype(self) -> str:
@@ -132,14 +177,14 @@ class OutputStorage:
         for start in range(0, ref.size_bytes, step):
             raw = self.source_checkpoint.read(ref, start, min(step, ref.size_bytes - start))
             if self.dtype != self.source_dtype:
-                yield cast_bytes(raw, self.source_dtype, self.dtype, ref.byteorder)
+                yield cast_bytes(raw, self.source_dtype, self.dtype, ref.byteorder, self.tally)
             else:
                 yield _little_endian(raw, self.source_dtype, ref.byteorder)
 
     def _assembled(self) -> Iterator[bytes]:
         from ptools.core.checkpoint.values import read_tensor
 
-        yield encode_values(read_tensor(self.source_checkpoint, self.tensor), self.dtype)
+        yield encode_values(read_tensor(self.source_checkpoint, self.tensor), self.dtype, self.tally)
 
 
 def prefetched(pieces: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -393,6 +438,7 @@ class SafetensorsEntry:
     checkpoint: Checkpoint
     tensor: TensorInfo
     dtype: str
+    tally: CastTally | None = None  # filled while a cast tensor is written
 
     @property
     def nbytes(self) -> int:
@@ -411,13 +457,13 @@ class SafetensorsEntry:
             step = max(itemsize, COPY_CHUNK_BYTES // itemsize * itemsize)
             for start in range(0, length, step):
                 raw = self.checkpoint.read(ref, begin + start, min(step, length - start))
-                yield (cast_bytes(raw, source, self.dtype, ref.byteorder) if self.dtype != source
+                yield (cast_bytes(raw, source, self.dtype, ref.byteorder, self.tally) if self.dtype != source
                        else _little_endian(raw, source, ref.byteorder))
             return
         from ptools.core.checkpoint.values import read_tensor
 
         # A strided view: gather its elements (one tensor in memory), then encode densely.
-        yield encode_values(read_tensor(self.checkpoint, tensor), self.dtype)
+        yield encode_values(read_tensor(self.checkpoint, tensor), self.dtype, self.tally)
 
 
 def safetensors_header(entries: list[SafetensorsEntry], metadata: dict[str, str]) -> bytes:

@@ -1,0 +1,66 @@
+"""Usage errors: a value outside an option's choices, or a malformed value, exits 2 with the
+allowed values, before any work; --help lists the choices."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from ptools.cli.app import app
+
+runner = CliRunner()
+
+
+def flat(text: str) -> str:
+    """Typer's boxed error as one line of words."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+CHOICES = [
+    (["nms", "x.json", "--method", "sfot"], "'hard', 'and', 'merge', 'diou', 'soft'"),
+    (["nms", "x.json", "--soft-fn", "cosine"], "'gaussian', 'linear'"),
+    (["nms", "x.json", "--box-format", "yolo"], "'xywh', 'xyxy', 'cxcywh'"),
+    (["nms", "x.json", "--output-format", "csv"], "'json', 'jsonl'"),
+    (["nms", "x.json", "--device", "tpu"], "'cpu', 'cuda'"),
+    (["gpu-info", "--select", "1", "--order", "fastest"], "'free-memory', 'utilization', 'index'"),
+    (["freeze", "resnet18", "--layers", "layer1", "--bn", "freeze"], "'frozen', 'eval', 'none'"),
+    (["summary", "resnet18", "--dtype", "int8"], "'float32', 'float16', 'bfloat16', 'float64'"),
+    (["summary", "resnet18", "--mode", "training"], "'eval', 'train'"),
+    (["summary", "resnet18", "--format", "torchinfo"], "'table', 'torchsummary'"),
+    (["convert-ckpt", "a.pt", "b.pt", "--dtype", "fp8"], "'fp16', 'bf16', 'fp32'"),
+    (["convert-ckpt", "a.pt", "b.pt", "--format", "onnx"], "'torch', 'safetensors'"),
+    (["convert-ckpt", "a.pt", "b.pt", "--cast-scope", "some"], "'weights', 'all'"),
+]
+
+MALFORMED = [
+    (["summary", "resnet18", "--device", "tpu"], "unknown device 'tpu'; choose cpu, meta, cuda or cuda:N"),
+    (["summary", "resnet18", "--input-size", "3,a"], "is not a list of integers"),
+    (["count-params", "resnet18", "--kwargs", "{oops"], "--kwargs is not valid JSON"),
+    (["gpu-info", "--select", "1", "--min-free-memory", "lots"], "invalid size 'lots'"),
+    (["convert-ckpt", "a.pt", "b", "--shard-size", "lots"], "invalid size 'lots'"),
+    (["convert-ckpt", "a.pt", "b.pt", "--map-location", "cuda:x"], "is not a device"),
+]
+
+
+@pytest.mark.parametrize(("args", "allowed"), CHOICES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_unknown_choice_is_exit_2_listing_the_choices(args: list[str], allowed: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"is not one of {allowed}" in flat(result.stderr)
+
+
+@pytest.mark.parametrize(("args", "message"), MALFORMED, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_malformed_value_is_exit_2(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in flat(result.stderr)
+
+
+@pytest.mark.parametrize(("args", "allowed"), CHOICES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_help_lists_the_choices(args: list[str], allowed: str) -> None:
+    option = next(a for a in args if a.startswith("--") and a not in ("--layers", "--select"))
+    listed = "|".join(value.strip("'") for value in allowed.split(", "))
+    help_text = flat(runner.invoke(app, [args[0], "--help"], env={"COLUMNS": "300"}).stdout)
+    assert re.search(re.escape(option) + r" +<" + re.escape(listed), help_text), help_text
