@@ -70,8 +70,10 @@ def render(data: dict[str, Any]) -> list[Any]:
     """Rich renderables for a count (the same data --json prints)."""
     from ptools.core.models import human
 
-    def number(value: int | None) -> str | None:
-        return None if value is None else f"{value:,} ({human(value)})"
+    def number(value: int | None) -> str:
+        if value is None:
+            return "unknown (a state dict does not record requires_grad)"
+        return f"{value:,}" + (f" ({human(value)})" if value >= 1000 else "")
 
     rows = [("parameters", number(data["total"])), ("trainable", number(data["trainable"])),
             ("frozen", number(data["frozen"])), ("buffers", number(data["buffers"])),

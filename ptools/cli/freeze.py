@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any
 
 import typer
@@ -55,6 +56,8 @@ def command(
     if dry_run and (out or trainable_out):
         raise BadInputError("--dry-run writes nothing; drop --out/--trainable-out or --dry-run")
     model = models.load_model(model_spec, models.parse_kwargs(kwargs), trust=trust)
+    # Refused before any work when the saved module could not be loaded back.
+    folders = models.user_code_folders(model) if out else []
     weights_report = models.load_weights(model, weights, strict=strict, trust=trust) if weights else None
     report = models.freeze(model, models.iter_patterns(layers), models.iter_patterns(except_), bn=bn, dry_run=dry_run)
     data = report.to_dict()
@@ -64,10 +67,20 @@ def command(
         import torch
 
         write_atomically(out, lambda handle: torch.save(model, handle))
+        data["saved"] = {"file": out, "pythonpath": folders,
+                         "load": f"torch.load({out!r}, weights_only=False)"}
     if trainable_out:
         names = models.trainable_names(model)
         write_atomically(trainable_out, lambda handle: handle.write(json.dumps(names, indent=2).encode()))
     output.emit(data, json_output, render)
+    if out and not json_output:
+        where = f" with {os.pathsep.join(folders)} on sys.path (e.g. PYTHONPATH={os.pathsep.join(folders)})" \
+            if folders else ""
+        output.info(f"saved {out}: the whole module, pickled; load it with torch.load({out!r}, "
+                    f"weights_only=False){where}, or ptools --trust. It needs ptools installed (FrozenBatchNorm)"
+                    if data["batchnorm_replaced"] else
+                    f"saved {out}: the whole module, pickled; load it with torch.load({out!r}, "
+                    f"weights_only=False){where}, or ptools --trust")
 
 
 def render(data: dict[str, Any]) -> list[Any]:

@@ -80,6 +80,9 @@ def command(
     output.info(f"state dict: {listing.state_dict_key or '(top level)'} — {listing.state_dict_how}")
     for note in listing.notes:
         output.info(f"note: {note}")
+    if name_filter is not None and not listing.rows:
+        output.warn(f"--filter {name_filter!r} matches none of the {listing.filtered_out} tensor names "
+                    "(a Python regular expression, searched anywhere in each name)")
 
     if diff is not None:
         other = core.open_checkpoint(diff, trust=trust)

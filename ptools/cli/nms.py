@@ -39,8 +39,10 @@ def command(
                                              help="Where to write the kept detections; - for stdout.")] = "-",
     method: Annotated[NmsMethod, typer.Option(
         "--method", help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft.")] = "hard",
-    iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0,
-                                       help="Suppress when IoU (DIoU for diou) > this.")] = 0.5,
+    iou: Annotated[float | None, typer.Option(
+        "--iou", min=0.0, max=1.0, show_default="0.5",
+        help="Suppress when IoU (DIoU for diou) > this; soft with --soft-fn linear decays above it; "
+             "gaussian Soft-NMS has no threshold (use --sigma).")] = None,
     score_thr: Annotated[float | None, typer.Option(
         "--score-thr", metavar="S",
         help="Drop detections with score <= S before NMS; for soft also the cut-off after decay "
@@ -61,6 +63,8 @@ def command(
         help="COCO ground truth: print AP, AP50, AP75, AR@100 of input and output (pycocotools) on stderr.")] = None,
     device: Annotated[NmsDevice, typer.Option("--device", help="cpu (default, fastest here) or cuda "
                                                          "(hard NMS with torchvision's kernel).")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Replace the -o FILE if it exists (never the input).")
+                     ] = False,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print the summary (counts per class, time, evaluation) as JSON on stdout; "
                        "needs -o FILE for the detections.")] = False,
@@ -68,6 +72,9 @@ def command(
     from ptools.core import detections as core
 
     started = time.perf_counter()
+    if iou is not None and method == "soft" and soft_fn == "gaussian":
+        raise BadInputError("--iou has no effect on gaussian Soft-NMS (every overlap decays the score by "
+                            "exp(-IoU^2 / sigma))", "tune --sigma, or use --soft-fn linear, which decays above --iou")
     if json_output and destination == "-":
         raise BadInputError("--json prints the summary on stdout; write the detections with -o FILE")
     if destination != "-" and source != "-" and os.path.exists(destination) and os.path.samefile(source, destination):
@@ -75,6 +82,8 @@ def command(
     if destination != "-" and os.path.lexists(destination) and path_kind(destination) != "file":
         raise BadInputError(f"--output {destination}: {path_kind(destination)}; -o takes a file path",
                             "name the output file, e.g. out.json")
+    if destination != "-" and os.path.lexists(destination) and not force:
+        raise BadInputError(f"--output {destination} exists", "pass --force to replace it, or choose another path")
     if eval_path is not None:
         require_regular_file(eval_path, "ground-truth file")
     data = _read(source)
@@ -84,7 +93,8 @@ def command(
     # soft and merge rewrite score/bbox in place; evaluating the input needs the originals.
     rewrites = core.nms_core.canonical_method(method) in ("soft", "merge")
     before = [dict(r) if isinstance(r, dict) else r for r in records] if eval_path and rewrites else None
-    kept, report = core.run_nms(detections, method=method, iou_threshold=iou, score_threshold=score_thr,
+    kept, report = core.run_nms(detections, method=method, iou_threshold=0.5 if iou is None else iou,
+                                score_threshold=score_thr,
                                 soft_fn=soft_fn, sigma=sigma, max_det=max_det, agnostic=agnostic,
                                 box_format=box_format, device=device)
     if eval_path is not None:
@@ -122,7 +132,7 @@ def _read(source: str) -> bytes:
 def _summary(data: dict[str, Any]) -> None:
     """One line always; a per-class table and the evaluation on a terminal or with --eval."""
     skipped = f" ({data['skipped']} invalid skipped)" if data["skipped"] else ""
-    output.info(f"nms {data['method']} (iou > {data['iou_threshold']:g}): {data['images']} images, "
+    output.info(f"nms {data['method']} ({data['rule']}): {data['images']} images, "
                 f"{data['detections_in']:,} → {data['detections_out']:,} detections{skipped}, "
                 f"{data['seconds']:.2f} s")
     if sys.stderr.isatty() and data["per_class"]:

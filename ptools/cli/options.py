@@ -36,9 +36,22 @@ NdjsonOption = Annotated[
     bool, typer.Option("--ndjson", help="Print one JSON object per line (per tensor), for streaming into jq.")
 ]
 
+def _trusting(value: bool) -> bool:
+    """With --trust, classes a file names are imported as ``torch.load`` in ``python -c`` would
+    find them: the current folder joins the end of ``sys.path`` (never ahead of installed
+    packages)."""
+    if value:
+        import os
+        import sys
+
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+    return value
+
+
 TrustOption = Annotated[
     bool, typer.Option(
-        "--trust",
+        "--trust", callback=_trusting,
         help="Allow pickled objects outside the safe allowlist. This RUNS CODE from the file: "
              "only for files you made or trust.")
 ]

@@ -69,23 +69,76 @@ def command(
     weights_report = models.load_weights(model, weights, strict=strict, trust=trust) if weights else None
     torch_dtype = getattr(torch, dtype)
     model = model.to(device=device, dtype=torch_dtype)  # ptools made this model: it may move it
+    if not sizes and input_spec is None:
+        args, call_kwargs, where = _default_inputs(model_spec, model, batch_size, torch.device(device), torch_dtype)
+        sizes = [tuple(a.shape[1:]) for a in args] if output_format == "torchsummary" else sizes
+        output.info(f"input: {where} (--input-size or --input-spec to choose another)")
+    else:
+        args = call_kwargs = None
     if output_format == "torchsummary":
         if input_spec is not None or not sizes:
             raise BadInputError("--format torchsummary takes --input-size (it cannot feed kwargs or dicts)")
         sys.stdout.write(core.torchsummary_text(model, sizes, batch_size, device.split(":")[0]))
         return
-    args, call_kwargs = core.make_inputs(sizes, batch_size, input_spec, torch.device(device), torch_dtype)
+    if args is None:
+        args, call_kwargs = core.make_inputs(sizes, batch_size, input_spec, torch.device(device), torch_dtype)
     result = core.summarize(model, args, call_kwargs, mode=mode, name=model_spec)
     data = result.to_dict()
     if weights_report is not None:
         data["weights"] = weights_report.to_dict()
     output.emit(data, json_output, lambda shown: render(shown, depth))
+    if not json_output:
+        for note in data["notes"]:
+            output.info(f"note: {note}")
 
 
-def _count(value: int) -> str:
+def _default_inputs(spec: str, model: Any, batch_size: int, device: Any, dtype: Any
+                    ) -> tuple[list[Any], dict[str, Any], str]:
+    """Inputs when none are given: an exported program's own example inputs, or the input size
+    a library model's published weights were made for.
+
+    Raises:
+        BadInputError: nothing is known; the user must say.
+    """
+    import torch
+
+    from ptools.core import models
+
+    example = getattr(model, "ptools_example_inputs", None)
+    if example is not None:
+        args, kwargs = example
+        move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) \
+            if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return [move(a) for a in args], {k: move(v) for k, v in kwargs.items()}, \
+            "the example inputs stored in the exported program"
+    known = models.default_input_size(spec, model)
+    if known is None:
+        raise BadInputError("give --input-size (e.g. 3,224,224) or --input-spec",
+                            "no input size is published for this model")
+    size, where = known
+    return [torch.randn((batch_size, *size), device=device, dtype=dtype)], {}, \
+        f"{'x'.join(map(str, size))}, {where}"
+
+
+def _count(value: int | None) -> str:
     from ptools.core.models import human
 
+    if value is None:
+        return "?"
     return f"{value:,}" if value < 1000 else f"{human(value)}"
+
+
+def _shapes(row: dict[str, Any]) -> str:
+    """Output shapes of a module: one shape, or each distinct one, with the number of calls."""
+    from ptools.core.summary import SHAPES_KEPT, shape_text
+
+    shapes = row["outputs"]
+    if not shapes:
+        return "-"
+    text = " | ".join(shape_text(shape) for shape in shapes)
+    if len(shapes) == SHAPES_KEPT:
+        text += " | …"
+    return text if row["calls"] <= 1 else f"{text} ({row['calls']} calls)"
 
 
 def render(data: dict[str, Any], depth: int) -> list[Any]:
@@ -97,8 +150,8 @@ def render(data: dict[str, Any], depth: int) -> list[Any]:
     for row in data["rows"]:
         if not (0 < row["depth"] <= depth and (row["calls"] or row["parameters"])):
             continue
-        share = f"{100 * row['macs'] / totals['macs']:.1f}%" if totals["macs"] else "-"
-        rows.append(("  " * (row["depth"] - 1) + row["name"], row["type"], shape_text(row["output"]),
+        share = f"{100 * row['macs'] / totals['macs']:.1f}%" if totals["macs"] and row["macs"] is not None else "-"
+        rows.append(("  " * (row["depth"] - 1) + row["name"], row["type"], _shapes(row),
                      _count(row["parameters"]), _count(row["trainable"]), _count(row["macs"]),
                      _count(row["flops"]), share))
     renderables: list[Any] = [output.make_table(
@@ -110,12 +163,14 @@ def render(data: dict[str, Any], depth: int) -> list[Any]:
         ("trainable / non-trainable", f"{totals['trainable']:,} / {totals['non_trainable']:,}"),
         ("buffers", f"{totals['buffers']:,}"),
         ("parameter memory", format_bytes(totals["parameter_bytes"])),
-        ("activation memory (estimate)", format_bytes(totals["activation_bytes"])),
+        ("activation memory (estimate)", "unknown" if totals["activation_bytes"] is None
+         else format_bytes(totals["activation_bytes"])),
         ("input size", format_bytes(totals["input_bytes"])),
         ("MACs", f"{totals['macs']:,} ({totals['macs'] / 1e9:.3f} G)"),
         ("FLOPs (2 × MACs)", f"{totals['flops']:,} ({totals['flops'] / 1e9:.3f} G)"),
         ("output", shape_text(data["output"])),
     ]
-    renderables.append(output.make_table("Totals (memory in MiB = 2^20 bytes)", ["", "value"], summary_rows))
+    renderables.append(output.make_table("Totals (KiB, MiB, GiB = 2^10, 2^20, 2^30 bytes)", ["", "value"],
+                                         summary_rows))
     renderables += output.weights_report_lines(data.get("weights"))
     return renderables

@@ -453,7 +453,7 @@ def convert_checkpoint(
     report = ConversionReport(input=src, output=dst, input_format=checkpoint.format,
                               output_format=kind, state_dict_key=path, state_dict_how=how, dry_run=dry_run,
                               bytes_in=checkpoint.size_bytes, cast_scope=cast_scope)
-    report.notes += notes_for_report
+    report.notes += [*checkpoint.notes, *notes_for_report]
     stale = stale_temporaries(dst)
     if stale:
         report.notes.append(f"{len(stale)} temporary file(s) from an interrupted earlier run: "

@@ -244,6 +244,7 @@ class NmsFileReport:
 
     method: str
     iou_threshold: float
+    rule: str  # what was applied, e.g. "IoU > 0.5" or "gaussian decay s *= exp(-IoU^2 / 0.5)"
     images: int
     detections_in: int
     detections_out: int
@@ -256,6 +257,16 @@ class NmsFileReport:
         from dataclasses import asdict
 
         return asdict(self)
+
+
+def _rule(method: str, iou: float, soft_fn: str, sigma: float, score_threshold: float | None) -> str:
+    """The suppression rule a method applied, in words: what --iou does (or not) for it."""
+    if method == "soft":
+        cut = nms_core.DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold
+        decay = (f"gaussian decay s *= exp(-IoU^2 / {sigma:g})" if soft_fn == "gaussian"
+                 else f"linear decay s *= 1 - IoU where IoU > {iou:g}")
+        return f"{decay}, kept while s > {cut:g}"
+    return f"{'DIoU' if method == 'diou' else 'IoU'} > {iou:g}"
 
 
 def run_nms(
@@ -309,7 +320,8 @@ def run_nms(
     counts_in = np.bincount(detections.categories, minlength=len(detections.category_ids))
     counts_out = np.bincount(detections.categories[kept_rows], minlength=len(detections.category_ids))
     report = NmsFileReport(
-        method=name, iou_threshold=iou_threshold, images=detections.image_count,
+        method=name, iou_threshold=iou_threshold, rule=_rule(name, iou_threshold, soft_fn, sigma, score_threshold),
+        images=detections.image_count,
         detections_in=len(records), detections_out=len(output), skipped=detections.skipped,
         per_class={str(c): [int(a), int(b)] for c, a, b in zip(detections.category_ids, counts_in, counts_out)})
     report.seconds = time.perf_counter() - started

@@ -107,15 +107,7 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
         raise BadInputError(f"cannot read model spec {spec!r}",
                             "use a torchvision name, timm:NAME, package.module:factory or file.py:Class")
     if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise BadInputError(f"{target}: no such file")
-        module_name = "_ptools_user_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(target))[0])
-        loader_spec = importlib.util.spec_from_file_location(module_name, target)
-        module = importlib.util.module_from_spec(loader_spec)
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as failure:
-            raise BadInputError(f"error inside {target}: {type(failure).__name__}: {failure}") from failure
+        module = _import_user_file(target)
     else:
         try:
             module = importlib.import_module(target)
@@ -132,6 +124,76 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
     return model
 
 
+def _import_user_file(path: str) -> Any:
+    """Import ``path/to/models.py`` as the module ``models``, as ``python`` run from its folder
+    would, so that a model built from it pickles as ``models.Net`` and loads back wherever
+    that folder is on ``sys.path``. The folder joins the end of ``sys.path`` (siblings it
+    imports are found; installed packages are not shadowed). When the name is taken by
+    another module, the file is imported under a private name: it then cannot be pickled
+    (:func:`user_code_folders` says so)."""
+    import sys
+
+    if not os.path.isfile(path):
+        raise BadInputError(f"{path}: no such file")
+    folder = os.path.dirname(os.path.abspath(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = stem
+    if not stem.isidentifier() or _is_taken(stem, os.path.abspath(path)):
+        name = "_ptools_user_" + re.sub(r"\W", "_", stem)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module  # pickle finds classes through sys.modules
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as failure:
+        del sys.modules[name]
+        raise BadInputError(f"error inside {path}: {type(failure).__name__}: {failure}") from failure
+    if name == stem:
+        _USER_FILE_FOLDERS[name] = folder
+    return module
+
+
+def _is_taken(name: str, path: str) -> bool:
+    """Whether ``import name`` already means some other module than the file at ``path``."""
+    import sys
+
+    existing = sys.modules.get(name)
+    if existing is not None:
+        return os.path.abspath(getattr(existing, "__file__", "") or "") != path
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return True
+    return found is not None and os.path.abspath(found.origin or "") != path
+
+
+def user_code_folders(model: Any) -> list[str]:
+    """The folders that must be on ``sys.path`` for a whole pickled ``model`` to load back:
+    those of the user files (``file.py:Class`` specs) its modules' classes come from.
+
+    Raises:
+        BadInputError: a class comes from a user file imported under a private name (its
+            own name is taken by another module): the pickle could not load back.
+    """
+    folders = []
+    for module in model.modules():
+        module_name = type(module).__module__
+        if module_name.startswith("_ptools_user_"):
+            raise BadInputError(f"{type(module).__name__} comes from a file whose module name is taken by another "
+                                "module, so a pickled model could not be loaded back",
+                                "rename the file, or save the weights instead (--trainable-out names, or a "
+                                "state dict)")
+        folder = _USER_FILE_FOLDERS.get(module_name)
+        if folder is not None and folder not in folders:
+            folders.append(folder)
+    return folders
+
+
+_USER_FILE_FOLDERS: dict[str, str] = {}  # module name -> folder, for user files imported by name
+
+
 _MODEL_FILE_EXTENSIONS = (".pt2", ".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".jit", ".ts")
 
 
@@ -141,7 +203,7 @@ def _load_model_file(path: str, trust: bool) -> Any:
     if path.endswith(".pt2"):
         from ptools.core.checkpoint.exported import load_exported_program
 
-        return load_exported_program(path, trust).module()
+        return _exported_module(load_exported_program(path, trust))
     from ptools.core.checkpoint import open_checkpoint
 
     try:
@@ -154,13 +216,85 @@ def _load_model_file(path: str, trust: bool) -> Any:
             raise BadInputError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module") from None
         return model
     if checkpoint.format == "torchscript":
+        import warnings
+
         try:
-            return torch.jit.load(path, map_location="cpu")
+            with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript; its files still exist
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(path, map_location="cpu")
         except Exception as failure:  # torch's own (restricted) unpickler refused a tampered archive
             message = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
             raise BadInputError(f"{path}: not a loadable TorchScript archive ({message[:200]})") from None
     raise BadInputError(f"{path} is a checkpoint ({checkpoint.format}), not a model",
                         "name the model (e.g. resnet50) and pass the file with --weights")
+
+
+def _exported_module(program: Any) -> Any:
+    """An ExportedProgram as a module with its original hierarchy (``torch.export.unflatten``:
+    submodules keep their names, so hooks, per-module counts and ``train()`` work), carrying
+    the original class names and the program's example inputs."""
+    import torch
+
+    try:
+        module = torch.export.unflatten(program)
+    except Exception:  # programs unflatten cannot rebuild still run flat, as one module
+        return program.module()
+    types: dict[str, str] = {}
+    for node in program.graph.nodes:
+        for fqn, class_path in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(fqn, str) and isinstance(class_path, str):
+                types.setdefault(fqn, class_path.rpartition(".")[2])
+    module.ptools_module_types = types
+    module.ptools_example_inputs = program.example_inputs
+    return module
+
+
+def module_type(model: Any, name: str, module: Any) -> str:
+    """The class name to show for submodule ``name``: the original class for TorchScript
+    (``original_name``) and exported programs, else ``type(module).__name__``."""
+    names = getattr(model, "ptools_module_types", None)
+    if names and name in names:
+        return names[name]
+    original = getattr(module, "original_name", None)
+    if isinstance(original, str) and type(module).__name__ == "RecursiveScriptModule":
+        return original
+    return type(module).__name__
+
+
+def default_input_size(spec: str, model: Any) -> tuple[tuple[int, ...], str] | None:
+    """The input size (without batch) a library model's published weights were made for, and
+    where it comes from: torchvision's image classification weights (the crop size of
+    ``weights.transforms()``; for ViTs the weights matching the model's ``image_size``) and
+    segmentation weights (their resize size); timm's ``pretrained_cfg["input_size"]``. None
+    when nothing is published (detection, video and optical-flow models take other inputs).
+    """
+    config = getattr(model, "pretrained_cfg", None)
+    if isinstance(config, dict) and isinstance(config.get("input_size"), (tuple, list)):
+        size = tuple(int(v) for v in config["input_size"])
+        return size, f"timm's pretrained_cfg input_size for {type(model).__name__}"
+    prefix, _, rest = spec.partition(":")
+    if not is_library_model(spec) or prefix == "timm":
+        return None
+    import torchvision
+
+    name = rest if prefix == "torchvision" else spec
+    try:
+        choices = list(torchvision.models.get_model_weights(name))
+        default = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return None
+    built = getattr(model, "image_size", None)  # ViTs are built for one size
+    for weights in [default, *choices]:
+        transforms = weights.transforms()
+        kind = type(transforms).__name__
+        crop = getattr(transforms, "crop_size", None)
+        side = crop[0] if kind == "ImageClassification" and crop else None
+        if kind == "SemanticSegmentation" and getattr(transforms, "resize_size", None):
+            side = transforms.resize_size[0]
+        if side is None or (isinstance(built, int) and built != side):
+            continue
+        return (3, side, side), f"the {'crop' if crop else 'resize'} size of {type(weights).__name__}.{weights.name}"
+    return None
 
 
 def whole_model_refused(path: str, failure: UnsafeFileError) -> UnsafeFileError:
@@ -260,8 +394,8 @@ class ParameterCount:
     """Parameters and buffers of a model (tied parameters counted once)."""
 
     total: int
-    trainable: int
-    frozen: int
+    trainable: int | None  # None: a state dict does not record requires_grad
+    frozen: int | None
     buffers: int
     parameter_bytes: int
     buffer_bytes: int
@@ -289,7 +423,7 @@ def count_model(model: Any, depth: int = 1) -> ParameterCount:
         if not name or level > depth:
             continue
         own = list(module.parameters())
-        modules.append({"name": name, "type": type(module).__name__, "depth": level,
+        modules.append({"name": name, "type": module_type(model, name, module), "depth": level,
                         "parameters": sum(p.numel() for p in own),
                         "trainable": sum(p.numel() for p in own if p.requires_grad),
                         "buffers": sum(b.numel() for b in module.buffers())})
@@ -310,7 +444,11 @@ def count_checkpoint(path: str, key: str | None = "auto", depth: int = 1, trust:
 
     listing = list_checkpoint(open_checkpoint(path, trust=trust), key=key)
     seen: set[Any] = set()
-    total = buffers = parameter_bytes = buffer_bytes = 0
+    total = buffers = parameter_bytes = buffer_bytes = trainable = 0
+    # Pickled nn.Parameters (a whole module, read with trust) record requires_grad; the
+    # detached tensors of a state dict do not.
+    knows_grad = any(row.kind != "buffer" for row in listing.rows) and all(
+        row.tensor.is_parameter for row in listing.rows if row.kind != "buffer")
     by_dtype: dict[str, int] = {}
     prefixes: dict[str, dict[str, Any]] = {}
     for row in listing.rows:
@@ -321,19 +459,25 @@ def count_checkpoint(path: str, key: str | None = "auto", depth: int = 1, trust:
             continue
         seen.add(identity)
         parts = row.name.split(".")
+        grad = row.kind != "buffer" and tensor.requires_grad
         for level in range(1, min(depth, len(parts) - 1) + 1):
             prefix = ".".join(parts[:level])
             entry = prefixes.setdefault(prefix, {"name": prefix, "type": None, "depth": level, "parameters": 0,
-                                                 "trainable": None, "buffers": 0})
+                                                 "trainable": 0 if knows_grad else None, "buffers": 0})
             entry["buffers" if row.kind == "buffer" else "parameters"] += tensor.numel
+            if knows_grad and grad:
+                entry["trainable"] += tensor.numel
         if row.kind == "buffer":
             buffers += tensor.numel
             buffer_bytes += tensor.nbytes
         else:
             total += tensor.numel
+            trainable += tensor.numel if grad else 0
             parameter_bytes += tensor.nbytes
             by_dtype[tensor.dtype] = by_dtype.get(tensor.dtype, 0) + tensor.numel
-    return ParameterCount(total=total, trainable=total, frozen=0, buffers=buffers, parameter_bytes=parameter_bytes,
+    return ParameterCount(total=total, trainable=trainable if knows_grad else None,
+                          frozen=total - trainable if knows_grad else None, buffers=buffers,
+                          parameter_bytes=parameter_bytes,
                           buffer_bytes=buffer_bytes, by_dtype=by_dtype, modules=list(prefixes.values()),
                           inferred_from_names=listing.kinds_inferred, source="checkpoint")
 

@@ -16,6 +16,7 @@ from ptools.core.choices import SummaryDtype, values
 from ptools.errors import BadInputError
 
 DTYPES = values(SummaryDtype)
+SHAPES_KEPT = 16  # distinct output shapes kept per module (an RNN cell may run thousands of times)
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:
@@ -140,12 +141,13 @@ class LayerRow:
     name: str
     type: str
     depth: int
-    output: Any
+    output: Any  # the first call's output shapes (None: not called, or not observable)
     parameters: int
     trainable: int
-    macs: int
-    flops: int
+    macs: int | None  # None: not observable (a submodule of a TorchScript module)
+    flops: int | None
     calls: int
+    outputs: list[Any] = field(default_factory=list)  # distinct output shapes, in call order
 
 
 @dataclass
@@ -160,10 +162,11 @@ class ModelSummary:
     output: Any
     rows: list[LayerRow]
     totals: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
     units: dict[str, str] = field(default_factory=lambda: {
         "macs": "multiply-accumulates of matmul, linear, convolution and attention ops",
         "flops": "2 x MACs (torch.utils.flop_counter); elementwise ops are not counted",
-        "bytes": "bytes; human output in MiB (2^20 bytes)",
+        "bytes": "bytes; human output in KiB/MiB/GiB (2^10/2^20/2^30 bytes)",
         "activation_bytes": "estimate: sum of the outputs of leaf modules"})
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,6 +201,8 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ptools.core.models import module_type
+
     if mode not in ("eval", "train"):
         raise BadInputError(f"unknown mode {mode!r}; choose one of: eval, train")
     kwargs = kwargs or {}
@@ -205,7 +210,7 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
     saved_buffers = {key: value.detach().clone() for key, value in model.state_dict(keep_vars=True).items()
                      if not isinstance(value, torch.nn.Parameter) and value.device.type != "meta"} \
         if mode == "train" else {}
-    outputs: dict[str, Any] = {}
+    outputs: dict[str, list[Any]] = {}
     calls: dict[str, int] = {}
     leaf_bytes = [0]
     names = {module: module_name for module_name, module in model.named_modules()}
@@ -216,11 +221,17 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
         if module_name is None:
             return
         calls[module_name] = calls.get(module_name, 0) + 1
-        outputs.setdefault(module_name, describe(output))
+        shapes = outputs.setdefault(module_name, [])
+        if len(shapes) < SHAPES_KEPT:
+            shape = describe(output)
+            if shape not in shapes:
+                shapes.append(shape)
         if module in leaves:
             leaf_bytes[0] += _tensor_bytes(output)
 
-    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    # TorchScript modules take no hooks: their totals are measured, per-module shapes are not.
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    handles = [] if scripted else [module.register_forward_hook(hook) for module in model.modules()]
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=_extra_flop_formulas())
     model.train(mode == "train")
     # MultiheadAttention's fused fast path is one opaque kernel to the counter; the regular
@@ -251,11 +262,14 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
         key = f"{root}.{module_name}" if module_name else root
         flops = int(sum(counts.get(key, {}).values()))
         own = list(module.parameters())
-        rows.append(LayerRow(name=module_name, type=type(module).__name__,
+        shapes = outputs.get(module_name, [])
+        rows.append(LayerRow(name=module_name, type=module_type(model, module_name, module),
                              depth=module_name.count(".") + 1 if module_name else 0,
-                             output=outputs.get(module_name), parameters=sum(p.numel() for p in own),
-                             trainable=sum(p.numel() for p in own if p.requires_grad), macs=flops // 2,
-                             flops=flops, calls=calls.get(module_name, 0)))
+                             output=shapes[0] if shapes else None, parameters=sum(p.numel() for p in own),
+                             trainable=sum(p.numel() for p in own if p.requires_grad),
+                             macs=None if scripted and module_name else flops // 2,
+                             flops=None if scripted and module_name else flops,
+                             calls=calls.get(module_name, 0), outputs=shapes))
     parameters = list(model.parameters())
     buffers = list(model.buffers())
     total_flops = int(counter.get_total_flops())
@@ -272,9 +286,15 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
         "macs": total_flops // 2,
         "flops": total_flops,
     }
+    notes = []
+    if scripted:
+        notes.append("TorchScript: scripted modules take no forward hooks, so per-module output shapes, calls "
+                     "and MACs cannot be observed; the totals and the output are measured over the whole forward")
+        totals["activation_bytes"] = None
     return ModelSummary(model=name or root, mode=mode, device=str(first.device) if first is not None else "cpu",
                         dtype=str(first.dtype).removeprefix("torch.") if first is not None else "float32",
-                        inputs=describe([args, kwargs]), output=describe(result), rows=rows, totals=totals)
+                        inputs=describe([args, kwargs]), output=describe(result), rows=rows, totals=totals,
+                        notes=notes)
 
 
 def torchsummary_text(model: Any, input_sizes: list[tuple[int, ...]], batch_size: int, device: str) -> str:

@@ -85,3 +85,82 @@ def test_weights_mismatch_names_are_shown(tmp_path: Path) -> None:
     assert "shape-mismatched: fc.weight [10, 512] vs model [1000, 512]" in result.stdout
     strict = invoke("freeze", "resnet18", "--weights", path, "--layers", "layer1", "--strict")
     assert strict.exit_code == 1 and "--strict: 1 missing, 1 unexpected, 1 shape-mismatched" in strict.stderr
+
+
+def test_state_dict_count_does_not_claim_what_it_cannot_know(tmp_path: Path) -> None:
+    path = save_zip(torch.nn.Linear(4, 2).state_dict(), tmp_path / "sd.pt")
+    data = json.loads(invoke("count-params", path, "--json").stdout)
+    assert (data["total"], data["trainable"], data["frozen"]) == (10, None, None)
+    human = invoke("count-params", path)
+    assert "unknown (a state dict does not record requires_grad)" in human.stdout and "10 (10)" not in human.stdout
+
+
+USER_MODEL = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.BatchNorm2d(width))
+        self.head = torch.nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.head(self.backbone(x).mean((2, 3)))
+'''
+
+
+def _user_model_file(folder: Path, stem: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.py"
+    path.write_text(USER_MODEL)
+    return path
+
+
+def test_whole_pickled_module_with_trust_is_counted_and_listed(tmp_path: Path) -> None:
+    """The error without --trust says to pass it; with it, the module's parameters are counted."""
+    source = _user_model_file(tmp_path / "code", "trustme_models")
+    script = (f"import sys, torch; sys.path.insert(0, {str(source.parent)!r}); import trustme_models; "
+              f"m = trustme_models.Net(); m.head.weight.requires_grad_(False); "
+              f"torch.save(m, {str(tmp_path / 'm.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    refused = subprocess.run([sys.executable, "-m", "ptools", "count-params", str(tmp_path / "m.pt")],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "pass --trust" in refused.stderr
+    missing = subprocess.run([sys.executable, "-m", "ptools", "count-params", str(tmp_path / "m.pt"), "--trust"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert missing.returncode == 1 and "trustme_models.Net, which Python cannot import here" in missing.stderr
+    counted = subprocess.run([sys.executable, "-m", "ptools", "count-params", str(tmp_path / "m.pt"), "--trust",
+                              "--json"], capture_output=True, text=True, timeout=120, cwd=source.parent)
+    assert counted.returncode == 0, counted.stderr
+    data = json.loads(counted.stdout)
+    assert (data["total"], data["trainable"], data["frozen"], data["buffers"]) == (130, 122, 8, 9)
+    listed = subprocess.run([sys.executable, "-m", "ptools", "inspect-state-dict", str(tmp_path / "m.pt"), "--trust",
+                             "--json"], capture_output=True, text=True, timeout=120, cwd=source.parent)
+    assert listed.returncode == 0, listed.stderr
+    names = [t["name"] for t in json.loads(listed.stdout)["tensors"]]
+    assert names[:2] == ["backbone.0.weight", "backbone.0.bias"] and len(names) == 9
+    assert "1 whole pickled module(s) (read with --trust)" in listed.stderr
+
+
+def test_freeze_saves_a_model_from_a_user_file_that_loads_back(tmp_path: Path) -> None:
+    source = _user_model_file(tmp_path / "code", "freeze_user_models")
+    out = tmp_path / "frozen.pt"
+    result = invoke("freeze", f"{source}:Net", "--layers", "backbone", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"with {source.parent} on sys.path" in result.stderr
+    script = (f"import sys, torch; sys.path.insert(0, {str(source.parent)!r}); "
+              f"m = torch.load({str(out)!r}, weights_only=False); "
+              "print(type(m).__module__, type(m).__name__, m.backbone[0].weight.requires_grad, "
+              "m.head.weight.requires_grad)")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert loaded.stdout.split() == ["freeze_user_models", "Net", "False", "True"], loaded.stderr
+
+
+def test_freeze_out_refused_up_front_when_the_module_name_is_taken(tmp_path: Path) -> None:
+    source = _user_model_file(tmp_path / "code", "json")  # `import json` means the standard library
+    out = tmp_path / "frozen.pt"
+    result = invoke("freeze", f"{source}:Net", "--layers", "backbone", "--out", out)
+    assert result.exit_code == 1 and "a pickled model could not be loaded back" in result.stderr
+    assert "--trainable-out" in result.stderr and not out.exists()
+    assert invoke("freeze", f"{source}:Net", "--layers", "backbone", "--dry-run").exit_code == 0

@@ -203,3 +203,10 @@ def test_shipped_examples() -> None:
     diff = json.loads(run(root / "ddp_checkpoint.pt", "--diff", root / "plain_weights.safetensors",
                           "--values", "--json").stdout)
     assert diff["prefix"]["prefix"] == "module." and diff["identical"]
+
+
+def test_filter_matching_nothing_says_so(tmp_path: Path) -> None:
+    path = save_zip(tiny_net().state_dict(), tmp_path / "m.pt")
+    result = run(path, "--filter", "^attn")
+    assert result.exit_code == 0
+    assert "warning: --filter '^attn' matches none of the 9 tensor names" in result.stderr

@@ -62,7 +62,7 @@ def test_hard_file_equals_torchvision_script(tmp_path: Path, synthetic) -> None:
     out = json.loads(result.stdout)
     expected = [records[i] for i in torchvision_reference(records, 0.6)]
     assert out == expected  # same records, every field, same order (image, score desc)
-    assert "nms hard (iou > 0.6): 12 images, 960 → " in result.stderr
+    assert "nms hard (IoU > 0.6): 12 images, 960 → " in result.stderr
 
 
 def test_stdin_stdout_pipeline_and_jsonl(tmp_path: Path, synthetic) -> None:
@@ -243,3 +243,23 @@ def test_json_summary_needs_an_output_file(tmp_path: Path, synthetic) -> None:
     assert report["detections_in"] == len(synthetic[0])
     assert report["detections_out"] == len(json.loads((tmp_path / "out2.json").read_text()))
     assert sum(counts[0] for counts in report["per_class"].values()) == report["detections_in"]
+
+
+def test_gaussian_soft_rejects_iou_and_says_what_it_applied(tmp_path: Path, synthetic) -> None:
+    path = write(tmp_path / "in.json", synthetic[0][:50])
+    refused = run(path, "--method", "soft", "--iou", "0.3")
+    assert refused.exit_code == 1 and "--iou has no effect on gaussian Soft-NMS" in refused.stderr
+    done = run(path, "--method", "soft", "--sigma", "0.3")
+    assert "nms soft (gaussian decay s *= exp(-IoU^2 / 0.3), kept while s > 0.001)" in done.stderr
+    linear = run(path, "--method", "soft", "--soft-fn", "linear", "--iou", "0.3")
+    assert "nms soft (linear decay s *= 1 - IoU where IoU > 0.3, kept while s > 0.001)" in linear.stderr
+
+
+def test_existing_output_needs_force(tmp_path: Path, synthetic) -> None:
+    path = write(tmp_path / "in.json", synthetic[0][:50])
+    out = tmp_path / "out.json"
+    out.write_text("precious")
+    refused = run(path, "-o", out)
+    assert refused.exit_code == 1 and f"--output {out} exists" in refused.stderr and "--force" in refused.stderr
+    assert out.read_text() == "precious"
+    assert run(path, "-o", out, "--force").exit_code == 0 and out.read_text() != "precious"

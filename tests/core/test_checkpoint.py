@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ptools.core.checkpoint import (
     diff_state_dicts,
@@ -24,6 +25,7 @@ from ptools.core.checkpoint import (
     open_checkpoint,
     read_tensor,
 )
+from ptools.core.convert import convert_checkpoint
 from ptools.errors import BadInputError, UnsafeFileError
 from tests.checkpoint_fixtures import (
     as_numpy,
@@ -218,6 +220,37 @@ def test_torchscript_lists_parameters_and_buffers_exactly(tmp_path: Path) -> Non
     assert not listing.kinds_inferred
     for row in listing.rows:
         np.testing.assert_array_equal(read_tensor(checkpoint, row.tensor), as_numpy(state[row.name]))
+
+
+class WithState(torch.nn.Module):
+    """A scripted module keeping a recurrent state as a plain tensor attribute (as silero-vad
+    does): not a parameter, not a buffer, not in its state_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+        self.register_buffer("scale", torch.ones(2))
+        self._state = torch.zeros(3)
+        self._context = torch.zeros(1, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale + self._state.sum() + self._context.sum()
+
+
+def test_torchscript_plain_tensor_attributes_are_not_state(tmp_path: Path) -> None:
+    path = tmp_path / "stateful.jit"
+    scripted = torch.jit.script(WithState())
+    scripted.save(str(path))
+    checkpoint = open_checkpoint(path)
+    listing = list_checkpoint(checkpoint)
+    assert [row.name for row in listing.rows] == list(torch.jit.load(str(path)).state_dict())
+    assert {row.name: row.kind for row in listing.rows} == {
+        "scale": "buffer", "linear.weight": "parameter", "linear.bias": "parameter"}
+    assert any("2 tensor attribute(s) that are neither parameters nor buffers" in note and "_state, _context" in note
+               for note in checkpoint.notes)
+    report = convert_checkpoint(path, tmp_path / "out.safetensors")
+    assert sorted(load_file(str(tmp_path / "out.safetensors"))) == ["linear.bias", "linear.weight", "scale"]
+    assert any("_state" in note for note in report.notes)
 
 
 # ---------------------------------------------------------------- safetensors

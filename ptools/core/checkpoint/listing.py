@@ -52,6 +52,7 @@ class Listing:
     rows: list[TensorRow]
     non_tensors: list[dict[str, Any]]
     kinds_inferred: bool
+    filtered_out: int = 0  # tensors a name filter left out
 
     def totals(self) -> dict[str, Any]:
         return totals(self.rows, self.kinds_inferred)
@@ -96,8 +97,10 @@ def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto",
     rows: list[TensorRow] = []
     non_tensors = []
     inferred = False
+    filtered_out = 0
     for name, value in entries.items():
         if pattern is not None and not pattern.search(name):
+            filtered_out += isinstance(value, TensorInfo)
             continue
         if isinstance(value, TensorInfo):
             if known_parameters is not None:
@@ -114,7 +117,7 @@ def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto",
     return Listing(file=checkpoint.path, format=checkpoint.format, size_bytes=checkpoint.size_bytes,
                    notes=list(checkpoint.notes), metadata=dict(checkpoint.metadata),
                    structure=structure, state_dict_key=path, state_dict_how=how, rows=rows,
-                   non_tensors=non_tensors, kinds_inferred=inferred)
+                   non_tensors=non_tensors, kinds_inferred=inferred, filtered_out=filtered_out)
 
 
 SHARED_NAMES_SHOWN = 16  # a storage shared by 100k tensors must not cost 10^10 names

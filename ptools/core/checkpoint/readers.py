@@ -245,11 +245,17 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
     checkpoint = Checkpoint(path=path, format="torchscript" if is_script else "torch-zip", root=root,
                             size_bytes=os.path.getsize(path),
                             locate=_zip_locator(path, zip_file, records), read_record=read_record)
+    if trust and not is_script:
+        _expand_trusted_modules(checkpoint)
     if is_script:
-        checkpoint.root, checkpoint.parameter_names = _flatten_script_module(
+        checkpoint.root, checkpoint.parameter_names, left_out = _flatten_script_module(
             root, _script_parameter_lists(zip_file, path, prefix))
         checkpoint.notes.append("TorchScript archive: parameters and buffers of the scripted "
                                 "module, read from its data without running its code")
+        if left_out:
+            shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+            checkpoint.notes.append(f"{len(left_out)} tensor attribute(s) that are neither parameters nor buffers "
+                                    f"(not in the module's state_dict) left out: {shown}")
     return checkpoint
 
 
@@ -295,9 +301,11 @@ _BUFFERS_RE = re.compile(r"__buffers__\s*=\s*\[([^\]]*)\]")
 _CLASS_RE = re.compile(r"^class\s+(\w+)\(", re.MULTILINE)
 
 
-def _script_parameter_lists(zip_file: zipfile.ZipFile, path: str, prefix: str) -> dict[str, set[str]]:
-    """Class name -> its ``__parameters__``, from the archive's generated code (never run)."""
-    found: dict[str, set[str]] = {}
+def _script_parameter_lists(zip_file: zipfile.ZipFile, path: str, prefix: str
+                            ) -> dict[str, tuple[set[str], set[str]]]:
+    """Class name -> its ``(__parameters__, __buffers__)``, from the archive's generated code
+    (read as text, never run)."""
+    found: dict[str, tuple[set[str], set[str]]] = {}
     for name in zip_file.namelist():
         if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
             continue
@@ -307,15 +315,22 @@ def _script_parameter_lists(zip_file: zipfile.ZipFile, path: str, prefix: str) -
             end = classes[index + 1].start() if index + 1 < len(classes) else len(text)
             body = text[match.end():end]
             params = _PARAMS_RE.search(body)
+            buffers = _BUFFERS_RE.search(body)
             if params:
-                found[match.group(1)] = set(re.findall(r'"([^"]+)"', params.group(1)))
+                found[match.group(1)] = (set(re.findall(r'"([^"]+)"', params.group(1))),
+                                         set(re.findall(r'"([^"]+)"', buffers.group(1))) if buffers else set())
     return found
 
 
-def _flatten_script_module(root: Any, parameter_lists: dict[str, set[str]]) -> tuple[Any, set[str] | None]:
-    """Flatten a scripted module's attribute tree into ``{dotted name: TensorInfo}``."""
+def _flatten_script_module(root: Any, declared: dict[str, tuple[set[str], set[str]]]
+                           ) -> tuple[Any, set[str] | None, list[str]]:
+    """Flatten a scripted module's attribute tree into ``{dotted name: TensorInfo}`` holding
+    what its ``state_dict()`` holds: the tensors each class declares as parameters or buffers.
+    Other tensor attributes (e.g. a recurrent state kept as ``self._state``) are left out and
+    their names returned; a class whose declarations are not found keeps every tensor."""
     flat: collections.OrderedDict[str, Any] = collections.OrderedDict()
     parameters: set[str] = set()
+    left_out: list[str] = []
     known = True
 
     def walk(obj: Any, prefix: str) -> None:
@@ -324,22 +339,25 @@ def _flatten_script_module(root: Any, parameter_lists: dict[str, set[str]]) -> t
         if not isinstance(state, dict):
             return
         class_name = obj.qualified_name.rsplit(".", 1)[-1]
-        params = parameter_lists.get(class_name)
-        if params is None:
+        lists = declared.get(class_name)
+        if lists is None:
             known = False
         for key, value in state.items():
             name = f"{prefix}{key}"
             if isinstance(value, TensorInfo):
+                if lists is not None and key not in lists[0] and key not in lists[1]:
+                    left_out.append(name)
+                    continue
                 flat[name] = value
-                if params is not None and key in params:
+                if lists is not None and key in lists[0]:
                     parameters.add(name)
             elif isinstance(value, ScriptObject):
                 walk(value, f"{name}.")
 
     walk(root, "")
     if not isinstance(root, ScriptObject):
-        return root, None
-    return flat, parameters if known and parameter_lists else None
+        return root, None, []
+    return flat, parameters if known and declared else None, left_out
 
 
 # --------------------------------------------------------------------------- legacy pickle
@@ -365,8 +383,21 @@ def _open_legacy(path: str, trust: bool) -> Checkpoint:
         if not isinstance(storage_keys, list) or not all(isinstance(k, str) for k in storage_keys):
             raise BadInputError(f"{path}: corrupt legacy checkpoint: storage key list")
         offsets = _walk_legacy_storages(handle, path, storage_keys, keys_seen)
-    return Checkpoint(path=path, format="torch-legacy", root=root, size_bytes=os.path.getsize(path),
-                      locate=lambda ref: offsets[ref.key])
+    checkpoint = Checkpoint(path=path, format="torch-legacy", root=root, size_bytes=os.path.getsize(path),
+                            locate=lambda ref: offsets[ref.key])
+    if trust:
+        _expand_trusted_modules(checkpoint)
+    return checkpoint
+
+
+def _expand_trusted_modules(checkpoint: Checkpoint) -> None:
+    """A whole pickled model (``torch.save(model)``), read with trust: list its state dict."""
+    from ptools.core.checkpoint.structure import expand_modules
+
+    checkpoint.root, checkpoint.parameter_names, replaced = expand_modules(checkpoint.root)
+    if replaced:
+        checkpoint.notes.append(f"{replaced} whole pickled module(s) (read with --trust): each is shown as its "
+                                "state_dict() - parameters and persistent buffers")
 
 
 def _walk_legacy_storages(handle: Any, path: str, storage_keys: list[str],

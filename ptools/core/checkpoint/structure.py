@@ -215,3 +215,67 @@ def plain(value: Any) -> Any:
             return plain(value.tolist())  # numpy scalars and small arrays
         return f"<numpy array {getattr(value, 'shape', '')} {getattr(value, 'dtype', '')}>"
     return repr(value)
+
+
+def _is_module(value: Any) -> bool:
+    """An ``nn.Module`` as unpickled with trust: its state lives in ``__dict__``."""
+    state = getattr(value, "__dict__", None)
+    return (isinstance(state, dict) and isinstance(state.get("_parameters"), Mapping)
+            and isinstance(state.get("_modules"), Mapping))
+
+
+def module_state_dict(module: Any) -> tuple[collections.OrderedDict[str, Any], set[str]]:
+    """What ``module.state_dict()`` would hold - parameters, then persistent buffers, then
+    each child's, dotted - read from the unpickled attributes without calling the module's
+    code (its tensors are descriptions, not torch tensors). Also the names that are
+    parameters."""
+    state: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    parameters: set[str] = set()
+    seen: set[int] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        if id(node) in seen:  # a module reachable twice is listed once, as torch does
+            return
+        seen.add(id(node))
+        attributes = node.__dict__
+        for name, value in attributes["_parameters"].items():
+            if isinstance(value, TensorInfo):
+                state[prefix + str(name)] = value
+                parameters.add(prefix + str(name))
+        transient = attributes.get("_non_persistent_buffers_set") or ()
+        for name, value in (attributes.get("_buffers") or {}).items():
+            if isinstance(value, TensorInfo) and name not in transient:
+                state[prefix + str(name)] = value
+        for name, child in attributes["_modules"].items():
+            if _is_module(child):
+                walk(child, f"{prefix}{name}.")
+
+    walk(module, "")
+    return state, parameters
+
+
+def expand_modules(root: Any) -> tuple[Any, set[str] | None, int]:
+    """Replace every whole pickled module in ``root`` (read with trust) by its state dict.
+
+    Returns:
+        ``(root, parameter_names, count)``: the new root; when the root itself was a module,
+        the names of its parameters (else None); how many modules were replaced.
+    """
+    if _is_module(root):
+        state, parameters = module_state_dict(root)
+        return state, parameters, 1
+    replaced = 0
+
+    def visit(node: Any) -> Any:
+        nonlocal replaced
+        if _is_module(node):
+            replaced += 1
+            return module_state_dict(node)[0]
+        if isinstance(node, dict):
+            for key, value in node.items():
+                node[key] = visit(value)
+        elif isinstance(node, list):
+            node[:] = [visit(value) for value in node]
+        return node
+
+    return visit(root), None, replaced

@@ -479,7 +479,13 @@ class CheckpointUnpickler(pickle._Unpickler):
                          "torch.storage.TypedStorage"):
             return _StorageType(None)
         if self._trust:
-            return pickle._Unpickler.find_class(self, module, name)
+            try:
+                return pickle._Unpickler.find_class(self, module, name)
+            except (ImportError, AttributeError) as failure:
+                raise BadInputError(f"the file needs {brief_text(qualified)}, which Python cannot import here "
+                                    f"({type(failure).__name__}: {brief_text(str(failure))})",
+                                    "run ptools from the folder that holds the model's code, or add that "
+                                    "folder to PYTHONPATH") from None
         self.unknown_globals.add(qualified[:200])
         return _opaque_class(qualified[:200])
 
