@@ -23,7 +23,7 @@ Reads any format inspect-state-dict reads, with the same safety rules, and strea
 
   ptools convert-ckpt gpu_run.pt laptop.pt --map-location cpu
 
-  ptools convert-ckpt ddp.ckpt model.safetensors --extract auto --strip-prefix auto --dtype bf16 --keep-dtype norm
+  ptools convert-ckpt ddp.ckpt weights.safetensors --extract auto --strip-prefix auto --dtype bf16 --keep-dtype norm
 
   ptools convert-ckpt last.ckpt slim.ckpt --drop-optimizer --verify
 
@@ -134,7 +134,7 @@ def command(
         output.stdout_console().print(output.make_table(
             f"Plan: {report.input} → {report.output} ({report.output_format}); nothing written",
             ["From", "To", "Dtype", "Device", "Shape"],
-            [_plan_row(row) for row in data["plan"]]))
+            [_plan_row(row) for row in data["plan"]], optional=("Device", "Shape")))
     _summary(data)
 
 

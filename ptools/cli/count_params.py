@@ -88,5 +88,5 @@ def render(data: dict[str, Any]) -> list[Any]:
             [("  " * (m["depth"] - 1) + m["name"], m["type"], f"{m['parameters']:,}",
               None if m["trainable"] is None else f"{m['trainable']:,}", f"{m['buffers']:,}",
               f"{100 * m['parameters'] / data['total']:.1f}%" if data["total"] else "-")
-             for m in data["modules"]]))
+             for m in data["modules"]], optional=("Share", "Type", "Buffers", "Trainable")))
     return renderables

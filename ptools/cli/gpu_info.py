@@ -27,7 +27,9 @@ Asks NVML first (no CUDA context is created); torch is imported once, only for i
 
   ptools gpu-info --json | jq '.devices[].memory_free_bytes'
 
-  CUDA_VISIBLE_DEVICES=$(ptools gpu-info --select 2 --min-free-memory 20GiB) python train.py
+  ptools gpu-info --select 2 --min-free-memory 20GiB -- python train.py
+
+  GPUS=$(ptools gpu-info --select 2) && CUDA_VISIBLE_DEVICES=$GPUS python train.py
 
   ptools gpu-info --require 4 && torchrun --nproc-per-node 4 train.py
 
@@ -36,6 +38,11 @@ Asks NVML first (no CUDA context is created); torch is imported once, only for i
 
 
 def command(
+    launch: Annotated[list[str] | None, typer.Argument(
+        metavar="[-- COMMAND...]", show_default=False,
+        help="With --select: run COMMAND with CUDA_VISIBLE_DEVICES set to the chosen GPUs (it replaces "
+             "ptools, keeping its exit code); with --require: run it only if the GPUs exist. Exit 3 "
+             "without running it when the request cannot be met.")] = None,
     json_output: JsonOption = False,
     no_torch: Annotated[bool, typer.Option(
         "--no-torch", help="Do not import torch: NVML only (fast; no torch/cuDNN/NCCL versions).")] = False,
@@ -67,6 +74,11 @@ def command(
     gating = select is not None or require is not None
     if watch is not None and gating:
         raise BadInputError("--watch cannot be combined with --select or --require")
+    if launch and not gating:
+        raise BadInputError(f"a command to run ({' '.join(launch)[:60]}) needs --select N or --require N",
+                            "e.g. ptools gpu-info --select 2 -- python train.py")
+    if launch and json_output:
+        raise BadInputError("--json prints on stdout, which belongs to the command; drop --json")
 
     if watch is not None:
         _watch(watch, use_torch=not no_torch, json_output=json_output)
@@ -78,6 +90,8 @@ def command(
         value = ",".join(d.visible_devices_entry or str(d.cuda_index) for d in chosen)
         for problem in report.problems:  # e.g. a guessed CUDA order: worth seeing before a launch
             output.info(f"note: {problem}")
+        if launch:
+            _run(launch, {"CUDA_VISIBLE_DEVICES": value})
         if json_output:
             output.print_json({"cuda_visible_devices": value,
                                "devices": [d.to_dict() for d in chosen]})
@@ -86,6 +100,8 @@ def command(
         return
     if require is not None:
         gpu.require_devices(report, require, **limits)
+        if launch:
+            _run(launch, {})
         if json_output:
             output.print_json(report.to_dict())
         return
@@ -95,6 +111,23 @@ def command(
     if not json_output:
         for problem in data["problems"]:
             output.info(f"note: {problem}")
+
+
+def _run(launch: list[str], environment: dict[str, str]) -> None:
+    """Replace this process with ``launch`` (``exec``), its environment updated: signals, the
+    exit code and the terminal go straight to the command."""
+    import os
+    import shutil
+
+    for name, value in environment.items():
+        output.info(f"{name}={value}")
+        os.environ[name] = value
+    if shutil.which(launch[0]) is None:
+        output.error(f"{launch[0]}: command not found")
+        raise typer.Exit(127)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(launch[0], launch)
 
 
 def _watch(interval: float, *, use_torch: bool, json_output: bool) -> None:
@@ -203,7 +236,7 @@ def render(data: dict[str, Any]) -> list[Any]:
         [("CUDA", "right"), ("NVML", "right"), "Name", "CC", ("Memory used / total", "right"),
          ("Free", "right"), ("Util", "right"), ("Temp", "right"), ("Power", "right"), "MIG",
          ("Procs", "right"), "UUID", "PCI bus"],
-        device_rows))
+        device_rows, optional=("PCI bus", "UUID", "NVML", "MIG", "CC", "Power", "Temp")))
 
     process_rows = [
         (d["cuda_index"], d["nvml_index"], p["pid"], p["user"] or "?",

@@ -186,7 +186,9 @@ def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
                         _number(s.get("std")), s.get("nan"), s.get("inf")]
             rows.append(row)
         shown, more = _bounded(rows)
-        renderables.append(output.make_table(f"State dict ({len(rows)} tensors)", columns, shown))
+        renderables.append(output.make_table(
+            f"State dict ({len(rows)} tensors)", columns, shown,
+            optional=("Shares storage with", "Device", "Kind", "Elements", "Inf", "NaN", "Bytes")))
         if more:
             renderables.append(more)
     if data["non_tensors"]:

@@ -97,20 +97,52 @@ def error(text: str) -> None:
     _message("error: ", text)
 
 
+_FOLDED = 40  # a name longer than this folds onto more lines rather than push columns out
+
+
 def make_table(title: str | None, columns: Sequence[str | tuple[str, str]],
-               rows: Iterable[Sequence[Any]]) -> Table:
+               rows: Iterable[Sequence[Any]], optional: Sequence[str] = ()) -> Table:
     """A Rich table; a column given as ``(name, "right")`` is right-aligned.
 
-    Cells are shown with ``str``; None is shown as ``-``.
+    Cells are shown with ``str``; None is shown as ``-``. Nothing is ever cut: a cell too long
+    for its column folds onto more lines. When the table cannot fit the terminal even so, the
+    ``optional`` columns are left out, in the order given, until it fits, and its caption says
+    which.
     """
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for column in columns:
-        name, justify = column if isinstance(column, tuple) else (column, "left")
-        table.add_column(name, justify=justify)
-    for row in rows:
-        table.add_row(*("-" if cell is None else str(cell) for cell in row))
+    specs = [column if isinstance(column, tuple) else (column, "left") for column in columns]
+    cells = [["-" if cell is None else str(cell) for cell in row] for row in rows]
+    console = stdout_console()
+
+    def build(shown: list[int]) -> Table:
+        table = Table(title=title, title_justify="left", header_style="bold")
+        for index in shown:
+            name, justify = specs[index]
+            table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        for row in cells:
+            table.add_row(*(row[index] for index in shown))
+        return table
+
+    # The width each column needs to show its longest word whole (Rich's own measure assumes
+    # words may be folded), plus padding and borders; a word past _FOLDED is folded anyway.
+    needs = [max((min(len(word), _FOLDED) for text in (*(row[index] for row in cells),) for word in text.split()),
+                 default=1) for index in range(len(specs))]
+    needs = [max([need, *(len(word) for word in name.split())]) + 3 for need, (name, _) in zip(needs, specs)]
+    shown = list(range(len(specs)))
+    dropped: list[str] = []
+    for name in optional:
+        if sum(needs[index] for index in shown) + 1 <= console.width:
+            break
+        if name not in (spec[0] for spec in specs):
+            continue
+        shown = [index for index in shown if specs[index][0] != name]
+        dropped.append(name)
+    table = build(shown)
+    if dropped:
+        table.caption = (f"not shown at {console.width} columns: {', '.join(dropped)} "
+                         "(a wider terminal or --json shows them)")
+        table.caption_justify = "left"
     return table
 
 

@@ -157,7 +157,7 @@ def render(data: dict[str, Any], depth: int) -> list[Any]:
     renderables: list[Any] = [output.make_table(
         f"{data['model']} ({data['mode']} mode, {data['device']}, {data['dtype']})",
         ["Module", "Type", "Output shape", ("Params", "right"), ("Trainable", "right"), ("MACs", "right"),
-         ("FLOPs", "right"), ("MACs %", "right")], rows)]
+         ("FLOPs", "right"), ("MACs %", "right")], rows, optional=("FLOPs", "Trainable", "MACs %", "Type"))]
     summary_rows = [
         ("parameters", f"{totals['parameters']:,} (tied weights once)"),
         ("trainable / non-trainable", f"{totals['trainable']:,} / {totals['non_trainable']:,}"),

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pynvml
 import pytest
@@ -19,6 +20,7 @@ from tests.conftest import nvidia_gpu_count
 from tests.fake_nvml import GIB, FakeNvml, hidden_processes, make_gpu, servers
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -283,3 +285,49 @@ print(before, after)
     if after != "True":
         pytest.skip("NVML does not show this process's PID here (PID namespace), cannot check")
     assert before == "False"
+
+
+# ---------------------------------------------------------------- launching a command on the chosen GPUs
+
+LAUNCHER = """
+import sys
+from ptools.core import gpu
+from tests.fake_nvml import FakeNvml, make_gpu
+gpu.load_nvml = lambda: FakeNvml([make_gpu(i, used_gib=float(10 * i)) for i in range(4)])
+from ptools.cli.app import main
+sys.argv = ["ptools", "gpu-info", *sys.argv[1:]]
+main()
+"""
+
+
+def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """ptools as a real process (its exec must replace a real process) on a recorded 4-GPU machine."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-c", LAUNCHER, *args], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
+
+
+def test_select_runs_the_command_on_the_chosen_gpus(tmp_path: Path) -> None:
+    child = "import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES']); sys.exit(5)"
+    result = launch(tmp_path, "--select", "2", "--", sys.executable, "-c", child, "--lr", "1")
+    assert result.returncode == 5, result.stderr  # the command's own exit code
+    assert result.stdout == "0,1\n"  # stdout is the command's
+    assert "CUDA_VISIBLE_DEVICES=0,1" in result.stderr
+
+
+def test_unmet_request_never_starts_the_command(tmp_path: Path) -> None:
+    child = "open('started', 'w').close()"
+    for flags in (["--select", "5"], ["--select", "2", "--min-free-memory", "75GiB"], ["--require", "5"]):
+        result = launch(tmp_path, *flags, "--", sys.executable, "-c", child)
+        assert result.returncode == 3 and result.stderr.startswith("error: ")
+        assert not (tmp_path / "started").exists()
+    required = launch(tmp_path, "--require", "2", "--", sys.executable, "-c", child)
+    assert required.returncode == 0 and (tmp_path / "started").exists()
+
+
+def test_launch_errors(tmp_path: Path) -> None:
+    missing = launch(tmp_path, "--select", "1", "--", "no-such-command-ptools")
+    assert missing.returncode == 127 and "no-such-command-ptools: command not found" in missing.stderr
+    alone = launch(tmp_path, "--", "python", "train.py")
+    assert alone.returncode == 1 and "needs --select N or --require N" in alone.stderr

@@ -210,3 +210,18 @@ def test_filter_matching_nothing_says_so(tmp_path: Path) -> None:
     result = run(path, "--filter", "^attn")
     assert result.exit_code == 0
     assert "warning: --filter '^attn' matches none of the 9 tensor names" in result.stderr
+
+
+def test_narrow_terminal_never_cuts_names_shapes_or_numbers(tmp_path: Path) -> None:
+    long_name = "encoder.layers.0.self_attention.in_proj_weight_with_a_long_name"
+    path = save_zip({long_name: torch.zeros(1024, 2048), "lstm.weight_hh_l0_reverse": torch.zeros(4096, 1024)},
+                    tmp_path / "long.pt")
+    result = runner.invoke(app, ["inspect-state-dict", str(path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    assert "lstm.weight_hh_l0_reverse" in result.stdout and "1024×2048" in result.stdout
+    cells = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
+    assert long_name in "".join(cells)  # folded onto two lines, whole
+    assert "not shown at 80 columns: Shares storage with, Device, Kind, Elements" in " ".join(result.stdout.split())
+    wide = runner.invoke(app, ["inspect-state-dict", str(path)], env={"COLUMNS": "200"})
+    assert "not shown" not in wide.stdout and "4,194,304" in wide.stdout
