@@ -24,19 +24,36 @@ import sys
 import time
 from pathlib import Path
 
+# What a user runs: torchinfo prints its table by default (verbose=1); verbose=0 computes it
+# without printing, shown too for contrast.
 TORCHINFO = ("import sys, torchvision, torchinfo; m = torchvision.models.get_model(sys.argv[1]); "
-             "torchinfo.summary(m, input_size=(1, 3, 224, 224), verbose=0)")
+             "torchinfo.summary(m, input_size=(1, 3, 224, 224))")
+TORCHINFO_SILENT = ("import sys, torchvision, torchinfo; m = torchvision.models.get_model(sys.argv[1]); "
+                    "torchinfo.summary(m, input_size=(1, 3, 224, 224), verbose=0)")
 TORCHSUMMARY = ("import sys, torchvision, torchsummary; m = torchvision.models.get_model(sys.argv[1]); "
                 "torchsummary.summary(m, (3, 224, 224), device='cpu')")
 
 
 def wall(argv: list[str], runs: int) -> float:
-    times = []
+    return walls([argv], runs)[0]
+
+
+def walls(commands: list[list[str]], runs: int) -> list[float | None]:
+    """Median wall seconds of each command (None if it fails); runs interleaved (a, b, c, a, b,
+    c, ...) so that a noisy machine's drift hits every tool alike."""
+    times: list[list[float]] = [[] for _ in commands]
+    failed = [False] * len(commands)
     for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for index, argv in enumerate(commands):
+            start = time.perf_counter()
+            done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[index].append(time.perf_counter() - start)
+            failed[index] |= done.returncode != 0
+    return [None if bad else statistics.median(spent) for spent, bad in zip(times, failed)]
+
+
+def _seconds(value: float | None, width: int) -> str:
+    return f"{'fails':>{width}}" if value is None else f"{value:{width}.2f}"
 
 
 def table(max_gmacs: float) -> None:
@@ -114,16 +131,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-gmacs", type=float, default=20.0)
     parser.add_argument("--keep", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--wall-only", action="store_true", help="only the wall-time table")
     args = parser.parse_args()
     script = Path(sys.executable).with_name("ptools")
     ptools = [str(script)] if script.exists() else [sys.executable, "-m", "ptools"]
     print(f"{args.runs} runs each, median wall seconds (fresh processes, CPU)")
-    print(f"{'model':10} {'ptools summary':>15} {'torchinfo':>10} {'torchsummary':>13}")
+    print(f"{'model':10} {'ptools summary':>15} {'torchinfo':>10} {'torchinfo verbose=0':>20} "
+          f"{'torchsummary':>13}")
     for name in ("resnet50", "vit_b_16"):
-        ours = wall([*ptools, "summary", name, "--input-size", "3,224,224"], args.runs)
-        info = wall([sys.executable, "-c", TORCHINFO, name], args.runs)
-        classic = wall([sys.executable, "-c", TORCHSUMMARY, name], args.runs)
-        print(f"{name:10} {ours:15.2f} {info:10.2f} {classic:13.2f}")
+        ours, info, silent, classic = walls([
+            [*ptools, "summary", name, "--input-size", "3,224,224"], [sys.executable, "-c", TORCHINFO, name],
+            [sys.executable, "-c", TORCHINFO_SILENT, name], [sys.executable, "-c", TORCHSUMMARY, name]], args.runs)
+        print(f"{name:10} {_seconds(ours, 15)} {_seconds(info, 10)} {_seconds(silent, 20)} {_seconds(classic, 13)}")
+    if args.wall_only:
+        return
     checkpoint = args.keep / "ckpt_1gb.pt"
     if checkpoint.exists():
         seconds = wall([*ptools, "count-params", str(checkpoint)], args.runs)

@@ -45,8 +45,10 @@ def command(
         help='Inputs for forward(*args, **kwargs): {"args": [...], "kwargs": {...}}, tensors as '
              '{"shape": [...], "dtype": "int64", "fill": "randint", "high": N}; or @file.json.')] = None,
     dtype: Annotated[SummaryDtype, typer.Option("--dtype", help="Parameter and input dtype.")] = "float32",
-    device: Annotated[str, typer.Option("--device", callback=usage_check(check_device),
-                                        help="cpu, cuda, cuda:N, or meta (shapes and counts only).")] = "cpu",
+    device: Annotated[str, typer.Option(
+        "--device", callback=usage_check(check_device),
+        help="auto: meta for torchvision/timm models (every shape and count, no memory or compute; the CPU "
+             "if the model cannot run there), else cpu; or cpu, cuda, cuda:N, meta.")] = "auto",
     depth: Annotated[int, typer.Option("--depth", min=1, metavar="N", help="Module levels shown.")] = 3,
     mode: Annotated[SummaryMode, typer.Option("--mode", help="train: buffers restored after.")] = "eval",
     output_format: Annotated[SummaryFormat, typer.Option(
@@ -57,39 +59,69 @@ def command(
     trust: TrustOption = False,
     json_output: JsonOption = False,
 ) -> None:
+    from ptools.core import models
+
+    sizes = [parse_input_size(text) for text in input_size or []]
+    factory_kwargs = models.parse_kwargs(kwargs)
+    chosen = device
+    if device == "auto":
+        # Library code on the meta device counts exactly what a CPU pass counts (tested on every
+        # torchvision classifier), in a fraction of the time; user code runs where it was written to.
+        real = weights is not None or output_format == "torchsummary" or not models.is_library_model(model_spec)
+        chosen = "cpu" if real else "meta"
+
+    def measure(on: str) -> dict[str, Any] | None:
+        return _summarize(model_spec, factory_kwargs, on, sizes, batch_size, input_spec, dtype, mode,
+                          output_format, weights, strict, trust)
+
+    try:
+        data = measure(chosen)
+    except BadInputError as failure:
+        if not (device == "auto" and chosen == "meta" and "forward pass failed" in failure.message):
+            raise
+        output.info("note: the model does not run on the meta device (it needs values, e.g. for NMS): "
+                    "measured on the CPU instead")
+        data = measure("cpu")
+    if data is None:
+        return
+    output.emit(data, json_output, lambda shown: render(shown, depth))
+    if not json_output:
+        for note in data["notes"]:
+            output.info(f"note: {note}")
+
+
+def _summarize(model_spec: str, factory_kwargs: dict[str, Any], device: str, sizes: list[tuple[int, ...]],
+               batch_size: int, input_spec: str | None, dtype: str, mode: str, output_format: str,
+               weights: str | None, strict: bool, trust: bool) -> dict[str, Any] | None:
+    """Build the model on ``device``, feed it and measure it; None when the torchsummary layout
+    was printed instead."""
     import torch
 
     from ptools.core import models
     from ptools.core import summary as core
 
-    sizes = [parse_input_size(text) for text in input_size or []]
     device = core.model_device(device)
-    model = models.load_model(model_spec, models.parse_kwargs(kwargs), trust=trust,
-                              device="meta" if device == "meta" else None)
+    model = models.load_model(model_spec, factory_kwargs, trust=trust, device="meta" if device == "meta" else None)
     weights_report = models.load_weights(model, weights, strict=strict, trust=trust) if weights else None
     torch_dtype = getattr(torch, dtype)
     model = model.to(device=device, dtype=torch_dtype)  # ptools made this model: it may move it
+    args: list[Any] | None = None
+    call_kwargs: dict[str, Any] = {}
     if not sizes and input_spec is None:
         args, call_kwargs, where = _default_inputs(model_spec, model, batch_size, torch.device(device), torch_dtype)
-        sizes = [tuple(a.shape[1:]) for a in args] if output_format == "torchsummary" else sizes
+        sizes = [tuple(a.shape[1:]) for a in args]
         output.info(f"input: {where} (--input-size or --input-spec to choose another)")
-    else:
-        args = call_kwargs = None
     if output_format == "torchsummary":
-        if input_spec is not None or not sizes:
+        if input_spec is not None or call_kwargs:
             raise BadInputError("--format torchsummary takes --input-size (it cannot feed kwargs or dicts)")
         sys.stdout.write(core.torchsummary_text(model, sizes, batch_size, device.split(":")[0]))
-        return
+        return None
     if args is None:
         args, call_kwargs = core.make_inputs(sizes, batch_size, input_spec, torch.device(device), torch_dtype)
-    result = core.summarize(model, args, call_kwargs, mode=mode, name=model_spec)
-    data = result.to_dict()
+    data = core.summarize(model, args, call_kwargs, mode=mode, name=model_spec).to_dict()
     if weights_report is not None:
         data["weights"] = weights_report.to_dict()
-    output.emit(data, json_output, lambda shown: render(shown, depth))
-    if not json_output:
-        for note in data["notes"]:
-            output.info(f"note: {note}")
+    return data
 
 
 def _default_inputs(spec: str, model: Any, batch_size: int, device: Any, dtype: Any

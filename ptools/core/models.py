@@ -92,6 +92,11 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
             raise BadInputError(f"unknown model {name!r}", hint)
         import torchvision
 
+        import inspect
+
+        # Detection and segmentation builders would download an ImageNet backbone by default.
+        if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+            kwargs.setdefault("weights_backbone", None)
         return _build_on(device, spec, lambda **kw: torchvision.models.get_model(name, weights=None, **kw), kwargs)
     if prefix == "timm":
         try:

@@ -333,8 +333,8 @@ def check_device(text: str) -> str:
     :func:`model_device`'s question)."""
     import re
 
-    if not re.fullmatch(r"cpu|meta|cuda(:\d+)?", text):
-        raise BadInputError(f"unknown device {text!r}; choose cpu, meta, cuda or cuda:N")
+    if not re.fullmatch(r"auto|cpu|meta|cuda(:\d+)?", text):
+        raise BadInputError(f"unknown device {text!r}; choose auto, cpu, meta, cuda or cuda:N")
     return text
 
 

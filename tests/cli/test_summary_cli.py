@@ -127,3 +127,18 @@ def test_exported_program_runs_on_its_example_inputs(scripted_and_exported) -> N
     assert rows["0"]["type"] == "Conv2d" and rows["0"]["output"] == [2, 8, 6, 6]
     assert data["totals"]["macs"] == 2 * (8 * 27 * 36 + 288 * 4)
     assert "the example inputs stored in the exported program" in result.stderr
+
+
+def test_library_models_are_measured_on_meta_by_default_and_match_the_cpu() -> None:
+    auto = json.loads(invoke("resnet18", "--input-size", "3,64,64", "--json").stdout)
+    cpu = json.loads(invoke("resnet18", "--input-size", "3,64,64", "--device", "cpu", "--json").stdout)
+    assert (auto["device"], cpu["device"]) == ("meta", "cpu")
+    for field in ("rows", "totals", "output"):
+        assert auto[field] == cpu[field], field
+
+
+def test_models_that_need_values_fall_back_to_the_cpu_without_downloading() -> None:
+    result = invoke("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", "--input-size", "3,320,320", "--json")
+    assert result.exit_code == 0, result.output  # no network here: the backbone weights are not fetched
+    assert "does not run on the meta device" in result.stderr and "Downloading" not in result.stderr
+    assert json.loads(result.stdout)["device"] == "cpu"

@@ -35,7 +35,7 @@ CHOICES = [
 ]
 
 MALFORMED = [
-    (["summary", "resnet18", "--device", "tpu"], "unknown device 'tpu'; choose cpu, meta, cuda or cuda:N"),
+    (["summary", "resnet18", "--device", "tpu"], "unknown device 'tpu'; choose auto, cpu, meta, cuda or cuda:N"),
     (["summary", "resnet18", "--input-size", "3,a"], "is not a list of integers"),
     (["count-params", "resnet18", "--kwargs", "{oops"], "--kwargs is not valid JSON"),
     (["gpu-info", "--select", "1", "--min-free-memory", "lots"], "invalid size 'lots'"),
