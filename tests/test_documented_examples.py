@@ -126,6 +126,10 @@ def make_stand_ins(folder: Path) -> dict[str, str]:
     save_zip(state, folder / "model.pt")
     save_zip(collections.OrderedDict((k.replace("head.", "head.").replace("backbone.", "backbone."), v)
                                      for k, v in state.items()), folder / "old.pt")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 16, 16),)), str(folder / "model.pt2"))
+    subprocess.run([sys.executable, "-c", "import torch, models; torch.save(models.Net(), 'net_object.pt')"],
+                   cwd=folder, check=True, timeout=120)
     shutil.copy(folder / "examples" / "detections.json", folder / "preds.json")
     records = json.loads((folder / "preds.json").read_text())
     (folder / "preds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -24,7 +24,7 @@ Per image, and per class unless --agnostic. hard is exactly torchvision's batche
 
   ptools nms preds.json --method soft > out.json
 
-  ptools nms preds.json -o out.json --iou 0.6 --score-thr 0.05 --max-det 100
+  ptools nms preds.json -o kept.json --iou 0.6 --score-thr 0.05 --max-det 100
 
   cat preds.jsonl | ptools nms - --method diou --agnostic > out.jsonl
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,45 @@ def test_existing_output_needs_force(tmp_path: Path, synthetic) -> None:
     assert refused.exit_code == 1 and f"--output {out} exists" in refused.stderr and "--force" in refused.stderr
     assert out.read_text() == "precious"
     assert run(path, "-o", out, "--force").exit_code == 0 and out.read_text() != "precious"
+
+
+def test_readme_method_table_is_what_ptools_measures(tmp_path: Path) -> None:
+    """The quick start's table of hard vs soft on the shipped examples, recomputed."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `examples/(\w+)\.json`[^|]*\| ([\w ()]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                      readme, flags=re.MULTILINE)
+    assert len(rows) == 6
+    measured = {}
+    for name in ("crowd", "detections"):
+        for method in ("hard", "soft"):
+            result = run(ROOT / "examples" / f"{name}.json", "--method", method, "--eval",
+                         ROOT / "examples" / f"{name}_gt.json", "--json", "-o", tmp_path / f"{name}_{method}.json")
+            evaluation = json.loads(result.stdout)["evaluation"]
+            measured[(name, method)] = evaluation["output"]
+            measured[(name, "input (no NMS)")] = evaluation["input"]
+    for name, method, *numbers in rows:
+        metrics = measured[(name, method)]
+        assert [f"{metrics[k]:.3f}" for k in ("AP", "AP50", "AP75", "AR@100")] == numbers, (name, method)
+
+
+@pytest.mark.parametrize(("name", "crowd"), [("detections", False), ("crowd", True)])
+def test_shipped_examples_are_what_the_generator_writes(name: str, crowd: bool) -> None:
+    detections, ground_truth = generate(20, 100, 0, crowd=crowd)
+    assert json.loads((ROOT / "examples" / f"{name}.json").read_text()) == detections
+    assert json.loads((ROOT / "examples" / f"{name}_gt.json").read_text()) == ground_truth
+
+
+def test_crowd_example_is_crowded() -> None:
+    """Most neighbours in a crowd overlap above the usual NMS threshold, as documented."""
+    ground_truth = json.loads((ROOT / "examples" / "crowd_gt.json").read_text())
+    by_group: dict = {}
+    for a in ground_truth["annotations"]:
+        by_group.setdefault((a["image_id"], a["category_id"]), []).append(a["bbox"])
+
+    def iou(a: list[float], b: list[float]) -> float:
+        w = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+        return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+    neighbours = [iou(boxes[i], boxes[i + 1]) for boxes in by_group.values() for i in range(len(boxes) - 1)]
+    assert len(neighbours) >= 40 and sum(v > 0.5 for v in neighbours) / len(neighbours) > 0.5
