@@ -160,7 +160,7 @@ def case(attack: str, commands: tuple[str, ...] | None = None, expect: str = "")
 
 
 CHECKPOINT_AND_WEIGHTS = ("inspect", "inspect-stats", "inspect-json", "count", "convert-pt", "convert-st",
-                          "convert-shards")
+                          "convert-shards", "diff")
 PICKLE_PAYLOAD = ("inspect", "inspect-json", "count", "convert-pt", "convert-st", "convert-shards")
 
 # --- code execution through pickles
@@ -351,7 +351,7 @@ def torchscript_tampered_constants(folder: Path, marker: Path) -> Path:
 # --- tensor geometry (reads outside the buffer)
 
 
-GEOMETRY = ("inspect", "inspect-stats", "inspect-json", "count", "convert-pt", "convert-st")
+GEOMETRY = ("inspect", "inspect-stats", "inspect-json", "count", "convert-pt", "convert-st", "diff")
 
 
 @case("geometry", GEOMETRY, expect="corrupt tensor record")
@@ -390,7 +390,7 @@ def bool_shape(folder: Path, marker: Path) -> Path:
     return state_zip(folder / "bool_shape.pt", {"w": tensor(storage("0", 4), (True, 2), (2, True))})
 
 
-@case("geometry", ("inspect", "inspect-stats", "count", "convert-st"), expect="truncated")
+@case("geometry", ("inspect", "inspect-stats", "count", "convert-st", "diff"), expect="truncated")
 def safetensors_lying_offsets(folder: Path, marker: Path) -> Path:
     return safetensors(folder / "lying.safetensors",
                        {"w": {"dtype": "F32", "shape": [1024], "data_offsets": [0, 4096]}}, b"\0" * 16)
@@ -625,7 +625,7 @@ def _dcp_storage(relative: Any = "__0_0.distcp", offset: Any = 0, length: Any = 
     return {index: info}
 
 
-DCP = ("inspect", "inspect-stats", "count", "convert-pt")
+DCP = ("inspect", "inspect-stats", "count", "convert-pt", "diff")
 
 
 @case("dcp", DCP, expect="")

@@ -26,6 +26,7 @@ def command_line(command: str, target: Path, out: Path) -> list[str]:
         "inspect": ["inspect-state-dict", path],
         "inspect-stats": ["inspect-state-dict", path, "--stats"],
         "inspect-json": ["inspect-state-dict", path, "--json"],
+        "diff": ["inspect-state-dict", path, "--diff", path],  # reads every tensor's bytes on both sides
         "count": ["count-params", path],
         "convert-pt": ["convert-ckpt", path, str(out / "out.pt")],
         "convert-st": ["convert-ckpt", path, str(out / "out.safetensors"), "--extract", "auto"],
