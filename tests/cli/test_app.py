@@ -106,3 +106,11 @@ def test_pick_gpus_example_runs() -> None:
     else:
         assert result.returncode == 3
         assert "cannot pick GPUs: 1 usable GPU required, 0 found" in result.stderr
+
+
+def test_files_the_readme_tells_people_to_write_are_ignored_by_git() -> None:
+    """Running the quick start in a clone must not leave untracked files behind."""
+    readme = (ROOT / "README.md").read_text()
+    written = set(re.findall(r"-o ((?:soft|hard)_nms\.json)", readme))
+    ignored = set((ROOT / ".gitignore").read_text().split())
+    assert written and written <= ignored, written - ignored
