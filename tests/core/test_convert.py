@@ -547,3 +547,15 @@ def test_torchscript_input_to_every_format(tmp_path: Path, output: str) -> None:
     result = read_output(destination)
     assert_same_tensors(dict(sorted(result.items())), dict(sorted(model.state_dict().items())))
     tiny_net(seed=4).load_state_dict(result)
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+@pytest.mark.parametrize(("target", "torch_dtype"), [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_cast_tally_counts_in_either_byte_order(byteorder: str, target: str, torch_dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    values = torch.cat([torch.randn(3000) * 10.0 ** torch.randint(-45, 39, (3000,)).float(),
+                        torch.tensor([0.0, -0.0, -1e-30, float("nan"), -float("inf"), 1e5])])
+    raw = values.numpy().astype(">f4" if byteorder == "big" else "<f4").tobytes()
+    tally = writers.CastTally(["w"], "float32", target)
+    writers.cast_bytes(raw, "float32", target, byteorder, tally)
+    assert (tally.numel, tally.to_zero, tally.to_inf) == (values.numel(), *_losses(values, torch_dtype))
