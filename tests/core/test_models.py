@@ -206,3 +206,18 @@ def test_frozen_batchnorm_for_1d_and_3d() -> None:
         layer.eval()
         x = torch.randn(shape)
         torch.testing.assert_close(models.frozen_batchnorm(layer)(x), layer(x))
+
+
+def test_default_input_size_comes_from_what_was_published() -> None:
+    from ptools.core.models import default_input_size
+
+    class TimmStyle(torch.nn.Module):
+        pretrained_cfg = {"input_size": (3, 288, 288), "crop_pct": 0.95}
+
+    assert default_input_size("timm:anything", TimmStyle()) == ((3, 288, 288), "timm's pretrained_cfg input_size "
+                                                                                "for TimmStyle")
+    assert default_input_size("efficientnet_b3", torch.nn.Module())[0] == (3, 300, 300)
+    assert default_input_size("deeplabv3_resnet50", torch.nn.Module())[0] == (3, 520, 520)
+    assert default_input_size("fasterrcnn_resnet50_fpn", torch.nn.Module()) is None
+    assert default_input_size("r3d_18", torch.nn.Module()) is None
+    assert default_input_size("models.py:Net", torch.nn.Module()) is None
