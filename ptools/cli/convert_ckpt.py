@@ -127,15 +127,12 @@ def command(
     data = report.to_dict()
     if not dry_run:
         data.pop("plan")
-    if json_output:
-        output.print_json(data)
-        return
-    if dry_run:
-        output.stdout_console().print(output.make_table(
-            f"Plan: {report.input} → {report.output} ({report.output_format}); nothing written",
-            ["From", "To", "Dtype", "Device", "Shape"],
-            [_plan_row(row) for row in data["plan"]], optional=("Device", "Shape")))
-    _summary(data)
+    output.emit(data, json_output, lambda shown: [output.make_table(
+        f"Plan: {report.input} → {report.output} ({report.output_format}); nothing written",
+        ["From", "To", "Dtype", "Device", "Shape"],
+        [_plan_row(row) for row in shown["plan"]], optional=("Device", "Shape"))] if dry_run else [])
+    if not json_output:
+        _summary(data)
 
 
 def _plan_row(row: dict[str, Any]) -> tuple[str, ...]:

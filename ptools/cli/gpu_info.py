@@ -92,18 +92,14 @@ def command(
             output.info(f"note: {problem}")
         if launch:
             _run(launch, {"CUDA_VISIBLE_DEVICES": value})
-        if json_output:
-            output.print_json({"cuda_visible_devices": value,
-                               "devices": [d.to_dict() for d in chosen]})
-        else:
-            sys.stdout.write(value + "\n")
+        output.emit({"cuda_visible_devices": value, "devices": [d.to_dict() for d in chosen]}, json_output,
+                    lambda data: [data["cuda_visible_devices"]])
         return
     if require is not None:
         gpu.require_devices(report, require, **limits)
         if launch:
             _run(launch, {})
-        if json_output:
-            output.print_json(report.to_dict())
+        output.emit(report.to_dict(), json_output, lambda data: [])  # success is silent for people
         return
 
     data = report.to_dict()
@@ -132,13 +128,12 @@ def _run(launch: list[str], environment: dict[str, str]) -> None:
 
 def _watch(interval: float, *, use_torch: bool, json_output: bool) -> None:
     """Refresh until Ctrl-C; torch (if used) is asked once, NVML on every refresh."""
-    first = gpu.query_devices(use_torch=use_torch)
-    cached_torch = _torch_info_of(first) if use_torch else None
+    # torch's answers do not change while we watch: ask once, replay them on every refresh.
+    torch_info = gpu.probe_torch() if use_torch else None
+    first = gpu.query_devices(use_torch=use_torch, torch_probe=lambda: torch_info)
 
     def refresh() -> dict[str, Any]:
-        if cached_torch is None:
-            return gpu.query_devices(use_torch=False).to_dict()
-        return gpu.query_devices(torch_probe=lambda: cached_torch).to_dict()
+        return gpu.query_devices(use_torch=use_torch, torch_probe=lambda: torch_info).to_dict()
 
     data = first.to_dict()
     if json_output or not sys.stdout.isatty():
@@ -164,18 +159,6 @@ def _watch(interval: float, *, use_torch: bool, json_output: bool) -> None:
         while True:
             time.sleep(interval)
             live.update(view(refresh()), refresh=True)
-
-
-def _torch_info_of(report: gpu.GpuReport) -> gpu.TorchInfo | None:
-    system = report.system
-    if system.torch_version is None:
-        return None
-    return gpu.TorchInfo(
-        version=system.torch_version, cuda_version=system.torch_cuda_version,
-        cudnn_version=system.torch_cudnn_version, nccl_version=system.torch_nccl_version,
-        hip_version=system.torch_hip_version, cuda_available=bool(system.torch_cuda_available),
-        device_count=system.torch_device_count or 0, mps_available=bool(system.mps_available),
-        devices=[{"uuid": d.uuid} for d in report.addressable_devices])
 
 
 def _percent(value: float | None) -> str | None:

@@ -101,7 +101,7 @@ def command(
         bad = []
         for row, tensor_stats in core.iter_stats(checkpoint, listing.rows):
             line = row.to_dict()
-            line["stats"] = _stats_dict(tensor_stats)
+            line["stats"] = (tensor_stats.to_dict() if tensor_stats is not None else None)
             bad += _non_finite(row.name, tensor_stats)
             output.print_ndjson([line])
         _finish_check(check_finite, bad, len(listing.rows))
@@ -114,20 +114,13 @@ def command(
     if want_values:
         computed = output.progress(core.iter_stats(checkpoint, listing.rows), len(listing.rows), "reading values")
         for row_data, (row, tensor_stats) in zip(data["tensors"], computed):
-            row_data["stats"] = _stats_dict(tensor_stats)
+            row_data["stats"] = (tensor_stats.to_dict() if tensor_stats is not None else None)
             bad += _non_finite(row.name, tensor_stats)
     if ndjson:
         output.print_ndjson(data["tree"])
     else:
         output.emit(data, json_output, lambda shown: render(shown, tree=tree, stats=want_values))
     _finish_check(check_finite, bad, len(listing.rows))
-
-
-def _stats_dict(tensor_stats: Any) -> dict[str, Any] | None:
-    if tensor_stats is None:
-        return None
-    return {"min": tensor_stats.min, "max": tensor_stats.max, "mean": tensor_stats.mean,
-            "std": tensor_stats.std, "nan": tensor_stats.nan, "inf": tensor_stats.inf}
 
 
 def _non_finite(name: str, tensor_stats: Any) -> list[str]:
@@ -226,9 +219,6 @@ def _bounded(rows: list[Any]) -> tuple[list[Any], str | None]:
 
 
 def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
-    if json_output:
-        output.print_json(data)
-        return
     if ndjson:
         lines = [{"change": "only_in_a", "name": n} for n in data["only_in_a"]]
         lines += [{"change": "only_in_b", "name": n} for n in data["only_in_b"]]
@@ -237,7 +227,13 @@ def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
         lines += [{"change": "values", **v} for v in data["values"] or [] if not v["equal"]]
         output.print_ndjson(lines)
         return
-    console = output.stdout_console()
+    output.emit(data, json_output, _diff_renderables)
+
+
+def _diff_renderables(data: dict[str, Any]) -> list[Any]:
+    """Rich renderables for a diff (the same data --json prints)."""
+    from rich.text import Text
+
     prefix = data["prefix"]
     summary = [
         ("A", f"{data['a']['file']} ({data['a']['format']}, {data['a']['tensors']} tensors)"),
@@ -256,24 +252,25 @@ def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
                 "bytes": "keys, shapes, dtypes and the bytes of every common tensor",
                 "numbers": "keys, shapes, dtypes and values (bytes, max |A−B|, max relative)"}[data["compared"]]
     summary.append(("identical", f"{'yes' if data['identical'] else 'no'} (compared: {compared})"))
-    console.print(output.make_table("Diff", ["", "value"], summary))
+    renderables: list[Any] = [output.make_table("Diff", ["", "value"], summary)]
     if prefix:
-        console.print(f"Fix: {prefix['fix']}", markup=False)
+        renderables.append(Text(f"Fix: {prefix['fix']}"))
     for title, names in (("Only in A", data["only_in_a"]), ("Only in B", data["only_in_b"])):
         if names:
-            console.print(output.make_table(title, ["Name"], [(n,) for n in names]))
+            renderables.append(output.make_table(title, ["Name"], [(n,) for n in names]))
     if data["shape_mismatches"] or data["dtype_mismatches"]:
         rows = [(m["name"], "shape", "×".join(map(str, m["a"])), "×".join(map(str, m["b"])))
                 for m in data["shape_mismatches"]]
         rows += [(m["name"], "dtype", m["a"], m["b"]) for m in data["dtype_mismatches"]]
-        console.print(output.make_table("Mismatches", ["Name", "What", "A", "B"], rows))
+        renderables.append(output.make_table("Mismatches", ["Name", "What", "A", "B"], rows))
     if data["compared"] == "bytes" and data["values_differ"]:
-        console.print(output.make_table(
+        renderables.append(output.make_table(
             f"Values differ in {data['values_differ']} of {len(data['values'])} compared tensors "
             "(--values shows by how much)", ["Name"], [(v["name"],) for v in data["values"] if not v["equal"]]))
     elif data["compared"] == "numbers":
         differing = [(v["name"], _number(v["max_abs_diff"]), _number(v["max_rel_diff"]))
                      for v in data["values"] if not v["equal"]]
-        console.print(output.make_table(
+        renderables.append(output.make_table(
             f"Values: {len(differing)} of {len(data['values'])} compared tensors differ",
             ["Name", ("Max |A − B|", "right"), ("Max relative", "right")], differing))
+    return renderables

@@ -90,15 +90,12 @@ def command(
     records, input_format = core.parse_detections(data, "stdin" if source == "-" else source)
     del data
     detections = core.validate(records, box_format=box_format, skip_invalid=skip_invalid)
-    # soft and merge rewrite score/bbox in place; evaluating the input needs the originals.
-    rewrites = core.nms_core.canonical_method(method) in ("soft", "merge")
-    before = [dict(r) if isinstance(r, dict) else r for r in records] if eval_path and rewrites else None
     kept, report = core.run_nms(detections, method=method, iou_threshold=0.5 if iou is None else iou,
                                 score_threshold=score_thr,
                                 soft_fn=soft_fn, sigma=sigma, max_det=max_det, agnostic=agnostic,
                                 box_format=box_format, device=device)
     if eval_path is not None:
-        valid_input = [(before or records)[i] for i in detections.index.tolist()]
+        valid_input = [records[i] for i in detections.index.tolist()]
         input_metrics, output_metrics = core.evaluate(eval_path, valid_input, kept)
         report.evaluation = {"input": input_metrics, "output": output_metrics}
     payload = core.dump_detections(kept, output_format or input_format)
@@ -110,10 +107,11 @@ def command(
 
         write_atomically(destination, lambda handle: handle.write(payload))
     report.seconds = time.perf_counter() - started
-    if json_output:
-        output.print_json(report.to_dict())
-        return
-    _summary(report.to_dict())
+    # The detections went to -o FILE or stdout; what remains is the account: JSON on stdout,
+    # or lines for people on stderr.
+    output.emit(report.to_dict(), json_output, lambda data: [])
+    if not json_output:
+        _summary(report.to_dict())
 
 
 def _read(source: str) -> bytes:

@@ -285,9 +285,9 @@ def run_nms(
     """NMS per image (and class unless ``agnostic``) over validated detections.
 
     Returns:
-        ``(output records, report)``; output records are the input dicts (soft: ``score``
-        replaced by the decayed score; merge: ``bbox`` by the merged box), by image then
-        score descending.
+        ``(output records, report)``: the kept input dicts, by image then score descending;
+        for soft and merge new dicts with the decayed ``score`` / merged ``bbox`` (the input
+        records are never changed).
     """
     started = time.perf_counter()
     name = nms_core.canonical_method(method)
@@ -310,13 +310,12 @@ def run_nms(
     records = detections.records
     rows = detections.index[kept_rows].tolist()
     output = list(operator.itemgetter(*rows)(records)) if len(rows) > 1 else [records[i] for i in rows]
+    # soft and merge change a field of what they keep: new records, the caller's stay as read.
     if name == "soft":
-        for record, score in zip(output, result.scores[positions].tolist()):
-            record["score"] = score
+        output = [{**record, "score": score} for record, score in zip(output, result.scores[positions].tolist())]
     elif name == "merge":
         merged = nms_core.from_xyxy(result.boxes[positions], box_format)
-        for record, box in zip(output, merged.tolist()):
-            record["bbox"] = box
+        output = [{**record, "bbox": box} for record, box in zip(output, merged.tolist())]
     counts_in = np.bincount(detections.categories, minlength=len(detections.category_ids))
     counts_out = np.bincount(detections.categories[kept_rows], minlength=len(detections.category_ids))
     report = NmsFileReport(

@@ -354,9 +354,3 @@ def model_device(text: str) -> str:
 
             raise RequirementNotMetError(f"--device {text}: torch sees no CUDA device")
     return text
-
-
-def visible_rows(summary: ModelSummary, depth: int) -> list[LayerRow]:
-    """Rows down to ``depth`` that ran (root excluded)."""
-    return [row for row in summary.rows if 0 < row.depth <= depth and (row.calls or row.parameters)]
-

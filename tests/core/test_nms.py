@@ -334,3 +334,16 @@ def test_parallel_parts_give_the_same_result(monkeypatch: pytest.MonkeyPatch) ->
         got_keep, got_scores = nms(boxes, scores, labels, images=images, method=method)
         assert got_keep.tolist() == keep.tolist()
         np.testing.assert_array_equal(got_scores, kept_scores)
+
+
+@pytest.mark.parametrize("method", ["soft", "merge"])
+def test_run_nms_leaves_the_callers_records_as_they_were(method: str) -> None:
+    import copy
+
+    from ptools.core import detections
+
+    records = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+               {"image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "score": 0.8}]
+    original = copy.deepcopy(records)
+    kept, _ = detections.run_nms(detections.validate(records), method=method)
+    assert records == original and kept and kept[0] is not records[0]

@@ -150,6 +150,10 @@ class TensorStats:
     nan: int
     inf: int
 
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"min": self.min, "max": self.max, "mean": self.mean, "std": self.std, "nan": self.nan,
+                "inf": self.inf}
+
 
 def tensor_stats(values: np.ndarray, dtype: str) -> TensorStats:
     """Min, max, mean, std, NaN and Inf counts, accumulated over chunks (Chan et al. merge)."""

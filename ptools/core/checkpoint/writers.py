@@ -381,14 +381,6 @@ class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch t
     dispatch[TorchMarker] = _save_marker
 
 
-@dataclass
-class TorchPlan:
-    """What a torch zip output holds: the object to pickle and the storages behind it."""
-
-    root: Any
-    storages: list[OutputStorage] = field(default_factory=list)
-
-
 def build_torch_pickle(root: Any, storage_for: Callable[[TensorInfo], OutputStorage | None],
                        dtype_for: Callable[[TensorInfo], str]) -> bytes:
     """Pickle ``root`` (plain objects and TensorInfo leaves) the way ``torch.save`` does."""
