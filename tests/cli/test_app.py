@@ -114,3 +114,17 @@ def test_files_the_readme_tells_people_to_write_are_ignored_by_git() -> None:
     written = set(re.findall(r"-o ((?:soft|hard)_nms\.json)", readme))
     ignored = set((ROOT / ".gitignore").read_text().split())
     assert written and written <= ignored, written - ignored
+
+
+def test_readme_and_comments_reference_only_files_in_the_repo() -> None:
+    texts = {ROOT / "README.md": (ROOT / "README.md").read_text()}
+    for folder in ("ptools", "tests", "benchmarks", "examples"):
+        for path in (ROOT / folder).rglob("*.py"):
+            texts[path] = path.read_text()
+    repo_dirs = ("examples/", "benchmarks/", "tests/", "ptools/", ".ci/")
+    for path, text in texts.items():
+        assert ".." + "/shared" not in text and "docs/" + "nms.md" not in text, path
+        for reference in re.findall(r"`((?:examples|benchmarks|tests|ptools|\.ci)/[\w./-]+)`", text):
+            target = reference.split()[0].rstrip(".,:")
+            if target.startswith(repo_dirs) and "*" not in target:
+                assert (ROOT / target).exists(), f"{path.name} names {target}, which is not in the repo"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ptools.core.nms import canonical_method, limit_per_image, nms, nms_groups, to_xyxy
 from ptools.errors import BadInputError
 
-# ---------------------------------------------------------------- slow references (from docs/nms.md)
+# ---------------------------------------------------------------- slow references (the rules in README, `ptools nms`)
 
 
 def ref_iou(a, b) -> float:
