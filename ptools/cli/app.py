@@ -17,6 +17,7 @@ import typer
 
 from ptools import __version__
 from ptools.cli import output
+from ptools.cli.wording import cli_words
 from ptools.errors import PtoolsError
 
 EXIT_INTERRUPTED = 130
@@ -40,8 +41,9 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def error_edge(function: F) -> F:
-    """Turn typed ptools errors into ``error: …`` and their exit code; Ctrl-C into 130.
+def error_edge(function: F, command: str | None = None) -> F:
+    """Turn typed ptools errors into ``error: …`` (in command-line words: ``--iou``, not
+    ``iou_threshold``) and their exit code; Ctrl-C into 130.
 
     Anything else is a bug and propagates with its traceback.
     """
@@ -58,7 +60,7 @@ def error_edge(function: F) -> F:
         except PtoolsError as failure:
             if os.environ.get("PTOOLS_DEBUG") == "1":
                 traceback.print_exc()
-            output.error(str(failure))
+            output.error(cli_words(str(failure), command))
             raise typer.Exit(failure.exit_code) from None
         except KeyboardInterrupt as interrupt:
             output.info("terminated" if isinstance(interrupt, Terminated) else "interrupted")
@@ -91,7 +93,7 @@ def _register() -> None:
 
     for module in (gpu_info, inspect_state_dict, convert_ckpt, nms, summary, count_params, freeze):
         app.command(module.NAME, help=module.HELP, short_help=module.SHORT_HELP,
-                    no_args_is_help=False)(error_edge(module.command))
+                    no_args_is_help=False)(error_edge(module.command, module.NAME))
 
 
 _register()

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Iterator
 import typer
 
 from ptools.cli import output
+from ptools.cli.wording import cli_words
 from ptools.cli.options import JsonOption, TrustOption, usage_check
 from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat
 from ptools.core.units import format_bytes, parse_size
@@ -125,6 +126,8 @@ def command(
             shard_size=shard_bytes, force=force, trust=trust, dry_run=dry_run, verify=verify,
             on_bytes=on_bytes, on_total=on_total)
     data = report.to_dict()
+    data["notes"] = [cli_words(note, NAME) for note in data["notes"]]
+    data["state_dict_how"] = cli_words(data["state_dict_how"], NAME)
     if not dry_run:
         data.pop("plan")
     output.emit(data, json_output, lambda shown: [output.make_table(

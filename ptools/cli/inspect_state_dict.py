@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.cli.wording import cli_words
 from ptools.cli.options import JsonOption, NdjsonOption, TrustOption
 from ptools.core.units import format_bytes
 from ptools.errors import BadInputError
@@ -78,6 +79,8 @@ def command(
     checkpoint = core.open_checkpoint(file, trust=trust)
     listing = core.list_checkpoint(checkpoint, key=key, name_filter=name_filter)
     output.info(f"state dict: {listing.state_dict_key or '(top level)'} — {listing.state_dict_how}")
+    listing.notes = [cli_words(note, NAME) for note in listing.notes]
+    listing.state_dict_how = cli_words(listing.state_dict_how, NAME)
     for note in listing.notes:
         output.info(f"note: {note}")
     if name_filter is not None and not listing.rows:
@@ -89,7 +92,11 @@ def command(
         other_listing = core.list_checkpoint(other, key="auto", name_filter=name_filter)
         compare = "numbers" if values else "keys" if keys_only else "bytes"
         result = core.diff_state_dicts(listing, checkpoint, other_listing, other, compare=compare)
-        _emit_diff(result.to_dict(), json_output, ndjson)
+        data = result.to_dict()
+        if data["prefix"]:  # the fix, as the command a person runs
+            data["prefix"]["fix"] = f"ptools convert-ckpt {data['prefix']['file']} OUT --strip-prefix " \
+                                    f"{data['prefix']['prefix']}"
+        _emit_diff(data, json_output, ndjson)
         return
 
     want_values = stats or check_finite

@@ -22,7 +22,9 @@ def usage_check(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
             for item in value if isinstance(value, list) else [value]:
                 parse(item)
         except BadInputError as failure:
-            raise typer.BadParameter(str(failure)) from None
+            from ptools.cli.wording import cli_words
+
+            raise typer.BadParameter(cli_words(str(failure))) from None
         return value
 
     return callback

@@ -111,7 +111,7 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "auto") -> tuple[c
     if not prefix:
         return _with_metadata(state_dict.items(), state_dict, None), ""
     pairs = [(k, k[len(prefix):] if k.startswith(prefix) else k) for k in state_dict]
-    _check_collisions(pairs, f"--strip-prefix {prefix!r}")
+    _check_collisions(pairs, f"`strip` {prefix!r}")
     module = prefix.rstrip(".")
 
     def rename_module(name: str) -> str:
@@ -137,11 +137,11 @@ def parse_rename(rule: str) -> tuple[re.Pattern[str], str]:
     """
     pattern, sep, replacement = rule.partition("=")
     if not sep or not pattern:
-        raise BadInputError(f"--rename {rule!r} is not REGEX=REPLACEMENT")
+        raise BadInputError(f"`rename` {rule!r} is not REGEX=REPLACEMENT")
     try:
         return re.compile(pattern), replacement
     except re.error as failure:
-        raise BadInputError(f"--rename {rule!r}: invalid regular expression ({failure})") from None
+        raise BadInputError(f"`rename` {rule!r}: invalid regular expression ({failure})") from None
 
 
 def rename_keys(state_dict: Mapping[str, Any], rules: Iterable[str | tuple[re.Pattern[str], str]]
@@ -158,11 +158,11 @@ def rename_keys(state_dict: Mapping[str, Any], rules: Iterable[str | tuple[re.Pa
             try:
                 name = pattern.sub(replacement, name)
             except (re.error, IndexError) as failure:
-                raise BadInputError(f"--rename {pattern.pattern!r}: bad replacement ({failure})") from None
+                raise BadInputError(f"`rename` {pattern.pattern!r}: bad replacement ({failure})") from None
         return name
 
     pairs = [(k, apply(k)) for k in state_dict]
-    _check_collisions(pairs, "--rename")
+    _check_collisions(pairs, "`rename`")
     return _with_metadata(((new, state_dict[old]) for old, new in pairs), state_dict, apply)
 
 
@@ -175,7 +175,7 @@ def select_keys(state_dict: Mapping[str, Any], keep: str | None = None, drop: st
         except re.error as failure:
             raise BadInputError(f"{flag} {text!r}: invalid regular expression ({failure})") from None
 
-    keep_re, drop_re = compiled("--keep", keep), compiled("--drop", drop)
+    keep_re, drop_re = compiled("`keep`", keep), compiled("`drop`", drop)
     items = [(k, v) for k, v in state_dict.items()
              if (keep_re is None or keep_re.search(k)) and not (drop_re is not None and drop_re.search(k))]
     return _with_metadata(items, state_dict, None)
@@ -184,7 +184,7 @@ def select_keys(state_dict: Mapping[str, Any], keep: str | None = None, drop: st
 def parse_dtype(text: str) -> str:
     """``fp16|bf16|fp32`` (and their torch names) -> dtype name."""
     if text not in DTYPES:
-        raise BadInputError(f"unknown --dtype {text!r}; choose one of: fp16, bf16, fp32")
+        raise BadInputError(f"unknown `dtype` {text!r}; choose one of: fp16, bf16, fp32")
     return DTYPES[text]
 
 
@@ -216,7 +216,7 @@ def parse_map_location(text: str) -> Callable[[str], str]:
     def device(value: str) -> str:
         value = value.strip()
         if not _DEVICE_RE.match(value):
-            raise BadInputError(f"--map-location: {value!r} is not a device (cpu, cuda, cuda:1, …)")
+            raise BadInputError(f"`map_location`: {value!r} is not a device (cpu, cuda, cuda:1, …)")
         return value
 
     if "=" not in text:
@@ -226,7 +226,7 @@ def parse_map_location(text: str) -> Callable[[str], str]:
     for pair in text.split(","):
         source, sep, target = pair.partition("=")
         if not sep:
-            raise BadInputError(f"--map-location: {pair!r} is not FROM=TO")
+            raise BadInputError(f"`map_location`: {pair!r} is not FROM=TO")
         mapping[device(source)] = device(target)
     return lambda location: mapping.get(location, location)
 
@@ -272,10 +272,10 @@ class ConversionReport:
 def output_format(path: str, requested: str | None, shard_size: int | None) -> str:
     """``torch``, ``safetensors`` or ``sharded`` from ``--format``, ``--shard-size`` or the extension."""
     if requested is not None and requested not in OUTPUT_FORMATS:
-        raise BadInputError(f"unknown --format {requested!r}; choose one of: {', '.join(OUTPUT_FORMATS)}")
+        raise BadInputError(f"unknown `format` {requested!r}; choose one of: {', '.join(OUTPUT_FORMATS)}")
     if shard_size is not None:
         if requested == "torch":
-            raise BadInputError("--shard-size writes sharded safetensors; it cannot go with --format torch")
+            raise BadInputError("`shard_size` writes sharded safetensors; it cannot go with `format` torch")
         return "sharded"
     if requested is not None:
         return requested
@@ -285,7 +285,7 @@ def output_format(path: str, requested: str | None, shard_size: int | None) -> s
     if lowered.endswith(TORCH_EXTENSIONS):
         return "torch"
     raise BadInputError(f"cannot tell the output format from {path!r}",
-                        "use .pt/.pth/.bin/.ckpt or .safetensors, or pass --format torch|safetensors")
+                        "use .pt/.pth/.bin/.ckpt or .safetensors, or pass `format` torch|safetensors")
 
 
 def _input_files(checkpoint: Checkpoint) -> set[str]:
@@ -322,16 +322,16 @@ def _check_destination(inputs: set[str], destination: str, force: bool, kind: st
         raise BadInputError(f"cannot write to folder {folder}")
     if kind == "sharded":
         if os.path.lexists(destination) and not os.path.isdir(destination):
-            raise BadInputError(f"{destination} exists and is not a folder; --shard-size writes a folder")
+            raise BadInputError(f"{destination} exists and is not a folder; `shard_size` writes a folder")
         return  # what may be replaced inside it is decided by _ShardedTarget
     if os.path.isdir(destination):
         raise BadInputError(f"{destination} is a folder", "name the output file, e.g. "
                             f"{os.path.join(destination, 'model' + ('.safetensors' if kind == 'safetensors' else '.pt'))}")
     if os.path.lexists(destination):
         if not force:
-            raise BadInputError(f"{destination} exists", "pass --force to replace it")
+            raise BadInputError(f"{destination} exists", "pass `force=True` to replace it")
         if os.path.islink(destination) or not os.path.isfile(destination):
-            raise BadInputError(f"{destination} is not a regular file; --force replaces only a file",
+            raise BadInputError(f"{destination} is not a regular file; `force=True` replaces only a file",
                                 "remove it yourself or write elsewhere")
 
 
@@ -368,7 +368,7 @@ def _replace_at(root: Any, path: str, value: Any) -> Any:
             cut = next((c for c in range(len(parts), 0, -1) if ".".join(parts[:c]) in node), None)
             if cut is None:  # a key that is not text (an int, bytes) cannot be named by a path
                 raise BadInputError(f"cannot rewrite the state dict at {path!r}: a key on its path is not text",
-                                    "pass --extract auto to write the state dict alone")
+                                    "pass `extract='auto'` to write the state dict alone")
             container, key = node, ".".join(parts[:cut])
             node, rest = node[key], ".".join(parts[cut:])
         else:
@@ -426,12 +426,12 @@ def convert_checkpoint(
     kind = output_format(dst, format, shard_size)
     target_dtype = parse_dtype(dtype) if dtype is not None else None
     if cast_scope not in values(CastScope):
-        raise BadInputError(f"unknown cast_scope {cast_scope!r}; choose one of: {', '.join(values(CastScope))}")
+        raise BadInputError(f"unknown `cast_scope` {cast_scope!r}; choose one of: {', '.join(values(CastScope))}")
     relocate = parse_map_location(map_location) if map_location is not None else None
     try:
         keep_dtype_re = re.compile(keep_dtype) if keep_dtype else None
     except re.error as failure:
-        raise BadInputError(f"--keep-dtype {keep_dtype!r}: invalid regular expression ({failure})") from None
+        raise BadInputError(f"`keep_dtype` {keep_dtype!r}: invalid regular expression ({failure})") from None
     rename_rules = [parse_rename(rule) for rule in rename]
     checkpoint = open_checkpoint(src, trust=trust)
     inputs = _input_files(checkpoint)
@@ -448,7 +448,7 @@ def convert_checkpoint(
             root = kept
     path, node, how = find_state_dict(root, extract if extract is not None else "auto")
     if extract is None and not isinstance(node, Mapping):
-        raise BadInputError("the model weights are not a dict of tensors; pass --extract KEY")
+        raise BadInputError("the model weights are not a dict of tensors; pass `extract` KEY")
     state = node if isinstance(node, Mapping) else collections.OrderedDict(iter_tensors(node))
     report = ConversionReport(input=src, output=dst, input_format=checkpoint.format,
                               output_format=kind, state_dict_key=path, state_dict_how=how, dry_run=dry_run,
@@ -469,7 +469,7 @@ def convert_checkpoint(
     if strip is not None:
         transformed, report.stripped_prefix = strip_prefix(transformed, strip)
         if strip == "auto" and not report.stripped_prefix:
-            report.notes.append("--strip-prefix auto: no module./_orig_mod. prefix shared by every key")
+            report.notes.append("`strip='auto'`: no module./_orig_mod. prefix shared by every key")
     if add is not None:
         transformed = add_prefix(transformed, add)
     if rename_rules:
@@ -484,7 +484,7 @@ def convert_checkpoint(
         if drop_optimizer:
             report.dropped_entries = _drop_training_state(root, path)
             if not report.dropped_entries:
-                report.notes.append("--drop-optimizer: no optimizer, scheduler or scaler state found")
+                report.notes.append("`drop_optimizer`: no optimizer, scheduler or scaler state found")
 
     if kind != "torch":
         root = _flat_tensors(root, flatten, report)
@@ -535,7 +535,7 @@ def convert_checkpoint(
                 report.plan.append({"from": prefix + name, "to": None, "dtype": value.dtype, "new_dtype": None,
                                     "device": value.device, "new_device": None, "shape": list(value.shape)})
     if relocate is not None and kind != "torch":
-        report.notes.append("--map-location has no effect on safetensors output (it stores no devices)")
+        report.notes.append("`map_location` has no effect on safetensors output (it stores no devices)")
 
     storages: dict[Any, OutputStorage] = {}
 
@@ -608,11 +608,11 @@ def _flat_tensors(root: Any, flatten: bool, report: ConversionReport) -> collect
             if isinstance(root, Mapping) else ["(top level)"]
         shown = ", ".join(offending[:8]) + (f" and {len(offending) - 8} more" if len(offending) > 8 else "")
         raise BadInputError(f"safetensors holds only a flat dict of tensors; these entries are not tensors: "
-                            f"{shown}", "pass --extract auto (the model weights) or --flatten")
+                            f"{shown}", "pass `extract='auto'` (the model weights) or `flatten=True`")
     flat = collections.OrderedDict(iter_tensors(root))
     dropped = sum(1 for _ in _non_tensor_leaves(root))
     if dropped:
-        report.notes.append(f"--flatten: {dropped} non-tensor value(s) left out")
+        report.notes.append(f"`flatten=True`: {dropped} non-tensor value(s) left out")
     return flat
 
 
@@ -638,7 +638,7 @@ def _safetensors_entries(root: Mapping[str, Any], checkpoint: Checkpoint, dtype_
     for name, tensor in root.items():
         if tensor.storage is None and not tensor.chunks:
             raise BadInputError(f"{name} is a meta tensor (no data); safetensors cannot hold it",
-                                "--drop it")
+                                "`drop` it")
         view = (_storage_identity(tensor) or id(tensor), tensor.storage_offset, tuple(tensor.shape),
                 tuple(tensor.stride), tensor.dtype)
         if view in first:
@@ -653,7 +653,7 @@ def _safetensors_entries(root: Mapping[str, Any], checkpoint: Checkpoint, dtype_
 def _shards(entries: list[SafetensorsEntry], shard_size: int | None) -> list[list[SafetensorsEntry]]:
     """Greedy packing in order; a tensor larger than the limit gets a shard of its own."""
     if not shard_size or shard_size <= 0:
-        raise BadInputError("--shard-size must be a positive size, e.g. 2GB")
+        raise BadInputError("`shard_size` must be a positive size, e.g. 2GB")
     groups: list[list[SafetensorsEntry]] = [[]]
     size = 0
     for entry in entries:
@@ -706,7 +706,7 @@ class _ShardedTarget:
                 raise BadInputError(f"{path} is not a regular file; ptools never replaces it")
         if (replaced or stale) and not force:
             raise BadInputError(f"{folder} already holds a sharded output ({len(ours) - 1} shard(s))",
-                                "pass --force to replace it")
+                                "pass `force=True` to replace it")
         return cls(folder=folder, names=names, stale=stale)
 
     @staticmethod

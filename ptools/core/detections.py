@@ -216,7 +216,7 @@ def validate(records: Any, box_format: str = "xywh", skip_invalid: bool = False)
             if problem is None:
                 valid.append(position)
             elif not skip_invalid:
-                raise BadInputError(problem, "fix the record, or pass --skip-invalid to drop such records")
+                raise BadInputError(problem, "fix the record, or pass `skip_invalid=True` to drop such records")
         skipped = len(records) - len(valid)
         index = np.array(valid, dtype=np.int64)
         kept = [records[i] for i in valid]
@@ -291,17 +291,14 @@ def run_nms(
     """
     started = time.perf_counter()
     name = nms_core.canonical_method(method)
-    if max_det is not None and max_det < 1:
-        raise BadInputError(f"--max-det must be 1 or more, not {max_det}")
-    if not 0 <= iou_threshold <= 1:
-        raise BadInputError(f"--iou must be between 0 and 1, not {iou_threshold}")
+    nms_core.check_parameters(iou_threshold, max_det)
     xyxy = nms_core.to_xyxy(detections.boxes, box_format)
     categories = np.zeros_like(detections.categories) if agnostic else detections.categories
     groups = detections.images * (len(detections.category_ids) or 1) + categories
     if device == "cuda":
         result = _cuda_hard(name, xyxy, detections.scores, groups, iou_threshold, score_threshold)
     elif device != "cpu":
-        raise BadInputError(f"unknown --device {device!r}; choose one of: cpu, cuda")
+        raise BadInputError(f"unknown `device` {device!r}; choose one of: cpu, cuda")
     else:
         result = nms_core.nms_groups(xyxy, detections.scores, groups, method=name, iou_threshold=iou_threshold,
                                      soft_fn=soft_fn, sigma=sigma, score_threshold=score_threshold)
@@ -331,13 +328,13 @@ def _cuda_hard(method: str, xyxy: np.ndarray, scores: np.ndarray, groups: np.nda
                score_threshold: float | None) -> nms_core.NmsResult:
     """Hard NMS with torchvision's CUDA kernel (float64), same keep set as the CPU path."""
     if method != "hard":
-        raise BadInputError(f"--device cuda runs --method hard only; {method} runs on the CPU (the default)")
+        raise BadInputError(f"`device` cuda runs `method` hard only; {method} runs on the CPU (the default)")
     import torch
 
     if not torch.cuda.is_available():
         from ptools.errors import RequirementNotMetError
 
-        raise RequirementNotMetError("--device cuda: torch sees no CUDA device")
+        raise RequirementNotMetError("`device` cuda: torch sees no CUDA device")
     on_gpu = [torch.as_tensor(a, device="cuda") for a in (xyxy, scores, groups)]
     keep, _ = nms_core.nms(*on_gpu, iou_threshold=iou_threshold, score_threshold=score_threshold)
     kept = keep.cpu().numpy()
@@ -362,16 +359,16 @@ def evaluate(ground_truth_path: str, *results: list[Any]) -> list[dict[str, floa
     except ImportError:
         from ptools.errors import RequirementNotMetError
 
-        raise RequirementNotMetError("--eval needs pycocotools: pip install pycocotools") from None
+        raise RequirementNotMetError("`ground_truth` evaluation needs pycocotools: pip install pycocotools") from None
     chatter = io.StringIO()  # pycocotools prints progress to stdout, which carries our data
     metrics = []
     with contextlib.redirect_stdout(chatter):
         try:
             ground_truth = COCO(ground_truth_path)
         except (OSError, ValueError, KeyError, TypeError) as failure:
-            raise BadInputError(f"--eval {ground_truth_path}: not a COCO ground-truth file ({failure})") from None
+            raise BadInputError(f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file ({failure})") from None
         if "annotations" not in ground_truth.dataset or "images" not in ground_truth.dataset:
-            raise BadInputError(f"--eval {ground_truth_path}: not a COCO ground-truth file (no images/annotations)")
+            raise BadInputError(f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file (no images/annotations)")
         for records in results:
             copies = [{"image_id": r["image_id"], "category_id": r["category_id"], "bbox": list(r["bbox"]),
                        "score": r["score"]} for r in records]
@@ -381,7 +378,7 @@ def evaluate(ground_truth_path: str, *results: list[Any]) -> list[dict[str, floa
             try:
                 predictions = ground_truth.loadRes(copies)
             except (AssertionError, KeyError, IndexError) as failure:
-                raise BadInputError(f"--eval: the detections do not match {ground_truth_path} "
+                raise BadInputError(f"`ground_truth`: the detections do not match {ground_truth_path} "
                                     f"(image ids missing from the ground truth?) {failure}") from None
             evaluator = COCOeval(ground_truth, predictions, "bbox")
             evaluator.evaluate()

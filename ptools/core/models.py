@@ -188,7 +188,7 @@ def user_code_folders(model: Any) -> list[str]:
         if module_name.startswith("_ptools_user_"):
             raise BadInputError(f"{type(module).__name__} comes from a file whose module name is taken by another "
                                 "module, so a pickled model could not be loaded back",
-                                "rename the file, or save the weights instead (--trainable-out names, or a "
+                                "rename the file, or save the weights instead (`trainable_out` names, or a "
                                 "state dict)")
         folder = _USER_FILE_FOLDERS.get(module_name)
         if folder is not None and folder not in folders:
@@ -231,7 +231,7 @@ def _load_model_file(path: str, trust: bool) -> Any:
             message = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
             raise BadInputError(f"{path}: not a loadable TorchScript archive ({message[:200]})") from None
     raise BadInputError(f"{path} is a checkpoint ({checkpoint.format}), not a model",
-                        "name the model (e.g. resnet50) and pass the file with --weights")
+                        "name the model (e.g. resnet50) and pass the file as `weights`")
 
 
 def _exported_module(program: Any) -> Any:
@@ -305,7 +305,7 @@ def default_input_size(spec: str, model: Any) -> tuple[tuple[int, ...], str] | N
 def whole_model_refused(path: str, failure: UnsafeFileError) -> UnsafeFileError:
     """The error for a pickled object (a whole model?) opened without trust."""
     return UnsafeFileError(f"{path} holds pickled objects (a whole model?): {failure.message}",
-                           "pass --trust to load it with torch.load(weights_only=False); it runs code from the file")
+                           "pass `trust=True` to load it with torch.load(weights_only=False); it runs code from the file")
 
 
 def is_library_model(spec: str) -> bool:
@@ -325,9 +325,9 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as failure:
-        raise BadInputError(f"--kwargs is not valid JSON ({failure})") from None
+        raise BadInputError(f"`kwargs` is not valid JSON ({failure})") from None
     if not isinstance(value, dict):
-        raise BadInputError("--kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+        raise BadInputError("`kwargs` must be a JSON object, e.g. '{\"num_classes\": 10}'")
     return value
 
 
@@ -385,7 +385,7 @@ def load_weights(model: Any, path: str, *, strict: bool = False, trust: bool = F
     report = WeightsReport(file=path, state_dict_key=listing.state_dict_key, stripped_prefix=prefix,
                            loaded=len(loaded), missing=missing, unexpected=unexpected, shape_mismatched=mismatched)
     if strict and not report.clean:
-        raise BadInputError(f"--strict: {len(missing)} missing, {len(unexpected)} unexpected, "
+        raise BadInputError(f"`strict=True`: {len(missing)} missing, {len(unexpected)} unexpected, "
                             f"{len(mismatched)} shape-mismatched key(s) in {path}")
     model.load_state_dict(loaded, strict=False)
     return report
@@ -554,9 +554,9 @@ def freeze(model: Any, layers: Sequence[str], except_: Sequence[str] = (), bn: s
     import torch
 
     if bn not in BN_MODES:
-        raise BadInputError(f"unknown --bn {bn!r}; choose one of: {', '.join(BN_MODES)}")
+        raise BadInputError(f"unknown `bn` {bn!r}; choose one of: {', '.join(BN_MODES)}")
     if not layers:
-        raise BadInputError("name at least one layer pattern, e.g. --layers 'backbone.*'")
+        raise BadInputError("name at least one layer pattern, e.g. `layers` 'backbone.*'")
     named = [(name, module) for name, module in model.named_modules() if name]
     for pattern in [*layers, *except_]:
         if not any(_matches(name, pattern) for name, _ in named):

@@ -41,6 +41,18 @@ def canonical_method(method: str) -> str:
     return name
 
 
+def check_parameters(iou_threshold: float, max_det: int | None = None) -> None:
+    """The ranges every entry point shares.
+
+    Raises:
+        BadInputError: ``iou_threshold`` outside [0, 1], or ``max_det`` below 1.
+    """
+    if not 0 <= iou_threshold <= 1:
+        raise BadInputError(f"`iou_threshold` must be between 0 and 1, not {iou_threshold}")
+    if max_det is not None and max_det < 1:
+        raise BadInputError(f"`max_det` must be 1 or more, not {max_det}")
+
+
 def to_xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:
     """Convert ``boxes (ndarray[N, 4])`` from ``xyxy``, ``xywh`` (COCO) or ``cxcywh`` to xyxy."""
     if box_format == "xyxy":
@@ -206,13 +218,15 @@ def nms_groups(
         NmsResult, unordered.
 
     Raises:
-        BadInputError: unknown method or soft function, sigma <= 0.
+        BadInputError: unknown method or soft function, sigma <= 0, IoU threshold outside [0, 1].
     """
     method = canonical_method(method)
+    check_parameters(iou_threshold)
     if soft_fn not in SOFT_FUNCTIONS:
-        raise BadInputError(f"unknown soft function {soft_fn!r}; choose one of: {', '.join(SOFT_FUNCTIONS)}")
+        raise BadInputError(f"unknown soft function `soft_fn` {soft_fn!r}; choose one of: "
+                            f"{', '.join(SOFT_FUNCTIONS)}")
     if method == "soft" and not sigma > 0:
-        raise BadInputError(f"--sigma must be > 0, not {sigma}")
+        raise BadInputError(f"`sigma` must be > 0, not {sigma}")
     scores = np.asarray(scores, dtype=np.float64)
     groups = np.asarray(groups, dtype=np.int64)
     xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
@@ -318,7 +332,13 @@ def nms(
         ``(keep, scores)``: indices of kept boxes (int64) and their final scores (decayed for
         soft), by image then score descending, as the input's array type and device. For
         hard NMS on a CUDA tensor, torchvision's kernel runs on the GPU.
+
+    Raises:
+        BadInputError: an unknown method, soft function or box format; ``iou_threshold``
+            outside [0, 1]; ``max_det`` below 1; ``sigma`` <= 0; boxes and scores of
+            different lengths.
     """
+    check_parameters(iou_threshold, max_det)
     is_torch = type(boxes).__module__.startswith("torch")
     if is_torch:
         import torch

@@ -24,9 +24,9 @@ def parse_input_size(text: str) -> tuple[int, ...]:
     try:
         size = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
-        raise BadInputError(f"--input-size {text!r} is not a list of integers like 3,224,224") from None
+        raise BadInputError(f"`input_size` {text!r} is not a list of integers like 3,224,224") from None
     if not size or any(s <= 0 for s in size):
-        raise BadInputError(f"--input-size {text!r} must list positive sizes, like 3,224,224")
+        raise BadInputError(f"`input_size` {text!r} must list positive sizes, like 3,224,224")
     return size
 
 
@@ -35,11 +35,11 @@ def _tensor_from_spec(spec: dict[str, Any], device: Any, default_dtype: Any) -> 
 
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise BadInputError(f"--input-spec: {spec!r}: 'shape' must be a list of sizes")
+        raise BadInputError(f"`input_spec`: {spec!r}: 'shape' must be a list of sizes")
     dtype_name = spec.get("dtype")
     dtype = getattr(torch, dtype_name, None) if dtype_name else default_dtype
     if not isinstance(dtype, torch.dtype):
-        raise BadInputError(f"--input-spec: unknown dtype {dtype_name!r}")
+        raise BadInputError(f"`input_spec`: unknown dtype {dtype_name!r}")
     fill = spec.get("fill", "randn" if dtype.is_floating_point else "zeros")
     if fill == "randn":
         return torch.randn(shape, dtype=dtype, device=device)
@@ -49,7 +49,7 @@ def _tensor_from_spec(spec: dict[str, Any], device: Any, default_dtype: Any) -> 
         return torch.ones(shape, dtype=dtype, device=device)
     if fill == "randint":
         return torch.randint(0, int(spec.get("high", 2)), shape, dtype=dtype, device=device)
-    raise BadInputError(f"--input-spec: unknown fill {fill!r}; choose one of: randn, zeros, ones, randint")
+    raise BadInputError(f"`input_spec`: unknown fill {fill!r}; choose one of: randn, zeros, ones, randint")
 
 
 def _build(value: Any, device: Any, dtype: Any) -> Any:
@@ -77,22 +77,22 @@ def make_inputs(input_sizes: list[tuple[int, ...]], batch_size: int, input_spec:
                 with open(input_spec[1:], encoding="utf-8") as handle:
                     text = handle.read()
             except OSError as failure:
-                raise BadInputError(f"--input-spec {input_spec}: {failure.strerror or failure}") from None
+                raise BadInputError(f"`input_spec` {input_spec}: {failure.strerror or failure}") from None
         try:
             spec = json.loads(text)
         except ValueError as failure:
-            raise BadInputError(f"--input-spec is not valid JSON ({failure})") from None
+            raise BadInputError(f"`input_spec` is not valid JSON ({failure})") from None
         if not isinstance(spec, dict) or not set(spec) <= {"args", "kwargs"}:
-            raise BadInputError('--input-spec must be an object {"args": [...], "kwargs": {...}}')
+            raise BadInputError('`input_spec` must be an object {"args": [...], "kwargs": {...}}')
         args = _build(spec.get("args", []), device, dtype)
         kwargs = _build(spec.get("kwargs", {}), device, dtype)
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise BadInputError('--input-spec: "args" must be a list and "kwargs" an object')
+            raise BadInputError('`input_spec`: "args" must be a list and "kwargs" an object')
         return args, kwargs
     if not input_sizes:
-        raise BadInputError("give --input-size (e.g. 3,224,224) or --input-spec")
+        raise BadInputError("give `input_size` (e.g. 3,224,224) or `input_spec`")
     if batch_size < 1:
-        raise BadInputError(f"--batch-size must be 1 or more, not {batch_size}")
+        raise BadInputError(f"`batch_size` must be 1 or more, not {batch_size}")
     return [torch.randn((batch_size, *size), dtype=dtype, device=device) for size in input_sizes], {}
 
 
@@ -243,7 +243,7 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
             result = model(*args, **kwargs)
     except Exception as failure:
         raise BadInputError(f"the forward pass failed: {type(failure).__name__}: {str(failure)[:300]}",
-                            "check --input-size / --input-spec against what the model expects") from failure
+                            "check `input_size` / `input_spec` against what the model expects") from failure
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
@@ -311,7 +311,7 @@ def torchsummary_text(model: Any, input_sizes: list[tuple[int, ...]], batch_size
     from torchsummary import summary
 
     if device not in ("cpu", "cuda"):
-        raise BadInputError("--format torchsummary runs on --device cpu or cuda only")
+        raise BadInputError("the torchsummary layout runs on `device` cpu or cuda only")
     modes = {module: module.training for module in model.modules()}
     text = io.StringIO()
     model.eval()
@@ -352,5 +352,5 @@ def model_device(text: str) -> str:
         if not torch.cuda.is_available():
             from ptools.errors import RequirementNotMetError
 
-            raise RequirementNotMetError(f"--device {text}: torch sees no CUDA device")
+            raise RequirementNotMetError(f"`device` {text}: torch sees no CUDA device")
     return text

@@ -128,3 +128,25 @@ def test_readme_and_comments_reference_only_files_in_the_repo() -> None:
             target = reference.split()[0].rstrip(".,:")
             if target.startswith(repo_dirs) and "*" not in target:
                 assert (ROOT / target).exists(), f"{path.name} names {target}, which is not in the repo"
+
+
+def test_the_core_speaks_python_and_the_cli_speaks_flags() -> None:
+    """No string the library raises or notes names a command-line flag; the CLI's one
+    mapping turns the Python names into flags."""
+    import ast
+
+    from ptools.cli.wording import cli_words
+
+    for path in (ROOT / "ptools" / "core").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert not re.search(r"(^|[\s(])--[a-z]", node.value), f"{path.name}: {node.value!r}"
+    assert cli_words("`iou_threshold` must be between 0 and 1") == "--iou must be between 0 and 1"
+    assert cli_words("pass `trust=True` only if …; run `git lfs pull`") == "pass --trust only if …; run `git lfs pull`"
+    assert cli_words("`key` 'x': no key", "convert-ckpt") == "--extract 'x': no key"
+    assert cli_words("`key` 'x': no key", "inspect-state-dict") == "--key 'x': no key"

@@ -170,7 +170,7 @@ def test_map_location_specs(spec: str, expected: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("spec", ["gpu 0", "cuda:x", "cuda:1=", "=cpu", "cuda:1:cpu,"])
 def test_bad_map_location(spec: str) -> None:
-    with pytest.raises(BadInputError, match="--map-location"):
+    with pytest.raises(BadInputError, match="`map_location`"):
         convert.parse_map_location(spec)
 
 
@@ -232,7 +232,7 @@ def test_strip_collision(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("rule", ["no-equals", "=x", "(unclosed=x"])
 def test_bad_rename_rules(rule: str) -> None:
-    with pytest.raises(BadInputError, match="--rename"):
+    with pytest.raises(BadInputError, match="`rename`"):
         rename_keys({"a": 1}, [rule])
 
 
@@ -266,7 +266,7 @@ def test_drop_optimizer_keeps_the_rest(tmp_path: Path) -> None:
 
 def test_nested_input_to_safetensors_needs_extract_or_flatten(tmp_path: Path) -> None:
     path = save_zip({"model": {"w": torch.ones(2)}, "step": 3, "ema": {"w": torch.zeros(2)}}, tmp_path / "in.pt")
-    with pytest.raises(BadInputError, match="not tensors: model, step, ema.*--extract auto.*--flatten"):
+    with pytest.raises(BadInputError, match="not tensors: model, step, ema.*`extract='auto'`.*`flatten=True`"):
         convert_checkpoint(path, tmp_path / "out.safetensors")
     report = convert_checkpoint(path, tmp_path / "flat.safetensors", flatten=True)
     assert set(load_file(str(tmp_path / "flat.safetensors"))) == {"model.w", "ema.w"}
@@ -422,7 +422,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     path = save_zip({"w": torch.ones(2)}, tmp_path / "in.pt")
     out = tmp_path / "out.pt"
     out.write_bytes(b"old")
-    with pytest.raises(BadInputError, match="exists.*--force"):
+    with pytest.raises(BadInputError, match="exists.*`force=True`"):
         convert_checkpoint(path, out)
     assert out.read_bytes() == b"old"
     convert_checkpoint(path, out, force=True)
@@ -473,7 +473,7 @@ def test_unsafe_input_is_refused_and_trust_is_explicit(tmp_path: Path) -> None:
     with pytest.raises(UnsafeFileError, match="collections.Counter"):
         convert_checkpoint(path, tmp_path / "out.pt")
     # Even a trusted input's objects never become globals of the output: only the writer's table.
-    with pytest.raises(BadInputError, match="global 'collections.Counter'.*--extract auto"):
+    with pytest.raises(BadInputError, match="global 'collections.Counter'.*`extract='auto'`"):
         convert_checkpoint(path, tmp_path / "out.pt", trust=True)
     assert not (tmp_path / "out.pt").exists()
     convert_checkpoint(path, tmp_path / "out.pt", trust=True, drop="counter")
@@ -495,7 +495,7 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "fmt", "message"), [
     ("out.onnx", None, "cannot tell the output format"),
-    ("out.pt", "onnx", "unknown --format 'onnx'"),
+    ("out.pt", "onnx", "unknown `format` 'onnx'"),
 ])
 def test_output_format_errors(tmp_path: Path, name: str, fmt: str | None, message: str) -> None:
     path = save_zip({"w": torch.ones(1)}, tmp_path / "in.pt")

@@ -87,11 +87,11 @@ def test_module_factory_and_torchscript_and_pickled(tmp_path: Path) -> None:
     assert models.count_model(models.load_model(str(scripted))).total == models.count_model(tiny_net()).total
     pickled = tmp_path / "whole.pt"
     torch.save(tiny_net(), pickled)
-    with pytest.raises(UnsafeFileError, match="--trust"):
+    with pytest.raises(UnsafeFileError, match="`trust=True`"):
         models.load_model(str(pickled))
     assert isinstance(models.load_model(str(pickled), trust=True), torch.nn.Module)
     weights_only = save_zip(tiny_net().state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(BadInputError, match="is a checkpoint .* not a model.*--weights"):
+    with pytest.raises(BadInputError, match="is a checkpoint .* not a model.*`weights`"):
         models.load_model(str(weights_only))
 
 
@@ -107,7 +107,7 @@ def test_exported_program(tmp_path: Path) -> None:
 def test_unknown_names_suggest_close_matches() -> None:
     with pytest.raises(BadInputError, match="unknown model 'resnet5O'.*did you mean: resnet50"):
         models.load_model("resnet5O")
-    with pytest.raises(BadInputError, match="--kwargs must be a JSON object"):
+    with pytest.raises(BadInputError, match="`kwargs` must be a JSON object"):
         models.parse_kwargs("[1]")
 
 
@@ -124,7 +124,7 @@ def test_load_weights_reports_mismatches(tmp_path: Path) -> None:
     assert report.missing == ["bn.bias"] and report.unexpected == ["extra"]
     assert report.shape_mismatched == [{"name": "head.weight", "checkpoint": [5, 4], "model": [2, 4]}]
     assert torch.equal(model.conv.weight, state["conv.weight"])
-    with pytest.raises(BadInputError, match="--strict: 1 missing, 1 unexpected, 1 shape-mismatched"):
+    with pytest.raises(BadInputError, match="`strict=True`: 1 missing, 1 unexpected, 1 shape-mismatched"):
         models.load_weights(tiny_net(), str(path), strict=True)
 
 

@@ -347,3 +347,16 @@ def test_run_nms_leaves_the_callers_records_as_they_were(method: str) -> None:
     original = copy.deepcopy(records)
     kept, _ = detections.run_nms(detections.validate(records), method=method)
     assert records == original and kept and kept[0] is not records[0]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"iou_threshold": 1.5}, "`iou_threshold` must be between 0 and 1, not 1.5"),
+    ({"iou_threshold": -0.1}, "`iou_threshold` must be between 0 and 1"),
+    ({"max_det": 0}, "`max_det` must be 1 or more, not 0"),
+    ({"method": "soft", "sigma": 0}, "`sigma` must be > 0, not 0"),
+])
+def test_library_nms_checks_its_own_parameters_in_python_words(kwargs: dict, message: str) -> None:
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10]], dtype=np.float64)
+    with pytest.raises(BadInputError) as caught:
+        nms(boxes, np.array([0.9, 0.8]), **kwargs)
+    assert message in str(caught.value) and "--" not in str(caught.value)

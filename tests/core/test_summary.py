@@ -117,7 +117,7 @@ def test_user_model_with_kwargs_forward(tmp_path: Path) -> None:
 def test_forward_errors_are_explained() -> None:
     with pytest.raises(BadInputError, match="the forward pass failed: RuntimeError"):
         summarize(torchvision.models.resnet18(), [torch.randn(1, 5, 32, 32)])
-    with pytest.raises(BadInputError, match="give --input-size"):
+    with pytest.raises(BadInputError, match="give `input_size`"):
         make_inputs([], 1, None, torch.device("cpu"), torch.float32)
     with pytest.raises(BadInputError, match="'shape' must be a list"):
         make_inputs([], 1, '{"args": [{"shape": "big"}]}', torch.device("cpu"), torch.float32)

@@ -28,14 +28,15 @@ KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "module._orig_mod.", "_orig
 
 @dataclass
 class PrefixDifference:
-    """Every key of ``side`` carries ``prefix``; stripping it aligns the two state dicts."""
+    """Every key of ``side`` carries ``prefix``; stripping it aligns the two state dicts. The
+    fix is to convert ``file`` with ``strip=prefix`` (see :func:`ptools.convert_checkpoint`)."""
 
     side: str
     prefix: str
-    fix: str
+    file: str
 
     def to_dict(self) -> dict[str, str]:
-        return {"side": self.side, "prefix": self.prefix, "fix": self.fix}
+        return {"side": self.side, "prefix": self.prefix, "file": self.file}
 
 
 @dataclass
@@ -95,9 +96,7 @@ def detect_prefix(names_a: list[str], names_b: list[str], file_a: str = "A",
     if best is None:
         return None
     _, side, prefix = best
-    source = file_a if side == "a" else file_b
-    fix = f"ptools convert-ckpt {source} OUT --strip-prefix {prefix}"
-    return PrefixDifference(side=side, prefix=prefix, fix=fix)
+    return PrefixDifference(side=side, prefix=prefix, file=file_a if side == "a" else file_b)
 
 
 def diff_state_dicts(listing_a: Listing, checkpoint_a: Checkpoint, listing_b: Listing,

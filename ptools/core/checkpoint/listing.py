@@ -86,7 +86,7 @@ def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto",
         try:
             pattern = re.compile(name_filter)
         except re.error as failure:
-            raise BadInputError(f"--filter {name_filter!r} is not a valid regular expression ({failure})") from None
+            raise BadInputError(f"`name_filter` {name_filter!r} is not a valid regular expression ({failure})") from None
     root = checkpoint.root
     path, node, how = find_state_dict(root, key)
     structure = []
@@ -178,7 +178,7 @@ def totals(rows: list[TensorRow], kinds_inferred: bool) -> dict[str, Any]:
 def group_by_prefix(rows: list[TensorRow], depth: int) -> list[dict[str, Any]]:
     """Subtotals by dotted module prefix, every level down to ``depth`` (1 = top modules)."""
     if depth < 1:
-        raise BadInputError(f"--depth must be 1 or more, not {depth}")
+        raise BadInputError(f"`depth` must be 1 or more, not {depth}")
     groups: dict[str, dict[str, Any]] = {}
     for row in rows:
         parts = row.name.split(".")[:-1] or [row.name]

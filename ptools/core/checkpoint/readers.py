@@ -396,7 +396,7 @@ def _expand_trusted_modules(checkpoint: Checkpoint) -> None:
 
     checkpoint.root, checkpoint.parameter_names, replaced = expand_modules(checkpoint.root)
     if replaced:
-        checkpoint.notes.append(f"{replaced} whole pickled module(s) (read with --trust): each is shown as its "
+        checkpoint.notes.append(f"{replaced} whole pickled module(s) (read with `trust=True`): each is shown as its "
                                 "state_dict() - parameters and persistent buffers")
 
 

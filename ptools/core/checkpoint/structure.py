@@ -62,15 +62,15 @@ def navigate(root: Any, path: str) -> Any:
             else:
                 keys = ", ".join(map(str, list(node)[:12]))
                 where = ".".join(walked) or "the top level"
-                raise BadInputError(f"--key {path!r}: no key {parts[0]!r} at {where}; there are: {keys}")
+                raise BadInputError(f"`key` {path!r}: no key {parts[0]!r} at {where}; there are: {keys}")
         elif isinstance(node, (list, tuple)):
             head, _, rest = rest.partition(".")
             if not head.isdigit() or int(head) >= len(node):
-                raise BadInputError(f"--key {path!r}: {head!r} is not an index of a list of {len(node)}")
+                raise BadInputError(f"`key` {path!r}: {head!r} is not an index of a list of {len(node)}")
             node = node[int(head)]
             walked.append(head)
         else:
-            raise BadInputError(f"--key {path!r}: {'.'.join(walked)!r} holds a {type_name(node)}, "
+            raise BadInputError(f"`key` {path!r}: {'.'.join(walked)!r} holds a {type_name(node)}, "
                                 "not a dict or list")
     return node
 
@@ -90,7 +90,7 @@ def find_state_dict(root: Any, key: str | None = "auto") -> tuple[str, Any, str]
         BadInputError: ``key`` names nothing, or no tensors exist anywhere.
     """
     if key not in (None, "auto"):
-        return key, navigate(root, key), "given with --key"
+        return key, navigate(root, key), "given with `key`"
     if is_state_dict(root):
         return "", root, "the file is a state dict"
     path = _search_known_keys(root, "")

@@ -38,7 +38,7 @@ from ptools.core.checkpoint.tensors import (
 from ptools.core.limits import brief, brief_text
 from ptools.errors import BadInputError, PtoolsError, UnsafeFileError
 
-TRUST_HINT = "pass --trust only if you made this file or trust who did: it runs code"
+TRUST_HINT = "pass `trust=True` only if you made this file or trust who did: it runs code"
 
 
 class _Frozen:
@@ -238,14 +238,14 @@ class NumpyDType:
             raise BadInputError(f"corrupt pickle: numpy dtype code {brief(code)}") from None
         if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
             raise UnsafeFileError(f"numpy dtype {code!r} (records, objects or sub-arrays) is not read "
-                                  "without --trust", TRUST_HINT)
+                                  "without `trust=True`", TRUST_HINT)
         self.dtype = dtype
 
     def set_state(self, state: Any) -> None:
         if not (isinstance(state, tuple) and 3 <= len(state) <= 9 and state[1] in ("<", ">", "|", "=")
                 and all(part is None for part in state[2:5])):
             raise UnsafeFileError(f"numpy dtype state {brief(state)} (fields, sub-arrays) is not read "
-                                  "without --trust", TRUST_HINT)
+                                  "without `trust=True`", TRUST_HINT)
         if state[1] in ("<", ">") and self.dtype.itemsize > 1:
             self.dtype = self.dtype.newbyteorder(state[1])
 
@@ -272,7 +272,7 @@ class NumpyArray:
         if not isinstance(dtype, NumpyDType):
             raise BadInputError("corrupt pickle: numpy array without a plain dtype")
         if not isinstance(data, (bytes, bytearray)):
-            raise UnsafeFileError("numpy object arrays are not read without --trust", TRUST_HINT)
+            raise UnsafeFileError("numpy object arrays are not read without `trust=True`", TRUST_HINT)
         if not (whole_numbers(shape) and len(shape) <= 32):
             raise BadInputError(f"corrupt pickle: numpy array shape {brief(shape)}")
         if math.prod(shape) * dtype.dtype.itemsize != len(data):

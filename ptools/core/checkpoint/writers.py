@@ -281,7 +281,7 @@ def check_output_global(module: str, name: str) -> None:
     if (module, name) not in OUTPUT_GLOBALS:
         raise BadInputError(f"the output would have to name the global {brief(f'{module}.{name}')} taken from "
                             "the input; ptools writes only tensors and plain data",
-                            "pass --extract auto to write the model weights alone, or --drop the entry")
+                            "pass `extract='auto'` to write the model weights alone, or `drop` the entry")
 
 
 class GlobalRef:
