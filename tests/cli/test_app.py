@@ -150,3 +150,48 @@ def test_the_core_speaks_python_and_the_cli_speaks_flags() -> None:
     assert cli_words("pass `trust=True` only if …; run `git lfs pull`") == "pass --trust only if …; run `git lfs pull`"
     assert cli_words("`key` 'x': no key", "convert-ckpt") == "--extract 'x': no key"
     assert cli_words("`key` 'x': no key", "inspect-state-dict") == "--key 'x': no key"
+
+
+def _command_options() -> dict[str, list[list[str]]]:
+    """Each command's options, as the spellings of each (``["-o", "--output"]``)."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return {name: [list(param.opts) for param in command.params if any(o.startswith("-") for o in param.opts)]
+            for name, command in group.commands.items()}
+
+
+def _readme_section(command: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = re.search(rf"^### `ptools {re.escape(command)}`", readme, re.MULTILINE)
+    assert start, command
+    end = re.search(r"^##+ ", readme[start.end():], re.MULTILINE)
+    return readme[start.start(): start.end() + (end.start() if end else len(readme))]
+
+
+@pytest.mark.parametrize("command", [c.name for c in registered_commands()])
+def test_readme_documents_exactly_the_options_help_has(command: str) -> None:
+    """Docs that cannot drift: every option of the command is described in its README section,
+    and every flag that section names exists (in this command or, for cross-references, in
+    another one)."""
+    options = _command_options()
+    every = {opt for spellings in (s for command_options in options.values() for s in command_options)
+             for opt in spellings}
+    section = _readme_section(command)
+    # Model commands share the options described once under "Naming a model".
+    if command in ("summary", "count-params", "freeze"):
+        section += _readme_section_by_title("Naming a model")
+    named = set(re.findall(r"(?<![\w-])--?[a-z][a-z-]*(?=[\s`=|,)\]])", section))
+    undocumented = [spellings[-1] for spellings in options[command]
+                    if not set(spellings) & named and spellings[-1] not in ("--help", "--json")]
+    assert not undocumented, f"undocumented in README's section: {undocumented}"
+    flags = {n for n in named if n.startswith("--")}
+    elsewhere = {"--nproc-per-node", "--epochs", "--lr", "--runs", "--wall-only", "--max-gmacs", "--keep"}
+    assert flags <= every | elsewhere, f"not an option of any command: {sorted(flags - every - elsewhere)}"
+
+
+def _readme_section_by_title(title: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(f"### {title}")
+    end = readme.index("\n### ", start + 4)
+    return readme[start:end]
