@@ -28,6 +28,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a scheduler's time limit), raised where the program is so that
     cleanup runs exactly as for Ctrl-C: no temporary file survives."""
 
+
 app = typer.Typer(
     name="ptools",
     help="A toolbox for people who train and ship PyTorch models.",
@@ -77,9 +78,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_show_version, is_eager=True,
-        help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """A toolbox for people who train and ship PyTorch models.
 
@@ -92,8 +93,9 @@ def _register() -> None:
     from ptools.cli import convert_ckpt, count_params, freeze, gpu_info, inspect_state_dict, nms, summary
 
     for module in (gpu_info, inspect_state_dict, convert_ckpt, nms, summary, count_params, freeze):
-        app.command(module.NAME, help=module.HELP, short_help=module.SHORT_HELP,
-                    no_args_is_help=False)(error_edge(module.command, module.NAME))
+        app.command(module.NAME, help=module.HELP, short_help=module.SHORT_HELP, no_args_is_help=False)(
+            error_edge(module.command, module.NAME)
+        )
 
 
 _register()

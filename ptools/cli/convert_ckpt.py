@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any
 
 import typer
 
 from ptools.cli import output
-from ptools.cli.wording import cli_words
 from ptools.cli.options import JsonOption, TrustOption, usage_check
+from ptools.cli.wording import cli_words
 from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat
 from ptools.core.units import format_bytes, parse_size
 from ptools.errors import BadInputError
@@ -51,62 +52,125 @@ def _progress(expected: int) -> Iterator[tuple[Any, Any]]:
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=output.stderr_console(),
-                  transient=True) as progress:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=output.stderr_console(),
+        transient=True,
+    ) as progress:
         task = progress.add_task("writing", total=expected)
         yield (lambda count: progress.advance(task, count)), (lambda total: progress.update(task, total=total))
 
 
 def command(
-    source: Annotated[str, typer.Argument(metavar="IN", help="Checkpoint to read (any supported format).",
-                                          show_default=False)],
-    destination: Annotated[str, typer.Argument(metavar="OUT", help="File to write (a folder with --shard-size).",
-                                               show_default=False)],
-    map_location: Annotated[str | None, typer.Option(
-        "--map-location", metavar="DEVICE", callback=usage_check(_parse_map_location),
-        help="New device tags, as torch.load's map_location: cpu, cuda, cuda:N, or 'cuda:1=cuda:0,cuda:2=cuda:0'. "
-             "The written file loads with a plain torch.load on a machine without those devices.")] = None,
-    strip_prefix: Annotated[str | None, typer.Option(
-        "--strip-prefix", metavar="PREFIX",
-        help="Remove PREFIX from the keys that start with it; 'auto' removes module. (DataParallel/DDP) and "
-             "_orig_mod. (torch.compile) when every key has it.")] = None,
-    add_prefix: Annotated[str | None, typer.Option("--add-prefix", metavar="PREFIX",
-                                                   help="Put PREFIX in front of every key.")] = None,
-    rename: Annotated[list[str] | None, typer.Option(
-        "--rename", metavar="REGEX=REPLACEMENT",
-        help="re.sub on every key; repeatable, applied in order. Two keys becoming one is an error.")] = None,
-    keep: Annotated[str | None, typer.Option("--keep", metavar="REGEX",
-                                             help="Keep only the keys matching REGEX (searched).")] = None,
+    source: Annotated[
+        str, typer.Argument(metavar="IN", help="Checkpoint to read (any supported format).", show_default=False)
+    ],
+    destination: Annotated[
+        str, typer.Argument(metavar="OUT", help="File to write (a folder with --shard-size).", show_default=False)
+    ],
+    map_location: Annotated[
+        str | None,
+        typer.Option(
+            "--map-location",
+            metavar="DEVICE",
+            callback=usage_check(_parse_map_location),
+            help="New device tags, as torch.load's map_location: cpu, cuda, cuda:N, or 'cuda:1=cuda:0,cuda:2=cuda:0'. "
+            "The written file loads with a plain torch.load on a machine without those devices.",
+        ),
+    ] = None,
+    strip_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--strip-prefix",
+            metavar="PREFIX",
+            help="Remove PREFIX from the keys that start with it; 'auto' removes module. (DataParallel/DDP) and "
+            "_orig_mod. (torch.compile) when every key has it.",
+        ),
+    ] = None,
+    add_prefix: Annotated[
+        str | None, typer.Option("--add-prefix", metavar="PREFIX", help="Put PREFIX in front of every key.")
+    ] = None,
+    rename: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rename",
+            metavar="REGEX=REPLACEMENT",
+            help="re.sub on every key; repeatable, applied in order. Two keys becoming one is an error.",
+        ),
+    ] = None,
+    keep: Annotated[
+        str | None, typer.Option("--keep", metavar="REGEX", help="Keep only the keys matching REGEX (searched).")
+    ] = None,
     drop: Annotated[str | None, typer.Option("--drop", metavar="REGEX", help="Remove the keys matching REGEX.")] = None,
-    extract: Annotated[str | None, typer.Option(
-        "--extract", metavar="KEY",
-        help="Write only the state dict at KEY; 'auto' finds the model weights and says which key it picked.")] = None,
-    flatten: Annotated[bool, typer.Option(
-        "--flatten", help="For safetensors output: flatten nested dicts into dotted keys, leaving out "
-                          "non-tensor values.")] = False,
-    drop_optimizer: Annotated[bool, typer.Option(
-        "--drop-optimizer", help="Keep the training checkpoint but remove optimizer, scheduler and scaler state.")] = False,
-    dtype: Annotated[CastDtype | None, typer.Option(
-        "--dtype",
-        help="Cast floating tensors (never integers, booleans or num_batches_tracked).")] = None,
-    keep_dtype: Annotated[str | None, typer.Option(
-        "--keep-dtype", metavar="REGEX", help="Keys matching REGEX keep their dtype (e.g. 'norm|bn').")] = None,
-    cast_scope: Annotated[CastScope, typer.Option(
-        "--cast-scope", help="What --dtype casts: the model weights (the state dict --extract auto finds), or all "
-                             "floating tensors, optimizer state included.")] = "weights",
-    output_format: Annotated[CheckpointOutputFormat | None, typer.Option(
-        "--format",
-        help="Output format; default from OUT's extension (.pt .pth .bin .ckpt / .safetensors).")] = None,
-    shard_size: Annotated[str | None, typer.Option(
-        "--shard-size", metavar="SIZE", callback=usage_check(parse_size),
-        help="Write sharded safetensors of at most SIZE each (e.g. 2GB) and model.safetensors.index.json "
-             "into the folder OUT.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (old key → new key, dtypes, "
-                                                            "devices, bytes) and write nothing.")] = False,
-    verify: Annotated[bool, typer.Option(
-        "--verify", help="Re-read the output before putting it in place and check every tensor against the "
-                         "input (bit-exact, or exact after the requested cast).")] = False,
+    extract: Annotated[
+        str | None,
+        typer.Option(
+            "--extract",
+            metavar="KEY",
+            help="Write only the state dict at KEY; 'auto' finds the model weights and says which key it picked.",
+        ),
+    ] = None,
+    flatten: Annotated[
+        bool,
+        typer.Option(
+            "--flatten",
+            help="For safetensors output: flatten nested dicts into dotted keys, leaving out non-tensor values.",
+        ),
+    ] = False,
+    drop_optimizer: Annotated[
+        bool,
+        typer.Option(
+            "--drop-optimizer", help="Keep the training checkpoint but remove optimizer, scheduler and scaler state."
+        ),
+    ] = False,
+    dtype: Annotated[
+        CastDtype | None,
+        typer.Option("--dtype", help="Cast floating tensors (never integers, booleans or num_batches_tracked)."),
+    ] = None,
+    keep_dtype: Annotated[
+        str | None,
+        typer.Option("--keep-dtype", metavar="REGEX", help="Keys matching REGEX keep their dtype (e.g. 'norm|bn')."),
+    ] = None,
+    cast_scope: Annotated[
+        CastScope,
+        typer.Option(
+            "--cast-scope",
+            help="What --dtype casts: the model weights (the state dict --extract auto finds), or all "
+            "floating tensors, optimizer state included.",
+        ),
+    ] = "weights",
+    output_format: Annotated[
+        CheckpointOutputFormat | None,
+        typer.Option(
+            "--format", help="Output format; default from OUT's extension (.pt .pth .bin .ckpt / .safetensors)."
+        ),
+    ] = None,
+    shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--shard-size",
+            metavar="SIZE",
+            callback=usage_check(parse_size),
+            help="Write sharded safetensors of at most SIZE each (e.g. 2GB) and model.safetensors.index.json "
+            "into the folder OUT.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the plan (old key → new key, dtypes, devices, bytes) and write nothing."),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Re-read the output before putting it in place and check every tensor against the "
+            "input (bit-exact, or exact after the requested cast).",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (never the input).")] = False,
     trust: TrustOption = False,
     json_output: JsonOption = False,
@@ -119,21 +183,50 @@ def command(
         raise BadInputError("--shard-size must be larger than 0")
     with _progress(size_on_disk(source)) as (on_bytes, on_total):
         report = convert_checkpoint(
-            source, destination, map_location=map_location, strip=strip_prefix, add=add_prefix,
-            rename=rename or (), keep=keep, drop=drop, extract=extract, flatten=flatten,
-            drop_optimizer=drop_optimizer, dtype=dtype, keep_dtype=keep_dtype, cast_scope=cast_scope,
+            source,
+            destination,
+            map_location=map_location,
+            strip=strip_prefix,
+            add=add_prefix,
+            rename=rename or (),
+            keep=keep,
+            drop=drop,
+            extract=extract,
+            flatten=flatten,
+            drop_optimizer=drop_optimizer,
+            dtype=dtype,
+            keep_dtype=keep_dtype,
+            cast_scope=cast_scope,
             format=output_format,
-            shard_size=shard_bytes, force=force, trust=trust, dry_run=dry_run, verify=verify,
-            on_bytes=on_bytes, on_total=on_total)
+            shard_size=shard_bytes,
+            force=force,
+            trust=trust,
+            dry_run=dry_run,
+            verify=verify,
+            on_bytes=on_bytes,
+            on_total=on_total,
+        )
     data = report.to_dict()
     data["notes"] = [cli_words(note, NAME) for note in data["notes"]]
     data["state_dict_how"] = cli_words(data["state_dict_how"], NAME)
     if not dry_run:
         data.pop("plan")
-    output.emit(data, json_output, lambda shown: [output.make_table(
-        f"Plan: {report.input} → {report.output} ({report.output_format}); nothing written",
-        ["From", "To", "Dtype", "Device", "Shape"],
-        [_plan_row(row) for row in shown["plan"]], optional=("Device", "Shape"))] if dry_run else [])
+    output.emit(
+        data,
+        json_output,
+        lambda shown: (
+            [
+                output.make_table(
+                    f"Plan: {report.input} → {report.output} ({report.output_format}); nothing written",
+                    ["From", "To", "Dtype", "Device", "Shape"],
+                    [_plan_row(row) for row in shown["plan"]],
+                    optional=("Device", "Shape"),
+                )
+            ]
+            if dry_run
+            else []
+        ),
+    )
     if not json_output:
         _summary(data)
 
@@ -143,18 +236,25 @@ def _plan_row(row: dict[str, Any]) -> tuple[str, ...]:
         return old if new in (None, old) else f"{old} → {new}"
 
     target = "(dropped)" if row["to"] is None else "=" if row["to"] == row["from"] else row["to"]
-    return (row["from"], target, change(row["dtype"], row["new_dtype"]), change(row["device"], row["new_device"]),
-            "×".join(map(str, row["shape"])) or "scalar")
+    return (
+        row["from"],
+        target,
+        change(row["dtype"], row["new_dtype"]),
+        change(row["device"], row["new_device"]),
+        "×".join(map(str, row["shape"])) or "scalar",
+    )
 
 
 def _summary(data: dict[str, Any]) -> None:
     """The one-paragraph account on stderr."""
     verb = "would write" if data["dry_run"] else "wrote"
     where = f"state dict {data['state_dict_key']!r}" if data["state_dict_key"] else "top-level state dict"
-    lines = [f"{verb} {data['output']} ({data['output_format']}): {data['tensors']} tensors, "
-             f"{format_bytes(data['bytes_in'])} in, {format_bytes(data['bytes_out'])} out"
-             f"{' (estimated)' if data['dry_run'] else ''}, {data['seconds']:.2f} s",
-             f"  {where} ({data['state_dict_how']})"]
+    lines = [
+        f"{verb} {data['output']} ({data['output_format']}): {data['tensors']} tensors, "
+        f"{format_bytes(data['bytes_in'])} in, {format_bytes(data['bytes_out'])} out"
+        f"{' (estimated)' if data['dry_run'] else ''}, {data['seconds']:.2f} s",
+        f"  {where} ({data['state_dict_how']})",
+    ]
     if data["stripped_prefix"]:
         lines.append(f"  stripped prefix {data['stripped_prefix']!r}")
     if data["renamed"]:
@@ -164,9 +264,14 @@ def _summary(data: dict[str, Any]) -> None:
     if data["dropped_entries"]:
         lines.append(f"  removed training state: {', '.join(data['dropped_entries'])}")
     if data["cast"] or data["kept_dtype"] or data["outside_cast_scope"]:
-        lines.append(f"  {data['cast']} tensor(s) cast; {len(data['kept_dtype'])} kept their dtype (--keep-dtype)"
-                     + (f"; {data['outside_cast_scope']} outside the model weights not cast (--cast-scope all "
-                        "casts them)" if data["outside_cast_scope"] else ""))
+        lines.append(
+            f"  {data['cast']} tensor(s) cast; {len(data['kept_dtype'])} kept their dtype (--keep-dtype)"
+            + (
+                f"; {data['outside_cast_scope']} outside the model weights not cast (--cast-scope all casts them)"
+                if data["outside_cast_scope"]
+                else ""
+            )
+        )
     for old, new in data["devices"].items():
         lines.append(f"  device {old} → {new}")
     if data["aliases"]:
@@ -182,7 +287,9 @@ def _summary(data: dict[str, Any]) -> None:
         to_zero = sum(loss["to_zero"] for loss in losses)
         to_inf = sum(loss["to_inf"] for loss in losses)
         worst = max(losses, key=lambda loss: loss["to_zero"] + loss["to_inf"])
-        output.warn(f"the cast lost values in {len(losses)} of {data['cast']} cast tensor(s): {to_zero:,} non-zero "
-                    f"value(s) became 0 and {to_inf:,} finite value(s) became ±inf (most in {worst['names'][0]}: "
-                    f"{worst['to_zero']:,} to 0, {worst['to_inf']:,} to inf of {worst['numel']:,}); per tensor in "
-                    "--json cast_losses; --keep-dtype REGEX keeps such tensors as they are")
+        output.warn(
+            f"the cast lost values in {len(losses)} of {data['cast']} cast tensor(s): {to_zero:,} non-zero "
+            f"value(s) became 0 and {to_inf:,} finite value(s) became ±inf (most in {worst['names'][0]}: "
+            f"{worst['to_zero']:,} to 0, {worst['to_inf']:,} to inf of {worst['numel']:,}); per tensor in "
+            "--json cast_losses; --keep-dtype REGEX keeps such tensors as they are"
+        )

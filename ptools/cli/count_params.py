@@ -30,11 +30,16 @@ MODEL_OR_CHECKPOINT is a model spec (resnet50, torchvision:NAME, timm:NAME, pack
 
 
 def command(
-    target: Annotated[str, typer.Argument(metavar="MODEL_OR_CHECKPOINT", show_default=False,
-                                          help="A model spec or a checkpoint file/folder.")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL_OR_CHECKPOINT", show_default=False, help="A model spec or a checkpoint file/folder."
+        ),
+    ],
     depth: DepthOption = 1,
-    key: Annotated[str, typer.Option("--key", metavar="KEY",
-                                     help="Checkpoints: where the state dict is ('auto' finds it).")] = "auto",
+    key: Annotated[
+        str, typer.Option("--key", metavar="KEY", help="Checkpoints: where the state dict is ('auto' finds it).")
+    ] = "auto",
     kwargs: KwargsOption = None,
     trust: TrustOption = False,
     json_output: JsonOption = False,
@@ -62,8 +67,10 @@ def command(
     data = result.to_dict()
     output.emit(data, json_output, render)
     if data["inferred_from_names"] and not json_output:
-        output.info("note: counted from a checkpoint: parameters vs buffers inferred from names "
-                    "(running_mean, running_var, num_batches_tracked are buffers)")
+        output.info(
+            "note: counted from a checkpoint: parameters vs buffers inferred from names "
+            "(running_mean, running_var, num_batches_tracked are buffers)"
+        )
 
 
 def render(data: dict[str, Any]) -> list[Any]:
@@ -75,18 +82,40 @@ def render(data: dict[str, Any]) -> list[Any]:
             return "unknown (a state dict does not record requires_grad)"
         return f"{value:,}" + (f" ({human(value)})" if value >= 1000 else "")
 
-    rows = [("parameters", number(data["total"])), ("trainable", number(data["trainable"])),
-            ("frozen", number(data["frozen"])), ("buffers", number(data["buffers"])),
-            ("parameter memory", format_bytes(data["parameter_bytes"])),
-            ("buffer memory", format_bytes(data["buffer_bytes"]))]
+    rows = [
+        ("parameters", number(data["total"])),
+        ("trainable", number(data["trainable"])),
+        ("frozen", number(data["frozen"])),
+        ("buffers", number(data["buffers"])),
+        ("parameter memory", format_bytes(data["parameter_bytes"])),
+        ("buffer memory", format_bytes(data["buffer_bytes"])),
+    ]
     rows += [(f"parameters in {dtype}", number(count)) for dtype, count in data["by_dtype"].items()]
     renderables: list[Any] = [output.make_table(f"Parameters ({data['source']})", ["", "count"], rows)]
     if data["modules"]:
-        renderables.append(output.make_table(
-            "Per module", ["Module", "Type", ("Parameters", "right"), ("Trainable", "right"), ("Buffers", "right"),
-                           ("Share", "right")],
-            [("  " * (m["depth"] - 1) + m["name"], m["type"], f"{m['parameters']:,}",
-              None if m["trainable"] is None else f"{m['trainable']:,}", f"{m['buffers']:,}",
-              f"{100 * m['parameters'] / data['total']:.1f}%" if data["total"] else "-")
-             for m in data["modules"]], optional=("Share", "Type", "Buffers", "Trainable")))
+        renderables.append(
+            output.make_table(
+                "Per module",
+                [
+                    "Module",
+                    "Type",
+                    ("Parameters", "right"),
+                    ("Trainable", "right"),
+                    ("Buffers", "right"),
+                    ("Share", "right"),
+                ],
+                [
+                    (
+                        "  " * (m["depth"] - 1) + m["name"],
+                        m["type"],
+                        f"{m['parameters']:,}",
+                        None if m["trainable"] is None else f"{m['trainable']:,}",
+                        f"{m['buffers']:,}",
+                        f"{100 * m['parameters'] / data['total']:.1f}%" if data["total"] else "-",
+                    )
+                    for m in data["modules"]
+                ],
+                optional=("Share", "Type", "Buffers", "Trainable"),
+            )
+        )
     return renderables

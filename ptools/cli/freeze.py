@@ -30,20 +30,39 @@ Patterns are globs on dotted module names (backbone.*, layer1, *.bn*), matched o
 
 
 def command(
-    model_spec: Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
-                                              help="resnet50, timm:NAME, package.module:factory, file.py:Class, …")],
-    layers: Annotated[list[str], typer.Option("--layers", metavar="PATTERN",
-                                              help="Modules to freeze (globs; repeatable or comma-separated).")],
-    except_: Annotated[list[str] | None, typer.Option("--except", metavar="PATTERN",
-                                                      help="Modules to keep trainable inside the frozen part.")] = None,
-    bn: Annotated[BatchNormMode, typer.Option(
-        "--bn", help="frozen: replace with FrozenBatchNorm; eval: eval mode; none: leave them.")] = "frozen",
+    model_spec: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", show_default=False, help="resnet50, timm:NAME, package.module:factory, file.py:Class, …"
+        ),
+    ],
+    layers: Annotated[
+        list[str],
+        typer.Option("--layers", metavar="PATTERN", help="Modules to freeze (globs; repeatable or comma-separated)."),
+    ],
+    except_: Annotated[
+        list[str] | None,
+        typer.Option("--except", metavar="PATTERN", help="Modules to keep trainable inside the frozen part."),
+    ] = None,
+    bn: Annotated[
+        BatchNormMode,
+        typer.Option("--bn", help="frozen: replace with FrozenBatchNorm; eval: eval mode; none: leave them."),
+    ] = "frozen",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report only; change nothing.")] = False,
-    out: Annotated[str | None, typer.Option(
-        "--out", metavar="FILE", help="Save the frozen whole module (loading it needs torch.load(weights_only=False) "
-                                      "or ptools --trust).")] = None,
-    trainable_out: Annotated[str | None, typer.Option(
-        "--trainable-out", metavar="FILE.json", help="Write the trainable parameter names, for an optimizer config.")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            metavar="FILE",
+            help="Save the frozen whole module (loading it needs torch.load(weights_only=False) or ptools --trust).",
+        ),
+    ] = None,
+    trainable_out: Annotated[
+        str | None,
+        typer.Option(
+            "--trainable-out", metavar="FILE.json", help="Write the trainable parameter names, for an optimizer config."
+        ),
+    ] = None,
     kwargs: KwargsOption = None,
     weights: WeightsOption = None,
     strict: StrictOption = False,
@@ -67,35 +86,46 @@ def command(
         import torch
 
         write_atomically(out, lambda handle: torch.save(model, handle))
-        data["saved"] = {"file": out, "pythonpath": folders,
-                         "load": f"torch.load({out!r}, weights_only=False)"}
+        data["saved"] = {"file": out, "pythonpath": folders, "load": f"torch.load({out!r}, weights_only=False)"}
     if trainable_out:
         names = models.trainable_names(model)
         write_atomically(trainable_out, lambda handle: handle.write(json.dumps(names, indent=2).encode()))
     output.emit(data, json_output, render)
     if out and not json_output:
-        where = f" with {os.pathsep.join(folders)} on sys.path (e.g. PYTHONPATH={os.pathsep.join(folders)})" \
-            if folders else ""
-        output.info(f"saved {out}: the whole module, pickled; load it with torch.load({out!r}, "
-                    f"weights_only=False){where}, or ptools --trust. It needs ptools installed (FrozenBatchNorm)"
-                    if data["batchnorm_replaced"] else
-                    f"saved {out}: the whole module, pickled; load it with torch.load({out!r}, "
-                    f"weights_only=False){where}, or ptools --trust")
+        where = (
+            f" with {os.pathsep.join(folders)} on sys.path (e.g. PYTHONPATH={os.pathsep.join(folders)})"
+            if folders
+            else ""
+        )
+        output.info(
+            f"saved {out}: the whole module, pickled; load it with torch.load({out!r}, "
+            f"weights_only=False){where}, or ptools --trust. It needs ptools installed (FrozenBatchNorm)"
+            if data["batchnorm_replaced"]
+            else f"saved {out}: the whole module, pickled; load it with torch.load({out!r}, "
+            f"weights_only=False){where}, or ptools --trust"
+        )
 
 
 def render(data: dict[str, Any]) -> list[Any]:
     """Rich renderables for a freeze report (the same data --json prints)."""
-    rows = [(m["name"], m["type"], f"{m['parameters']:,}", f"{m['trainable_before']:,}", f"{m['trainable_after']:,}")
-            for m in data["frozen_modules"]]
+    rows = [
+        (m["name"], m["type"], f"{m['parameters']:,}", f"{m['trainable_before']:,}", f"{m['trainable_after']:,}")
+        for m in data["frozen_modules"]
+    ]
     title = "Would freeze" if data["dry_run"] else "Frozen"
-    renderables: list[Any] = [output.make_table(
-        title, ["Module", "Type", ("Parameters", "right"), ("Trainable before", "right"),
-                ("Trainable after", "right")], rows)]
+    renderables: list[Any] = [
+        output.make_table(
+            title,
+            ["Module", "Type", ("Parameters", "right"), ("Trainable before", "right"), ("Trainable after", "right")],
+            rows,
+        )
+    ]
     frozen = data["trainable_before"] - data["trainable_after"]
     renderables.append(
         f"trainable: {data['trainable_before']:,} → {data['trainable_after']:,} of {data['total']:,} parameters "
         f"({frozen:,} frozen); BatchNorm: {data['batchnorm']}"
         + (f", {len(data['batchnorm_replaced'])} replaced with FrozenBatchNorm" if data["batchnorm_replaced"] else "")
-        + (f", {len(data['batchnorm_eval'])} set to eval" if data["batchnorm_eval"] else ""))
+        + (f", {len(data['batchnorm_eval'])} set to eval" if data["batchnorm_eval"] else "")
+    )
     renderables += output.weights_report_lines(data.get("weights"))
     return renderables

@@ -38,36 +38,76 @@ Asks NVML first (no CUDA context is created); torch is imported once, only for i
 
 
 def command(
-    launch: Annotated[list[str] | None, typer.Argument(
-        metavar="[-- COMMAND...]", show_default=False,
-        help="With --select: run COMMAND with CUDA_VISIBLE_DEVICES set to the chosen GPUs (it replaces "
-             "ptools, keeping its exit code); with --require: run it only if the GPUs exist. Exit 3 "
-             "without running it when the request cannot be met.")] = None,
+    launch: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[-- COMMAND...]",
+            show_default=False,
+            help="With --select: run COMMAND with CUDA_VISIBLE_DEVICES set to the chosen GPUs (it replaces "
+            "ptools, keeping its exit code); with --require: run it only if the GPUs exist. Exit 3 "
+            "without running it when the request cannot be met.",
+        ),
+    ] = None,
     json_output: JsonOption = False,
-    no_torch: Annotated[bool, typer.Option(
-        "--no-torch", help="Do not import torch: NVML only (fast; no torch/cuDNN/NCCL versions).")] = False,
-    require: Annotated[int | None, typer.Option(
-        "--require", min=1, metavar="N",
-        help="Exit 3 unless at least N usable GPUs (within the limits below) exist. "
-             "Prints nothing on success unless --json.")] = None,
-    select: Annotated[int | None, typer.Option(
-        "--select", min=1, metavar="N",
-        help="Print the CUDA_VISIBLE_DEVICES value naming the N best GPUs, best first "
-             "(it becomes cuda:0); exit 3 if fewer qualify.")] = None,
-    min_free_memory: Annotated[str | None, typer.Option(
-        "--min-free-memory", metavar="SIZE", callback=usage_check(parse_size),
-        help="Only GPUs with at least this much free memory, e.g. 20GiB, 8GB, 512MiB.")] = None,
-    max_utilization: Annotated[float | None, typer.Option(
-        "--max-utilization", min=0, max=100, metavar="PCT",
-        help="Only GPUs whose utilization is at most PCT percent.")] = None,
-    order: Annotated[SelectOrder, typer.Option(
-        "--order",
-        help="Ranking for --select: free-memory (most free, then least busy, then lowest "
-             "index), utilization (least busy, then most free, then lowest index) or index.")
+    no_torch: Annotated[
+        bool, typer.Option("--no-torch", help="Do not import torch: NVML only (fast; no torch/cuDNN/NCCL versions).")
+    ] = False,
+    require: Annotated[
+        int | None,
+        typer.Option(
+            "--require",
+            min=1,
+            metavar="N",
+            help="Exit 3 unless at least N usable GPUs (within the limits below) exist. "
+            "Prints nothing on success unless --json.",
+        ),
+    ] = None,
+    select: Annotated[
+        int | None,
+        typer.Option(
+            "--select",
+            min=1,
+            metavar="N",
+            help="Print the CUDA_VISIBLE_DEVICES value naming the N best GPUs, best first "
+            "(it becomes cuda:0); exit 3 if fewer qualify.",
+        ),
+    ] = None,
+    min_free_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--min-free-memory",
+            metavar="SIZE",
+            callback=usage_check(parse_size),
+            help="Only GPUs with at least this much free memory, e.g. 20GiB, 8GB, 512MiB.",
+        ),
+    ] = None,
+    max_utilization: Annotated[
+        float | None,
+        typer.Option(
+            "--max-utilization",
+            min=0,
+            max=100,
+            metavar="PCT",
+            help="Only GPUs whose utilization is at most PCT percent.",
+        ),
+    ] = None,
+    order: Annotated[
+        SelectOrder,
+        typer.Option(
+            "--order",
+            help="Ranking for --select: free-memory (most free, then least busy, then lowest "
+            "index), utilization (least busy, then most free, then lowest index) or index.",
+        ),
     ] = "free-memory",
-    watch: Annotated[float | None, typer.Option(
-        "--watch", min=0.1, metavar="SECONDS",
-        help="Refresh every SECONDS until Ctrl-C (with --json: one JSON object per line).")] = None,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            "--watch",
+            min=0.1,
+            metavar="SECONDS",
+            help="Refresh every SECONDS until Ctrl-C (with --json: one JSON object per line).",
+        ),
+    ] = None,
 ) -> None:
     min_free = parse_size(min_free_memory) if min_free_memory is not None else None
     limits = {"min_free_memory_bytes": min_free, "max_utilization_percent": max_utilization}
@@ -75,8 +115,10 @@ def command(
     if watch is not None and gating:
         raise BadInputError("--watch cannot be combined with --select or --require")
     if launch and not gating:
-        raise BadInputError(f"a command to run ({' '.join(launch)[:60]}) needs --select N or --require N",
-                            "e.g. ptools gpu-info --select 2 -- python train.py")
+        raise BadInputError(
+            f"a command to run ({' '.join(launch)[:60]}) needs --select N or --require N",
+            "e.g. ptools gpu-info --select 2 -- python train.py",
+        )
     if launch and json_output:
         raise BadInputError("--json prints on stdout, which belongs to the command; drop --json")
 
@@ -92,8 +134,11 @@ def command(
             output.info(f"note: {problem}")
         if launch:
             _run(launch, {"CUDA_VISIBLE_DEVICES": value})
-        output.emit({"cuda_visible_devices": value, "devices": [d.to_dict() for d in chosen]}, json_output,
-                    lambda data: [data["cuda_visible_devices"]])
+        output.emit(
+            {"cuda_visible_devices": value, "devices": [d.to_dict() for d in chosen]},
+            json_output,
+            lambda data: [data["cuda_visible_devices"]],
+        )
         return
     if require is not None:
         gpu.require_devices(report, require, **limits)
@@ -171,8 +216,11 @@ def render(data: dict[str, Any]) -> list[Any]:
     sources = data["sources"]
     torch_line = system["torch_version"]
     if torch_line is not None:
-        build = f"CUDA {system['torch_cuda_version']}" if system["torch_cuda_version"] else (
-            f"ROCm/HIP {system['torch_hip_version']}" if system["torch_hip_version"] else "CPU-only")
+        build = (
+            f"CUDA {system['torch_cuda_version']}"
+            if system["torch_cuda_version"]
+            else (f"ROCm/HIP {system['torch_hip_version']}" if system["torch_hip_version"] else "CPU-only")
+        )
         torch_line = f"{torch_line} ({build})"
     else:
         torch_line = "not asked (--no-torch)" if sources["torch"] == "skipped" else "not installed"
@@ -185,16 +233,16 @@ def render(data: dict[str, Any]) -> list[Any]:
         rows += [
             ("cuDNN", system["torch_cudnn_version"]),
             ("NCCL", system["torch_nccl_version"]),
-            ("torch sees CUDA", f"{system['torch_cuda_available']} "
-                                f"({system['torch_device_count']} device(s))"),
+            ("torch sees CUDA", f"{system['torch_cuda_available']} ({system['torch_device_count']} device(s))"),
             ("MPS (Apple)", system["mps_available"]),
         ]
     rows += [
-        ("CUDA_VISIBLE_DEVICES", system["cuda_visible_devices"] if system["cuda_visible_devices"]
-         is not None else "(unset)"),
+        (
+            "CUDA_VISIBLE_DEVICES",
+            system["cuda_visible_devices"] if system["cuda_visible_devices"] is not None else "(unset)",
+        ),
         ("CUDA_DEVICE_ORDER", system["cuda_device_order"]),
-        ("sources", f"devices: {sources['devices']}, CUDA order: {sources['cuda_order']}, "
-                    f"torch: {sources['torch']}"),
+        ("sources", f"devices: {sources['devices']}, CUDA order: {sources['cuda_order']}, torch: {sources['torch']}"),
     ]
     renderables: list[Any] = [output.make_table("System", ["", "value"], rows)]
 
@@ -208,26 +256,64 @@ def render(data: dict[str, Any]) -> list[Any]:
             limit = f" / {d['power_limit_watts']:.0f} W" if d["power_limit_watts"] else " W"
             power = f"{d['power_draw_watts']:.0f}{limit}"
         name = d["name"] if d["kind"] == "gpu" else f"  └ MIG {d['mig_index']}: {d['name']}"
-        device_rows.append((
-            d["cuda_index"], d["nvml_index"], name, d["compute_capability"], memory,
-            format_bytes(d["memory_free_bytes"]), _percent(d["utilization_gpu_percent"]),
-            f"{d['temperature_c']} °C" if d["temperature_c"] is not None else None, power,
-            d["mig_mode"] if d["kind"] == "gpu" else "instance", len(d["processes"]),
-            d["uuid"], d["pci_bus_id"]))
-    renderables.append(output.make_table(
-        f"Devices ({sum(d['cuda_index'] is not None for d in devices)} usable by CUDA)",
-        [("CUDA", "right"), ("NVML", "right"), "Name", "CC", ("Memory used / total", "right"),
-         ("Free", "right"), ("Util", "right"), ("Temp", "right"), ("Power", "right"), "MIG",
-         ("Procs", "right"), "UUID", "PCI bus"],
-        device_rows, optional=("PCI bus", "UUID", "NVML", "MIG", "CC", "Power", "Temp")))
+        device_rows.append(
+            (
+                d["cuda_index"],
+                d["nvml_index"],
+                name,
+                d["compute_capability"],
+                memory,
+                format_bytes(d["memory_free_bytes"]),
+                _percent(d["utilization_gpu_percent"]),
+                f"{d['temperature_c']} °C" if d["temperature_c"] is not None else None,
+                power,
+                d["mig_mode"] if d["kind"] == "gpu" else "instance",
+                len(d["processes"]),
+                d["uuid"],
+                d["pci_bus_id"],
+            )
+        )
+    renderables.append(
+        output.make_table(
+            f"Devices ({sum(d['cuda_index'] is not None for d in devices)} usable by CUDA)",
+            [
+                ("CUDA", "right"),
+                ("NVML", "right"),
+                "Name",
+                "CC",
+                ("Memory used / total", "right"),
+                ("Free", "right"),
+                ("Util", "right"),
+                ("Temp", "right"),
+                ("Power", "right"),
+                "MIG",
+                ("Procs", "right"),
+                "UUID",
+                "PCI bus",
+            ],
+            device_rows,
+            optional=("PCI bus", "UUID", "NVML", "MIG", "CC", "Power", "Temp"),
+        )
+    )
 
     process_rows = [
-        (d["cuda_index"], d["nvml_index"], p["pid"], p["user"] or "?",
-         format_bytes(p["used_memory_bytes"]), p["command"] or "(not visible from here)")
-        for d in devices for p in d["processes"]
+        (
+            d["cuda_index"],
+            d["nvml_index"],
+            p["pid"],
+            p["user"] or "?",
+            format_bytes(p["used_memory_bytes"]),
+            p["command"] or "(not visible from here)",
+        )
+        for d in devices
+        for p in d["processes"]
     ]
     if process_rows:
-        renderables.append(output.make_table(
-            "Compute processes", [("CUDA", "right"), ("NVML", "right"), ("PID", "right"), "User",
-                                  ("GPU memory", "right"), "Command"], process_rows))
+        renderables.append(
+            output.make_table(
+                "Compute processes",
+                [("CUDA", "right"), ("NVML", "right"), ("PID", "right"), "User", ("GPU memory", "right"), "Command"],
+                process_rows,
+            )
+        )
     return renderables

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.cli.wording import cli_words
 from ptools.cli.options import JsonOption, NdjsonOption, TrustOption
+from ptools.cli.wording import cli_words
 from ptools.core.units import format_bytes
 from ptools.errors import BadInputError
 
@@ -35,32 +35,54 @@ Reads PyTorch zip and legacy files, TorchScript archives, safetensors (single, o
 
 
 def command(
-    file: Annotated[str, typer.Argument(help="Checkpoint file, *.index.json, or a sharded/DCP folder.",
-                                        show_default=False)],
-    key: Annotated[str, typer.Option(
-        "--key", metavar="KEY",
-        help="Dotted path to the state dict inside a training checkpoint (e.g. model_state_dict, "
-             "state_dict_ema); 'auto' finds the model weights and says which key it picked.")] = "auto",
-    name_filter: Annotated[str | None, typer.Option(
-        "--filter", metavar="REGEX", help="Only tensors whose name matches REGEX (searched).")] = None,
+    file: Annotated[
+        str, typer.Argument(help="Checkpoint file, *.index.json, or a sharded/DCP folder.", show_default=False)
+    ],
+    key: Annotated[
+        str,
+        typer.Option(
+            "--key",
+            metavar="KEY",
+            help="Dotted path to the state dict inside a training checkpoint (e.g. model_state_dict, "
+            "state_dict_ema); 'auto' finds the model weights and says which key it picked.",
+        ),
+    ] = "auto",
+    name_filter: Annotated[
+        str | None, typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches REGEX (searched).")
+    ] = None,
     tree: Annotated[bool, typer.Option("--tree", help="Group by dotted module prefix with subtotals.")] = False,
-    depth: Annotated[int, typer.Option("--depth", min=1, metavar="N",
-                                       help="Levels of prefixes shown by --tree.")] = 2,
-    stats: Annotated[bool, typer.Option(
-        "--stats", help="Read values: min, max, mean, std, NaN and Inf counts per tensor "
-                        "(one tensor in memory at a time).")] = False,
-    check_finite: Annotated[bool, typer.Option(
-        "--check-finite", help="Read values; exit 1 listing every tensor holding NaN or Inf.")] = False,
-    diff: Annotated[str | None, typer.Option(
-        "--diff", metavar="OTHER",
-        help="Compare with another checkpoint (any format): keys only in one side, shape and dtype "
-             "mismatches, and whether each common tensor holds the same bytes; a constant prefix "
-             "difference (module., _orig_mod., model.) is detected and its fix shown.")] = None,
-    values: Annotated[bool, typer.Option(
-        "--values", help="With --diff: also the max absolute and relative difference per common tensor "
-                         "(dtypes may differ).")] = False,
-    keys_only: Annotated[bool, typer.Option(
-        "--keys-only", help="With --diff: compare names, shapes and dtypes only; read no tensor data.")] = False,
+    depth: Annotated[int, typer.Option("--depth", min=1, metavar="N", help="Levels of prefixes shown by --tree.")] = 2,
+    stats: Annotated[
+        bool,
+        typer.Option(
+            "--stats",
+            help="Read values: min, max, mean, std, NaN and Inf counts per tensor (one tensor in memory at a time).",
+        ),
+    ] = False,
+    check_finite: Annotated[
+        bool, typer.Option("--check-finite", help="Read values; exit 1 listing every tensor holding NaN or Inf.")
+    ] = False,
+    diff: Annotated[
+        str | None,
+        typer.Option(
+            "--diff",
+            metavar="OTHER",
+            help="Compare with another checkpoint (any format): keys only in one side, shape and dtype "
+            "mismatches, and whether each common tensor holds the same bytes; a constant prefix "
+            "difference (module., _orig_mod., model.) is detected and its fix shown.",
+        ),
+    ] = None,
+    values: Annotated[
+        bool,
+        typer.Option(
+            "--values",
+            help="With --diff: also the max absolute and relative difference per common tensor (dtypes may differ).",
+        ),
+    ] = False,
+    keys_only: Annotated[
+        bool,
+        typer.Option("--keys-only", help="With --diff: compare names, shapes and dtypes only; read no tensor data."),
+    ] = False,
     trust: TrustOption = False,
     json_output: JsonOption = False,
     ndjson: NdjsonOption = False,
@@ -84,8 +106,10 @@ def command(
     for note in listing.notes:
         output.info(f"note: {note}")
     if name_filter is not None and not listing.rows:
-        output.warn(f"--filter {name_filter!r} matches none of the {listing.filtered_out} tensor names "
-                    "(a Python regular expression, searched anywhere in each name)")
+        output.warn(
+            f"--filter {name_filter!r} matches none of the {listing.filtered_out} tensor names "
+            "(a Python regular expression, searched anywhere in each name)"
+        )
 
     if diff is not None:
         other = core.open_checkpoint(diff, trust=trust)
@@ -94,8 +118,9 @@ def command(
         result = core.diff_state_dicts(listing, checkpoint, other_listing, other, compare=compare)
         data = result.to_dict()
         if data["prefix"]:  # the fix, as the command a person runs
-            data["prefix"]["fix"] = f"ptools convert-ckpt {data['prefix']['file']} OUT --strip-prefix " \
-                                    f"{data['prefix']['prefix']}"
+            data["prefix"]["fix"] = (
+                f"ptools convert-ckpt {data['prefix']['file']} OUT --strip-prefix {data['prefix']['prefix']}"
+            )
         _emit_diff(data, json_output, ndjson)
         return
 
@@ -108,7 +133,7 @@ def command(
         bad = []
         for row, tensor_stats in core.iter_stats(checkpoint, listing.rows):
             line = row.to_dict()
-            line["stats"] = (tensor_stats.to_dict() if tensor_stats is not None else None)
+            line["stats"] = tensor_stats.to_dict() if tensor_stats is not None else None
             bad += _non_finite(row.name, tensor_stats)
             output.print_ndjson([line])
         _finish_check(check_finite, bad, len(listing.rows))
@@ -121,7 +146,7 @@ def command(
     if want_values:
         computed = output.progress(core.iter_stats(checkpoint, listing.rows), len(listing.rows), "reading values")
         for row_data, (row, tensor_stats) in zip(data["tensors"], computed):
-            row_data["stats"] = (tensor_stats.to_dict() if tensor_stats is not None else None)
+            row_data["stats"] = tensor_stats.to_dict() if tensor_stats is not None else None
             bad += _non_finite(row.name, tensor_stats)
     if ndjson:
         output.print_ndjson(data["tree"])
@@ -153,56 +178,111 @@ def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
     renderables: list[Any] = []
     renderables.append(f"[bold]{data['file']}[/bold]  {data['format']}, {format_bytes(data['size_bytes'])}")
     if data["structure"]:
-        renderables.append(output.make_table(
-            "Checkpoint structure", ["Key", "Type", "Contents"],
-            [(s["key"], s["type"], s["summary"]) for s in data["structure"]]))
+        renderables.append(
+            output.make_table(
+                "Checkpoint structure",
+                ["Key", "Type", "Contents"],
+                [(s["key"], s["type"], s["summary"]) for s in data["structure"]],
+            )
+        )
     totals = data["totals"]
     if tree:
         groups, more_groups = _bounded(data["tree"])
-        renderables.append(output.make_table(
-            "Tensors by module prefix", ["Prefix", ("Tensors", "right"), ("Elements", "right"),
-                                         ("Bytes", "right"), ("Share", "right")],
-            [("  " * (g["depth"] - 1) + g["prefix"], g["tensors"], f"{g['numel']:,}",
-              format_bytes(g["bytes"]), f"{100 * g['bytes'] / totals['bytes']:.1f}%" if totals["bytes"] else "-")
-             for g in groups]))
+        renderables.append(
+            output.make_table(
+                "Tensors by module prefix",
+                ["Prefix", ("Tensors", "right"), ("Elements", "right"), ("Bytes", "right"), ("Share", "right")],
+                [
+                    (
+                        "  " * (g["depth"] - 1) + g["prefix"],
+                        g["tensors"],
+                        f"{g['numel']:,}",
+                        format_bytes(g["bytes"]),
+                        f"{100 * g['bytes'] / totals['bytes']:.1f}%" if totals["bytes"] else "-",
+                    )
+                    for g in groups
+                ],
+            )
+        )
         if more_groups:
             renderables.append(more_groups)
     if not tree or stats:
-        columns: list[Any] = ["Name", "Shape", "Dtype", ("Elements", "right"), ("Bytes", "right"), "Device",
-                              "Kind", "Shares storage with"]
+        columns: list[Any] = [
+            "Name",
+            "Shape",
+            "Dtype",
+            ("Elements", "right"),
+            ("Bytes", "right"),
+            "Device",
+            "Kind",
+            "Shares storage with",
+        ]
         if stats:
-            columns += [("Min", "right"), ("Max", "right"), ("Mean", "right"), ("Std", "right"),
-                        ("NaN", "right"), ("Inf", "right")]
+            columns += [
+                ("Min", "right"),
+                ("Max", "right"),
+                ("Mean", "right"),
+                ("Std", "right"),
+                ("NaN", "right"),
+                ("Inf", "right"),
+            ]
         rows = []
         for t in data["tensors"]:
             shared = t["shares_storage_with"]
-            row = [t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['numel']:,}",
-                   format_bytes(t["bytes"]), t["device"], t["kind"],
-                   (shared[0] + (f" (+{t['shares_storage_count'] - 1})" if t["shares_storage_count"] > 1 else ""))
-                   if shared else ""]
+            row = [
+                t["name"],
+                "×".join(map(str, t["shape"])) or "scalar",
+                t["dtype"],
+                f"{t['numel']:,}",
+                format_bytes(t["bytes"]),
+                t["device"],
+                t["kind"],
+                (shared[0] + (f" (+{t['shares_storage_count'] - 1})" if t["shares_storage_count"] > 1 else ""))
+                if shared
+                else "",
+            ]
             if stats:
                 s = t.get("stats") or {}
-                row += [_number(s.get("min")), _number(s.get("max")), _number(s.get("mean")),
-                        _number(s.get("std")), s.get("nan"), s.get("inf")]
+                row += [
+                    _number(s.get("min")),
+                    _number(s.get("max")),
+                    _number(s.get("mean")),
+                    _number(s.get("std")),
+                    s.get("nan"),
+                    s.get("inf"),
+                ]
             rows.append(row)
         shown, more = _bounded(rows)
-        renderables.append(output.make_table(
-            f"State dict ({len(rows)} tensors)", columns, shown,
-            optional=("Shares storage with", "Device", "Kind", "Elements", "Inf", "NaN", "Bytes")))
+        renderables.append(
+            output.make_table(
+                f"State dict ({len(rows)} tensors)",
+                columns,
+                shown,
+                optional=("Shares storage with", "Device", "Kind", "Elements", "Inf", "NaN", "Bytes"),
+            )
+        )
         if more:
             renderables.append(more)
     if data["non_tensors"]:
         entries, more_entries = _bounded(data["non_tensors"])
-        renderables.append(output.make_table(
-            "Other entries in the state dict", ["Name", "Type", "Value"],
-            [(n["name"], n["type"], str(n["value"])[:80]) for n in entries]))
+        renderables.append(
+            output.make_table(
+                "Other entries in the state dict",
+                ["Name", "Type", "Value"],
+                [(n["name"], n["type"], str(n["value"])[:80]) for n in entries],
+            )
+        )
         if more_entries:
             renderables.append(more_entries)
-    dtype_rows = [(dtype, d["tensors"], f"{d['numel']:,}", format_bytes(d["bytes"]))
-                  for dtype, d in totals["by_dtype"].items()]
+    dtype_rows = [
+        (dtype, d["tensors"], f"{d['numel']:,}", format_bytes(d["bytes"])) for dtype, d in totals["by_dtype"].items()
+    ]
     dtype_rows.append(("total", totals["tensors"], f"{totals['numel']:,}", format_bytes(totals["bytes"])))
-    renderables.append(output.make_table("Totals", ["Dtype", ("Tensors", "right"), ("Elements", "right"),
-                                                    ("Bytes", "right")], dtype_rows))
+    renderables.append(
+        output.make_table(
+            "Totals", ["Dtype", ("Tensors", "right"), ("Elements", "right"), ("Bytes", "right")], dtype_rows
+        )
+    )
     inferred = " (inferred from names)" if totals["kinds_inferred_from_names"] else ""
     shared = ""
     if totals["storage_bytes"] != totals["bytes"]:
@@ -210,7 +290,8 @@ def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
     renderables.append(
         f"parameters: {totals['parameters']['tensors']} tensors, {totals['parameters']['numel']:,} elements; "
         f"buffers: {totals['buffers']['tensors']} tensors, {totals['buffers']['numel']:,} elements"
-        f"{inferred}{shared}")
+        f"{inferred}{shared}"
+    )
     return renderables
 
 
@@ -221,8 +302,10 @@ def _bounded(rows: list[Any]) -> tuple[list[Any], str | None]:
     """The first rows of a long table, and a line saying how to see the rest."""
     if len(rows) <= TABLE_ROWS:
         return rows, None
-    return rows[:TABLE_ROWS], (f"… {len(rows) - TABLE_ROWS:,} more rows not shown: --filter REGEX narrows the "
-                               "listing, --json or --ndjson lists every row")
+    return rows[:TABLE_ROWS], (
+        f"… {len(rows) - TABLE_ROWS:,} more rows not shown: --filter REGEX narrows the "
+        "listing, --json or --ndjson lists every row"
+    )
 
 
 def _emit_diff(data: dict[str, Any], json_output: bool, ndjson: bool) -> None:
@@ -245,8 +328,12 @@ def _diff_renderables(data: dict[str, Any]) -> list[Any]:
     summary = [
         ("A", f"{data['a']['file']} ({data['a']['format']}, {data['a']['tensors']} tensors)"),
         ("B", f"{data['b']['file']} ({data['b']['format']}, {data['b']['tensors']} tensors)"),
-        ("prefix", f"every key of {prefix['side'].upper()} starts with {prefix['prefix']!r}; "
-                   "compared without it" if prefix else "none"),
+        (
+            "prefix",
+            f"every key of {prefix['side'].upper()} starts with {prefix['prefix']!r}; compared without it"
+            if prefix
+            else "none",
+        ),
         ("common keys", data["common"]),
         ("only in A", len(data["only_in_a"])),
         ("only in B", len(data["only_in_b"])),
@@ -255,9 +342,11 @@ def _diff_renderables(data: dict[str, Any]) -> list[Any]:
     ]
     if data["values"] is not None:
         summary.append(("values differ", f"{data['values_differ']} of {len(data['values'])} compared tensors"))
-    compared = {"keys": "keys, shapes and dtypes; no values read (--keys-only)",
-                "bytes": "keys, shapes, dtypes and the bytes of every common tensor",
-                "numbers": "keys, shapes, dtypes and values (bytes, max |A−B|, max relative)"}[data["compared"]]
+    compared = {
+        "keys": "keys, shapes and dtypes; no values read (--keys-only)",
+        "bytes": "keys, shapes, dtypes and the bytes of every common tensor",
+        "numbers": "keys, shapes, dtypes and values (bytes, max |A−B|, max relative)",
+    }[data["compared"]]
     summary.append(("identical", f"{'yes' if data['identical'] else 'no'} (compared: {compared})"))
     renderables: list[Any] = [output.make_table("Diff", ["", "value"], summary)]
     if prefix:
@@ -266,18 +355,32 @@ def _diff_renderables(data: dict[str, Any]) -> list[Any]:
         if names:
             renderables.append(output.make_table(title, ["Name"], [(n,) for n in names]))
     if data["shape_mismatches"] or data["dtype_mismatches"]:
-        rows = [(m["name"], "shape", "×".join(map(str, m["a"])), "×".join(map(str, m["b"])))
-                for m in data["shape_mismatches"]]
+        rows = [
+            (m["name"], "shape", "×".join(map(str, m["a"])), "×".join(map(str, m["b"])))
+            for m in data["shape_mismatches"]
+        ]
         rows += [(m["name"], "dtype", m["a"], m["b"]) for m in data["dtype_mismatches"]]
         renderables.append(output.make_table("Mismatches", ["Name", "What", "A", "B"], rows))
     if data["compared"] == "bytes" and data["values_differ"]:
-        renderables.append(output.make_table(
-            f"Values differ in {data['values_differ']} of {len(data['values'])} compared tensors "
-            "(--values shows by how much)", ["Name"], [(v["name"],) for v in data["values"] if not v["equal"]]))
+        renderables.append(
+            output.make_table(
+                f"Values differ in {data['values_differ']} of {len(data['values'])} compared tensors "
+                "(--values shows by how much)",
+                ["Name"],
+                [(v["name"],) for v in data["values"] if not v["equal"]],
+            )
+        )
     elif data["compared"] == "numbers":
-        differing = [(v["name"], _number(v["max_abs_diff"]), _number(v["max_rel_diff"]))
-                     for v in data["values"] if not v["equal"]]
-        renderables.append(output.make_table(
-            f"Values: {len(differing)} of {len(data['values'])} compared tensors differ",
-            ["Name", ("Max |A − B|", "right"), ("Max relative", "right")], differing))
+        differing = [
+            (v["name"], _number(v["max_abs_diff"]), _number(v["max_rel_diff"]))
+            for v in data["values"]
+            if not v["equal"]
+        ]
+        renderables.append(
+            output.make_table(
+                f"Values: {len(differing)} of {len(data['values'])} compared tensors differ",
+                ["Name", ("Max |A − B|", "right"), ("Max relative", "right")],
+                differing,
+            )
+        )
     return renderables

@@ -33,55 +33,95 @@ Per image, and per class unless --agnostic. hard is exactly torchvision's batche
 
 
 def command(
-    source: Annotated[str, typer.Argument(metavar="INPUT", help="Detections (JSON array or JSON Lines); - for stdin.",
-                                          show_default=False)],
-    destination: Annotated[str, typer.Option("--output", "-o", metavar="FILE",
-                                             help="Where to write the kept detections; - for stdout.")] = "-",
-    method: Annotated[NmsMethod, typer.Option(
-        "--method", help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft.")] = "hard",
-    iou: Annotated[float | None, typer.Option(
-        "--iou", min=0.0, max=1.0, show_default="0.5",
-        help="Suppress when IoU (DIoU for diou) > this; soft with --soft-fn linear decays above it; "
-             "gaussian Soft-NMS has no threshold (use --sigma).")] = None,
-    score_thr: Annotated[float | None, typer.Option(
-        "--score-thr", metavar="S",
-        help="Drop detections with score <= S before NMS; for soft also the cut-off after decay "
-             "(default 0.001 for soft, none otherwise).")] = None,
-    max_det: Annotated[int | None, typer.Option("--max-det", min=1, metavar="N",
-                                                help="Keep at most N detections per image, highest scores.")] = None,
-    agnostic: Annotated[bool, typer.Option("--agnostic", help="Ignore classes: any box may suppress any other "
-                                                              "in its image.")] = False,
+    source: Annotated[
+        str,
+        typer.Argument(metavar="INPUT", help="Detections (JSON array or JSON Lines); - for stdin.", show_default=False),
+    ],
+    destination: Annotated[
+        str, typer.Option("--output", "-o", metavar="FILE", help="Where to write the kept detections; - for stdout.")
+    ] = "-",
+    method: Annotated[
+        NmsMethod,
+        typer.Option("--method", help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft."),
+    ] = "hard",
+    iou: Annotated[
+        float | None,
+        typer.Option(
+            "--iou",
+            min=0.0,
+            max=1.0,
+            show_default="0.5",
+            help="Suppress when IoU (DIoU for diou) > this; soft with --soft-fn linear decays above it; "
+            "gaussian Soft-NMS has no threshold (use --sigma).",
+        ),
+    ] = None,
+    score_thr: Annotated[
+        float | None,
+        typer.Option(
+            "--score-thr",
+            metavar="S",
+            help="Drop detections with score <= S before NMS; for soft also the cut-off after decay "
+            "(default 0.001 for soft, none otherwise).",
+        ),
+    ] = None,
+    max_det: Annotated[
+        int | None,
+        typer.Option("--max-det", min=1, metavar="N", help="Keep at most N detections per image, highest scores."),
+    ] = None,
+    agnostic: Annotated[
+        bool, typer.Option("--agnostic", help="Ignore classes: any box may suppress any other in its image.")
+    ] = False,
     soft_fn: Annotated[SoftFunction, typer.Option("--soft-fn", help="Soft-NMS decay.")] = "gaussian",
     sigma: Annotated[float, typer.Option("--sigma", help="Gaussian Soft-NMS: s *= exp(-IoU^2 / sigma).")] = 0.5,
     box_format: Annotated[BoxFormat, typer.Option("--box-format", help="bbox layout (xywh: COCO).")] = "xywh",
-    output_format: Annotated[DetectionsFormat | None, typer.Option(
-        "--output-format", help="Default: the input's format.")] = None,
-    skip_invalid: Annotated[bool, typer.Option(
-        "--skip-invalid", help="Drop invalid records (counted on stderr) instead of stopping at the first.")] = False,
-    eval_path: Annotated[str | None, typer.Option(
-        "--eval", metavar="GT.json",
-        help="COCO ground truth: print AP, AP50, AP75, AR@100 of input and output (pycocotools) on stderr.")] = None,
-    device: Annotated[NmsDevice, typer.Option("--device", help="cpu (default, fastest here) or cuda "
-                                                         "(hard NMS with torchvision's kernel).")] = "cpu",
-    force: Annotated[bool, typer.Option("--force", help="Replace the -o FILE if it exists (never the input).")
-                     ] = False,
-    json_output: Annotated[bool, typer.Option(
-        "--json", help="Print the summary (counts per class, time, evaluation) as JSON on stdout; "
-                       "needs -o FILE for the detections.")] = False,
+    output_format: Annotated[
+        DetectionsFormat | None, typer.Option("--output-format", help="Default: the input's format.")
+    ] = None,
+    skip_invalid: Annotated[
+        bool,
+        typer.Option(
+            "--skip-invalid", help="Drop invalid records (counted on stderr) instead of stopping at the first."
+        ),
+    ] = False,
+    eval_path: Annotated[
+        str | None,
+        typer.Option(
+            "--eval",
+            metavar="GT.json",
+            help="COCO ground truth: print AP, AP50, AP75, AR@100 of input and output (pycocotools) on stderr.",
+        ),
+    ] = None,
+    device: Annotated[
+        NmsDevice,
+        typer.Option("--device", help="cpu (default, fastest here) or cuda (hard NMS with torchvision's kernel)."),
+    ] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Replace the -o FILE if it exists (never the input).")] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the summary (counts per class, time, evaluation) as JSON on stdout; "
+            "needs -o FILE for the detections.",
+        ),
+    ] = False,
 ) -> None:
     from ptools.core import detections as core
 
     started = time.perf_counter()
     if iou is not None and method == "soft" and soft_fn == "gaussian":
-        raise BadInputError("--iou has no effect on gaussian Soft-NMS (every overlap decays the score by "
-                            "exp(-IoU^2 / sigma))", "tune --sigma, or use --soft-fn linear, which decays above --iou")
+        raise BadInputError(
+            "--iou has no effect on gaussian Soft-NMS (every overlap decays the score by exp(-IoU^2 / sigma))",
+            "tune --sigma, or use --soft-fn linear, which decays above --iou",
+        )
     if json_output and destination == "-":
         raise BadInputError("--json prints the summary on stdout; write the detections with -o FILE")
     if destination != "-" and source != "-" and os.path.exists(destination) and os.path.samefile(source, destination):
         raise BadInputError(f"--output {destination} is the input file", "write to another path")
     if destination != "-" and os.path.lexists(destination) and path_kind(destination) != "file":
-        raise BadInputError(f"--output {destination}: {path_kind(destination)}; -o takes a file path",
-                            "name the output file, e.g. out.json")
+        raise BadInputError(
+            f"--output {destination}: {path_kind(destination)}; -o takes a file path",
+            "name the output file, e.g. out.json",
+        )
     if destination != "-" and os.path.lexists(destination) and not force:
         raise BadInputError(f"--output {destination} exists", "pass --force to replace it, or choose another path")
     if eval_path is not None:
@@ -90,10 +130,18 @@ def command(
     records, input_format = core.parse_detections(data, "stdin" if source == "-" else source)
     del data
     detections = core.validate(records, box_format=box_format, skip_invalid=skip_invalid)
-    kept, report = core.run_nms(detections, method=method, iou_threshold=0.5 if iou is None else iou,
-                                score_threshold=score_thr,
-                                soft_fn=soft_fn, sigma=sigma, max_det=max_det, agnostic=agnostic,
-                                box_format=box_format, device=device)
+    kept, report = core.run_nms(
+        detections,
+        method=method,
+        iou_threshold=0.5 if iou is None else iou,
+        score_threshold=score_thr,
+        soft_fn=soft_fn,
+        sigma=sigma,
+        max_det=max_det,
+        agnostic=agnostic,
+        box_format=box_format,
+        device=device,
+    )
     if eval_path is not None:
         valid_input = [records[i] for i in detections.index.tolist()]
         input_metrics, output_metrics = core.evaluate(eval_path, valid_input, kept)
@@ -130,20 +178,36 @@ def _read(source: str) -> bytes:
 def _summary(data: dict[str, Any]) -> None:
     """One line always; a per-class table and the evaluation on a terminal or with --eval."""
     skipped = f" ({data['skipped']} invalid skipped)" if data["skipped"] else ""
-    output.info(f"nms {data['method']} ({data['rule']}): {data['images']} images, "
-                f"{data['detections_in']:,} → {data['detections_out']:,} detections{skipped}, "
-                f"{data['seconds']:.2f} s")
+    output.info(
+        f"nms {data['method']} ({data['rule']}): {data['images']} images, "
+        f"{data['detections_in']:,} → {data['detections_out']:,} detections{skipped}, "
+        f"{data['seconds']:.2f} s"
+    )
     if sys.stderr.isatty() and data["per_class"]:
-        output.stderr_console().print(output.make_table(
-            "Detections per class", ["category_id", ("in", "right"), ("out", "right")],
-            [(c, f"{a:,}", f"{b:,}") for c, (a, b) in data["per_class"].items()]))
+        output.stderr_console().print(
+            output.make_table(
+                "Detections per class",
+                ["category_id", ("in", "right"), ("out", "right")],
+                [(c, f"{a:,}", f"{b:,}") for c, (a, b) in data["per_class"].items()],
+            )
+        )
     elif data["per_class"]:
         output.info("per class (in→out): " + ", ".join(f"{c}: {a}→{b}" for c, (a, b) in data["per_class"].items()))
     evaluation = data["evaluation"]
     if evaluation:
-        rows = [(name, f"{evaluation['input'][name]:.4f}", f"{evaluation['output'][name]:.4f}",
-                 f"{evaluation['output'][name] - evaluation['input'][name]:+.4f}")
-                for name in ("AP", "AP50", "AP75", "AR@100")]
-        output.stderr_console().print(output.make_table(
-            "COCO bbox evaluation (pycocotools)", ["metric", ("input", "right"), ("output", "right"),
-                                                   ("change", "right")], rows))
+        rows = [
+            (
+                name,
+                f"{evaluation['input'][name]:.4f}",
+                f"{evaluation['output'][name]:.4f}",
+                f"{evaluation['output'][name] - evaluation['input'][name]:+.4f}",
+            )
+            for name in ("AP", "AP50", "AP75", "AR@100")
+        ]
+        output.stderr_console().print(
+            output.make_table(
+                "COCO bbox evaluation (pycocotools)",
+                ["metric", ("input", "right"), ("output", "right"), ("change", "right")],
+                rows,
+            )
+        )

@@ -30,13 +30,12 @@ def usage_check(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return callback
 
 
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")
-]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 
 NdjsonOption = Annotated[
     bool, typer.Option("--ndjson", help="Print one JSON object per line (per tensor), for streaming into jq.")
 ]
+
 
 def _trusting(value: bool) -> bool:
     """With --trust, classes a file names are imported as ``torch.load`` in ``python -c`` would
@@ -52,11 +51,15 @@ def _trusting(value: bool) -> bool:
 
 
 TrustOption = Annotated[
-    bool, typer.Option(
-        "--trust", callback=_trusting,
+    bool,
+    typer.Option(
+        "--trust",
+        callback=_trusting,
         help="Allow pickled objects outside the safe allowlist. This RUNS CODE from the file: "
-             "only for files you made or trust.")
+        "only for files you made or trust.",
+    ),
 ]
+
 
 def _parse_kwargs(text: str) -> Any:
     from ptools.core.models import parse_kwargs
@@ -65,18 +68,25 @@ def _parse_kwargs(text: str) -> Any:
 
 
 KwargsOption = Annotated[
-    str | None, typer.Option("--kwargs", metavar="JSON", callback=usage_check(_parse_kwargs),
-                             help="Keyword arguments for the model factory, e.g. '{\"num_classes\": 10}'.")
+    str | None,
+    typer.Option(
+        "--kwargs",
+        metavar="JSON",
+        callback=usage_check(_parse_kwargs),
+        help="Keyword arguments for the model factory, e.g. '{\"num_classes\": 10}'.",
+    ),
 ]
 
 WeightsOption = Annotated[
-    str | None, typer.Option(
-        "--weights", metavar="CKPT",
+    str | None,
+    typer.Option(
+        "--weights",
+        metavar="CKPT",
         help="Load a checkpoint (any format inspect-state-dict reads; state dict and module./_orig_mod. "
-             "prefix found automatically) and report missing, unexpected and shape-mismatched keys.")
+        "prefix found automatically) and report missing, unexpected and shape-mismatched keys.",
+    ),
 ]
 
 StrictOption = Annotated[bool, typer.Option("--strict", help="With --weights: any mismatch is an error.")]
 
 DepthOption = Annotated[int, typer.Option("--depth", min=0, metavar="N", help="Module levels to list.")]
-

@@ -22,8 +22,13 @@ def _console(stream: Any) -> Console:
 
     terminal = stream.isatty()
     width = None if terminal or os.environ.get("COLUMNS") else _PIPE_WIDTH
-    return Console(file=stream, width=width, no_color=bool(os.environ.get("NO_COLOR")) or None,
-                   highlight=False, soft_wrap=not terminal)
+    return Console(
+        file=stream,
+        width=width,
+        no_color=bool(os.environ.get("NO_COLOR")) or None,
+        highlight=False,
+        soft_wrap=not terminal,
+    )
 
 
 def stdout_console() -> Console:
@@ -100,8 +105,12 @@ def error(text: str) -> None:
 _FOLDED = 40  # a name longer than this folds onto more lines rather than push columns out
 
 
-def make_table(title: str | None, columns: Sequence[str | tuple[str, str]],
-               rows: Iterable[Sequence[Any]], optional: Sequence[str] = ()) -> Table:
+def make_table(
+    title: str | None,
+    columns: Sequence[str | tuple[str, str]],
+    rows: Iterable[Sequence[Any]],
+    optional: Sequence[str] = (),
+) -> Table:
     """A Rich table; a column given as ``(name, "right")`` is right-aligned.
 
     Cells are shown with ``str``; None is shown as ``-``. Nothing is ever cut: a cell too long
@@ -126,8 +135,10 @@ def make_table(title: str | None, columns: Sequence[str | tuple[str, str]],
 
     # The width each column needs to show its longest word whole (Rich's own measure assumes
     # words may be folded), plus padding and borders; a word past _FOLDED is folded anyway.
-    needs = [max((min(len(word), _FOLDED) for text in (*(row[index] for row in cells),) for word in text.split()),
-                 default=1) for index in range(len(specs))]
+    needs = [
+        max((min(len(word), _FOLDED) for text in (*(row[index] for row in cells),) for word in text.split()), default=1)
+        for index in range(len(specs))
+    ]
     needs = [max([need, *(len(word) for word in name.split())]) + 3 for need, (name, _) in zip(needs, specs)]
     shown = list(range(len(specs)))
     dropped: list[str] = []
@@ -140,8 +151,9 @@ def make_table(title: str | None, columns: Sequence[str | tuple[str, str]],
         dropped.append(name)
     table = build(shown)
     if dropped:
-        table.caption = (f"not shown at {console.width} columns: {', '.join(dropped)} "
-                         "(a wider terminal or --json shows them)")
+        table.caption = (
+            f"not shown at {console.width} columns: {', '.join(dropped)} (a wider terminal or --json shows them)"
+        )
         table.caption_justify = "left"
     return table
 
@@ -159,12 +171,17 @@ def weights_report_lines(weights: dict[str, Any] | None, shown: int = 10) -> lis
     """Human lines for a ``--weights`` report: counts, then the keys that did not fit."""
     if not weights:
         return []
-    lines = [f"weights {weights['file']}: {weights['loaded']} loaded, {len(weights['missing'])} missing, "
-             f"{len(weights['unexpected'])} unexpected, {len(weights['shape_mismatched'])} shape-mismatched"
-             + (f" (prefix {weights['stripped_prefix']!r} stripped)" if weights["stripped_prefix"] else "")]
+    lines = [
+        f"weights {weights['file']}: {weights['loaded']} loaded, {len(weights['missing'])} missing, "
+        f"{len(weights['unexpected'])} unexpected, {len(weights['shape_mismatched'])} shape-mismatched"
+        + (f" (prefix {weights['stripped_prefix']!r} stripped)" if weights["stripped_prefix"] else "")
+    ]
     mismatched = [f"{m['name']} {m['checkpoint']} vs model {m['model']}" for m in weights["shape_mismatched"]]
-    for label, names in (("missing", weights["missing"]), ("unexpected", weights["unexpected"]),
-                         ("shape-mismatched", mismatched)):
+    for label, names in (
+        ("missing", weights["missing"]),
+        ("unexpected", weights["unexpected"]),
+        ("shape-mismatched", mismatched),
+    ):
         if names:
             more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
             lines.append(f"  {label}: {', '.join(names[:shown])}{more}")

@@ -35,24 +35,46 @@ One forward pass in eval mode under no_grad (the model's modes and BatchNorm sta
 
 
 def command(
-    model_spec: Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
-                                              help="resnet50, timm:NAME, package.module:factory, file.py:Class, …")],
-    input_size: Annotated[list[str] | None, typer.Option(
-        "--input-size", metavar="C,H,W", callback=usage_check(parse_input_size), help="One input's size without the batch dimension; repeatable.")] = None,
+    model_spec: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", show_default=False, help="resnet50, timm:NAME, package.module:factory, file.py:Class, …"
+        ),
+    ],
+    input_size: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input-size",
+            metavar="C,H,W",
+            callback=usage_check(parse_input_size),
+            help="One input's size without the batch dimension; repeatable.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch dimension added to --input-size.")] = 1,
-    input_spec: Annotated[str | None, typer.Option(
-        "--input-spec", metavar="JSON",
-        help='Inputs for forward(*args, **kwargs): {"args": [...], "kwargs": {...}}, tensors as '
-             '{"shape": [...], "dtype": "int64", "fill": "randint", "high": N}; or @file.json.')] = None,
+    input_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--input-spec",
+            metavar="JSON",
+            help='Inputs for forward(*args, **kwargs): {"args": [...], "kwargs": {...}}, tensors as '
+            '{"shape": [...], "dtype": "int64", "fill": "randint", "high": N}; or @file.json.',
+        ),
+    ] = None,
     dtype: Annotated[SummaryDtype, typer.Option("--dtype", help="Parameter and input dtype.")] = "float32",
-    device: Annotated[str, typer.Option(
-        "--device", callback=usage_check(check_device),
-        help="auto: meta for torchvision/timm models (every shape and count, no memory or compute; the CPU "
-             "if the model cannot run there), else cpu; or cpu, cuda, cuda:N, meta.")] = "auto",
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            callback=usage_check(check_device),
+            help="auto: meta for torchvision/timm models (every shape and count, no memory or compute; the CPU "
+            "if the model cannot run there), else cpu; or cpu, cuda, cuda:N, meta.",
+        ),
+    ] = "auto",
     depth: Annotated[int, typer.Option("--depth", min=1, metavar="N", help="Module levels shown.")] = 3,
     mode: Annotated[SummaryMode, typer.Option("--mode", help="train: buffers restored after.")] = "eval",
-    output_format: Annotated[SummaryFormat, typer.Option(
-        "--format", help="torchsummary: the classic layout, via the torchsummary package.")] = "table",
+    output_format: Annotated[
+        SummaryFormat, typer.Option("--format", help="torchsummary: the classic layout, via the torchsummary package.")
+    ] = "table",
     kwargs: KwargsOption = None,
     weights: WeightsOption = None,
     strict: StrictOption = False,
@@ -71,16 +93,30 @@ def command(
         chosen = "cpu" if real else "meta"
 
     def measure(on: str) -> dict[str, Any] | None:
-        return _summarize(model_spec, factory_kwargs, on, sizes, batch_size, input_spec, dtype, mode,
-                          output_format, weights, strict, trust)
+        return _summarize(
+            model_spec,
+            factory_kwargs,
+            on,
+            sizes,
+            batch_size,
+            input_spec,
+            dtype,
+            mode,
+            output_format,
+            weights,
+            strict,
+            trust,
+        )
 
     try:
         data = measure(chosen)
     except BadInputError as failure:
         if not (device == "auto" and chosen == "meta" and "forward pass failed" in failure.message):
             raise
-        output.info("note: the model does not run on the meta device (it needs values, e.g. for NMS): "
-                    "measured on the CPU instead")
+        output.info(
+            "note: the model does not run on the meta device (it needs values, e.g. for NMS): "
+            "measured on the CPU instead"
+        )
         data = measure("cpu")
     if data is None:
         return
@@ -90,9 +126,20 @@ def command(
             output.info(f"note: {note}")
 
 
-def _summarize(model_spec: str, factory_kwargs: dict[str, Any], device: str, sizes: list[tuple[int, ...]],
-               batch_size: int, input_spec: str | None, dtype: str, mode: str, output_format: str,
-               weights: str | None, strict: bool, trust: bool) -> dict[str, Any] | None:
+def _summarize(
+    model_spec: str,
+    factory_kwargs: dict[str, Any],
+    device: str,
+    sizes: list[tuple[int, ...]],
+    batch_size: int,
+    input_spec: str | None,
+    dtype: str,
+    mode: str,
+    output_format: str,
+    weights: str | None,
+    strict: bool,
+    trust: bool,
+) -> dict[str, Any] | None:
     """Build the model on ``device``, feed it and measure it; None when the torchsummary layout
     was printed instead."""
     import torch
@@ -124,8 +171,9 @@ def _summarize(model_spec: str, factory_kwargs: dict[str, Any], device: str, siz
     return data
 
 
-def _default_inputs(spec: str, model: Any, batch_size: int, device: Any, dtype: Any
-                    ) -> tuple[list[Any], dict[str, Any], str]:
+def _default_inputs(
+    spec: str, model: Any, batch_size: int, device: Any, dtype: Any
+) -> tuple[list[Any], dict[str, Any], str]:
     """Inputs when none are given: an exported program's own example inputs, or the input size
     a library model's published weights were made for.
 
@@ -139,17 +187,24 @@ def _default_inputs(spec: str, model: Any, batch_size: int, device: Any, dtype: 
     example = getattr(model, "ptools_example_inputs", None)
     if example is not None:
         args, kwargs = example
-        move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) \
-            if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return [move(a) for a in args], {k: move(v) for k, v in kwargs.items()}, \
-            "the example inputs stored in the exported program"
+
+        def move(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+        return (
+            [move(a) for a in args],
+            {k: move(v) for k, v in kwargs.items()},
+            "the example inputs stored in the exported program",
+        )
     known = models.default_input_size(spec, model)
     if known is None:
-        raise BadInputError("give --input-size (e.g. 3,224,224) or --input-spec",
-                            "no input size is published for this model")
+        raise BadInputError(
+            "give --input-size (e.g. 3,224,224) or --input-spec", "no input size is published for this model"
+        )
     size, where = known
-    return [torch.randn((batch_size, *size), device=device, dtype=dtype)], {}, \
-        f"{'x'.join(map(str, size))}, {where}"
+    return [torch.randn((batch_size, *size), device=device, dtype=dtype)], {}, f"{'x'.join(map(str, size))}, {where}"
 
 
 def _count(value: int | None) -> str:
@@ -183,26 +238,51 @@ def render(data: dict[str, Any], depth: int) -> list[Any]:
         if not (0 < row["depth"] <= depth and (row["calls"] or row["parameters"])):
             continue
         share = f"{100 * row['macs'] / totals['macs']:.1f}%" if totals["macs"] and row["macs"] is not None else "-"
-        rows.append(("  " * (row["depth"] - 1) + row["name"], row["type"], _shapes(row),
-                     _count(row["parameters"]), _count(row["trainable"]), _count(row["macs"]),
-                     _count(row["flops"]), share))
-    renderables: list[Any] = [output.make_table(
-        f"{data['model']} ({data['mode']} mode, {data['device']}, {data['dtype']})",
-        ["Module", "Type", "Output shape", ("Params", "right"), ("Trainable", "right"), ("MACs", "right"),
-         ("FLOPs", "right"), ("MACs %", "right")], rows, optional=("FLOPs", "Trainable", "MACs %", "Type"))]
+        rows.append(
+            (
+                "  " * (row["depth"] - 1) + row["name"],
+                row["type"],
+                _shapes(row),
+                _count(row["parameters"]),
+                _count(row["trainable"]),
+                _count(row["macs"]),
+                _count(row["flops"]),
+                share,
+            )
+        )
+    renderables: list[Any] = [
+        output.make_table(
+            f"{data['model']} ({data['mode']} mode, {data['device']}, {data['dtype']})",
+            [
+                "Module",
+                "Type",
+                "Output shape",
+                ("Params", "right"),
+                ("Trainable", "right"),
+                ("MACs", "right"),
+                ("FLOPs", "right"),
+                ("MACs %", "right"),
+            ],
+            rows,
+            optional=("FLOPs", "Trainable", "MACs %", "Type"),
+        )
+    ]
     summary_rows = [
         ("parameters", f"{totals['parameters']:,} (tied weights once)"),
         ("trainable / non-trainable", f"{totals['trainable']:,} / {totals['non_trainable']:,}"),
         ("buffers", f"{totals['buffers']:,}"),
         ("parameter memory", format_bytes(totals["parameter_bytes"])),
-        ("activation memory (estimate)", "unknown" if totals["activation_bytes"] is None
-         else format_bytes(totals["activation_bytes"])),
+        (
+            "activation memory (estimate)",
+            "unknown" if totals["activation_bytes"] is None else format_bytes(totals["activation_bytes"]),
+        ),
         ("input size", format_bytes(totals["input_bytes"])),
         ("MACs", f"{totals['macs']:,} ({totals['macs'] / 1e9:.3f} G)"),
         ("FLOPs (2 × MACs)", f"{totals['flops']:,} ({totals['flops'] / 1e9:.3f} G)"),
         ("output", shape_text(data["output"])),
     ]
-    renderables.append(output.make_table("Totals (KiB, MiB, GiB = 2^10, 2^20, 2^30 bytes)", ["", "value"],
-                                         summary_rows))
+    renderables.append(
+        output.make_table("Totals (KiB, MiB, GiB = 2^10, 2^20, 2^30 bytes)", ["", "value"], summary_rows)
+    )
     renderables += output.weights_report_lines(data.get("weights"))
     return renderables

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ptools.core.checkpoint.readers import Checkpoint, DcpBytes, open_checkpoint
-from ptools.core.choices import CastScope, CheckpointOutputFormat, values
 from ptools.core.checkpoint.structure import find_state_dict, is_state_dict, iter_tensors
 from ptools.core.checkpoint.tensors import TensorInfo
 from ptools.core.checkpoint.writers import (
@@ -33,6 +32,7 @@ from ptools.core.checkpoint.writers import (
     write_safetensors,
     write_torch_zip,
 )
+from ptools.core.choices import CastScope, CheckpointOutputFormat, values
 from ptools.core.files import (
     fsync_folder,
     is_within,
@@ -45,21 +45,44 @@ from ptools.core.files import (
 from ptools.errors import BadInputError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-OPTIMIZER_KEYS = ("optimizer", "optimizers", "optimizer_state_dict", "optimizer_states", "optim",
-                  "optim_state_dict", "lr_scheduler", "lr_schedulers", "scheduler", "schedulers",
-                  "scheduler_state_dict", "scaler", "grad_scaler", "scaler_state_dict", "amp")
+OPTIMIZER_KEYS = (
+    "optimizer",
+    "optimizers",
+    "optimizer_state_dict",
+    "optimizer_states",
+    "optim",
+    "optim_state_dict",
+    "lr_scheduler",
+    "lr_schedulers",
+    "scheduler",
+    "schedulers",
+    "scheduler_state_dict",
+    "scaler",
+    "grad_scaler",
+    "scaler_state_dict",
+    "amp",
+)
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 OUTPUT_FORMATS = values(CheckpointOutputFormat)
-DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
-          "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
+DTYPES = {
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
 _DEVICE_RE = re.compile(r"^[a-z]+(:\d+)?$")
 
 
 # --------------------------------------------------------------------------- key transforms
 
 
-def _with_metadata(items: Iterable[tuple[str, Any]], source: Mapping[str, Any],
-                   rename_module: Callable[[str], str | None] | None) -> collections.OrderedDict[str, Any]:
+def _with_metadata(
+    items: Iterable[tuple[str, Any]], source: Mapping[str, Any], rename_module: Callable[[str], str | None] | None
+) -> collections.OrderedDict[str, Any]:
     """An OrderedDict of ``items`` keeping the source's ``_metadata`` (per-module versions),
     its module keys renamed like the tensor keys."""
     result: collections.OrderedDict[str, Any] = collections.OrderedDict(items)
@@ -80,8 +103,9 @@ def _check_collisions(pairs: list[tuple[str, str]], what: str) -> None:
     seen: dict[str, str] = {}
     for old, new in pairs:
         if new in seen:
-            raise BadInputError(f"{what} makes {seen[new]!r} and {old!r} both {new!r}",
-                                "change the pattern so that names stay distinct")
+            raise BadInputError(
+                f"{what} makes {seen[new]!r} and {old!r} both {new!r}", "change the pattern so that names stay distinct"
+            )
         seen[new] = old
 
 
@@ -110,14 +134,14 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "auto") -> tuple[c
         prefix = detect_wrapper_prefix(state_dict)
     if not prefix:
         return _with_metadata(state_dict.items(), state_dict, None), ""
-    pairs = [(k, k[len(prefix):] if k.startswith(prefix) else k) for k in state_dict]
+    pairs = [(k, k[len(prefix) :] if k.startswith(prefix) else k) for k in state_dict]
     _check_collisions(pairs, f"`strip` {prefix!r}")
     module = prefix.rstrip(".")
 
     def rename_module(name: str) -> str:
         if name == module:
             return ""
-        return name[len(prefix):] if name.startswith(prefix) else name
+        return name[len(prefix) :] if name.startswith(prefix) else name
 
     return _with_metadata(((new, state_dict[old]) for old, new in pairs), state_dict, rename_module), prefix
 
@@ -125,8 +149,11 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "auto") -> tuple[c
 def add_prefix(state_dict: Mapping[str, Any], prefix: str) -> collections.OrderedDict[str, Any]:
     """Put ``prefix`` in front of every key (e.g. ``module.`` to load into a DDP-wrapped model)."""
     module = prefix.rstrip(".")
-    return _with_metadata(((prefix + k, v) for k, v in state_dict.items()), state_dict,
-                          lambda name: module if name == "" else prefix + name)
+    return _with_metadata(
+        ((prefix + k, v) for k, v in state_dict.items()),
+        state_dict,
+        lambda name: module if name == "" else prefix + name,
+    )
 
 
 def parse_rename(rule: str) -> tuple[re.Pattern[str], str]:
@@ -144,8 +171,9 @@ def parse_rename(rule: str) -> tuple[re.Pattern[str], str]:
         raise BadInputError(f"`rename` {rule!r}: invalid regular expression ({failure})") from None
 
 
-def rename_keys(state_dict: Mapping[str, Any], rules: Iterable[str | tuple[re.Pattern[str], str]]
-                ) -> collections.OrderedDict[str, Any]:
+def rename_keys(
+    state_dict: Mapping[str, Any], rules: Iterable[str | tuple[re.Pattern[str], str]]
+) -> collections.OrderedDict[str, Any]:
     """Apply ``re.sub`` rules to every key, in order.
 
     Raises:
@@ -166,9 +194,11 @@ def rename_keys(state_dict: Mapping[str, Any], rules: Iterable[str | tuple[re.Pa
     return _with_metadata(((new, state_dict[old]) for old, new in pairs), state_dict, apply)
 
 
-def select_keys(state_dict: Mapping[str, Any], keep: str | None = None, drop: str | None = None
-                ) -> collections.OrderedDict[str, Any]:
+def select_keys(
+    state_dict: Mapping[str, Any], keep: str | None = None, drop: str | None = None
+) -> collections.OrderedDict[str, Any]:
     """Keep the keys matching ``keep`` (searched), then remove those matching ``drop``."""
+
     def compiled(flag: str, text: str | None) -> re.Pattern[str] | None:
         try:
             return re.compile(text) if text is not None else None
@@ -176,8 +206,11 @@ def select_keys(state_dict: Mapping[str, Any], keep: str | None = None, drop: st
             raise BadInputError(f"{flag} {text!r}: invalid regular expression ({failure})") from None
 
     keep_re, drop_re = compiled("`keep`", keep), compiled("`drop`", drop)
-    items = [(k, v) for k, v in state_dict.items()
-             if (keep_re is None or keep_re.search(k)) and not (drop_re is not None and drop_re.search(k))]
+    items = [
+        (k, v)
+        for k, v in state_dict.items()
+        if (keep_re is None or keep_re.search(k)) and not (drop_re is not None and drop_re.search(k))
+    ]
     return _with_metadata(items, state_dict, None)
 
 
@@ -188,8 +221,9 @@ def parse_dtype(text: str) -> str:
     return DTYPES[text]
 
 
-def cast_floating(state_dict: Mapping[str, Any], dtype: Any, keep_dtype: str | None = None
-                  ) -> collections.OrderedDict[str, Any]:
+def cast_floating(
+    state_dict: Mapping[str, Any], dtype: Any, keep_dtype: str | None = None
+) -> collections.OrderedDict[str, Any]:
     """Cast the floating-point torch tensors of a state dict to ``dtype``; integers, booleans
     (``num_batches_tracked``, masks) and keys matching ``keep_dtype`` stay as they are."""
     import torch
@@ -198,9 +232,12 @@ def cast_floating(state_dict: Mapping[str, Any], dtype: Any, keep_dtype: str | N
     keep_re = re.compile(keep_dtype) if keep_dtype else None
     items = []
     for name, value in state_dict.items():
-        if (isinstance(value, torch.Tensor) and value.is_floating_point()
-                and value.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-                and not (keep_re is not None and keep_re.search(name))):
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+            and not (keep_re is not None and keep_re.search(name))
+        ):
             value = value.to(target)
         items.append((name, value))
     return _with_metadata(items, state_dict, None)
@@ -213,6 +250,7 @@ def parse_map_location(text: str) -> Callable[[str], str]:
     Raises:
         BadInputError: a device is not of the form ``type`` or ``type:index``.
     """
+
     def device(value: str) -> str:
         value = value.strip()
         if not _DEVICE_RE.match(value):
@@ -284,8 +322,10 @@ def output_format(path: str, requested: str | None, shard_size: int | None) -> s
         return "safetensors"
     if lowered.endswith(TORCH_EXTENSIONS):
         return "torch"
-    raise BadInputError(f"cannot tell the output format from {path!r}",
-                        "use .pt/.pth/.bin/.ckpt or .safetensors, or pass `format` torch|safetensors")
+    raise BadInputError(
+        f"cannot tell the output format from {path!r}",
+        "use .pt/.pth/.bin/.ckpt or .safetensors, or pass `format` torch|safetensors",
+    )
 
 
 def _input_files(checkpoint: Checkpoint) -> set[str]:
@@ -312,8 +352,7 @@ def _check_destination(inputs: set[str], destination: str, force: bool, kind: st
     its files and folders): the same file (by path, symlink or hard link), or a file inside an
     input folder. What a sharded OUT folder may lose is decided by :class:`_ShardedTarget`."""
     never = "ptools never overwrites its input"
-    if _is_input(destination, inputs) or any(is_within(destination, path) for path in inputs
-                                               if os.path.isdir(path)):
+    if _is_input(destination, inputs) or any(is_within(destination, path) for path in inputs if os.path.isdir(path)):
         raise BadInputError(f"{destination} is the input (or part of it); {never}", "write to another path")
     folder = os.path.dirname(os.path.abspath(destination))
     if not os.path.isdir(folder):
@@ -325,14 +364,19 @@ def _check_destination(inputs: set[str], destination: str, force: bool, kind: st
             raise BadInputError(f"{destination} exists and is not a folder; `shard_size` writes a folder")
         return  # what may be replaced inside it is decided by _ShardedTarget
     if os.path.isdir(destination):
-        raise BadInputError(f"{destination} is a folder", "name the output file, e.g. "
-                            f"{os.path.join(destination, 'model' + ('.safetensors' if kind == 'safetensors' else '.pt'))}")
+        raise BadInputError(
+            f"{destination} is a folder",
+            "name the output file, e.g. "
+            f"{os.path.join(destination, 'model' + ('.safetensors' if kind == 'safetensors' else '.pt'))}",
+        )
     if os.path.lexists(destination):
         if not force:
             raise BadInputError(f"{destination} exists", "pass `force=True` to replace it")
         if os.path.islink(destination) or not os.path.isfile(destination):
-            raise BadInputError(f"{destination} is not a regular file; `force=True` replaces only a file",
-                                "remove it yourself or write elsewhere")
+            raise BadInputError(
+                f"{destination} is not a regular file; `force=True` replaces only a file",
+                "remove it yourself or write elsewhere",
+            )
 
 
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -347,8 +391,11 @@ def _drop_training_state(root: Any, state_dict_path: str) -> list[str]:
     for key in list(root):
         value = root[key]
         is_optimizer = isinstance(value, Mapping) and {"state", "param_groups"} <= set(value)
-        is_list = isinstance(value, list) and value and all(
-            isinstance(v, Mapping) and {"state", "param_groups"} <= set(v) for v in value)
+        is_list = (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, Mapping) and {"state", "param_groups"} <= set(v) for v in value)
+        )
         if key != head and (key in OPTIMIZER_KEYS or is_optimizer or is_list):
             del root[key]
             dropped.append(str(key))
@@ -367,8 +414,10 @@ def _replace_at(root: Any, path: str, value: Any) -> Any:
             parts = rest.split(".")
             cut = next((c for c in range(len(parts), 0, -1) if ".".join(parts[:c]) in node), None)
             if cut is None:  # a key that is not text (an int, bytes) cannot be named by a path
-                raise BadInputError(f"cannot rewrite the state dict at {path!r}: a key on its path is not text",
-                                    "pass `extract='auto'` to write the state dict alone")
+                raise BadInputError(
+                    f"cannot rewrite the state dict at {path!r}: a key on its path is not text",
+                    "pass `extract='auto'` to write the state dict alone",
+                )
             container, key = node, ".".join(parts[:cut])
             node, rest = node[key], ".".join(parts[cut:])
         else:
@@ -450,15 +499,25 @@ def convert_checkpoint(
     if extract is None and not isinstance(node, Mapping):
         raise BadInputError("the model weights are not a dict of tensors; pass `extract` KEY")
     state = node if isinstance(node, Mapping) else collections.OrderedDict(iter_tensors(node))
-    report = ConversionReport(input=src, output=dst, input_format=checkpoint.format,
-                              output_format=kind, state_dict_key=path, state_dict_how=how, dry_run=dry_run,
-                              bytes_in=checkpoint.size_bytes, cast_scope=cast_scope)
+    report = ConversionReport(
+        input=src,
+        output=dst,
+        input_format=checkpoint.format,
+        output_format=kind,
+        state_dict_key=path,
+        state_dict_how=how,
+        dry_run=dry_run,
+        bytes_in=checkpoint.size_bytes,
+        cast_scope=cast_scope,
+    )
     report.notes += [*checkpoint.notes, *notes_for_report]
     stale = stale_temporaries(dst)
     if stale:
-        report.notes.append(f"{len(stale)} temporary file(s) from an interrupted earlier run: "
-                            f"{' '.join(stale[:3])}{' …' if len(stale) > 3 else ''}; ptools leaves them; "
-                            "remove them with rm -r once no conversion is running")
+        report.notes.append(
+            f"{len(stale)} temporary file(s) from an interrupted earlier run: "
+            f"{' '.join(stale[:3])}{' …' if len(stale) > 3 else ''}; ptools leaves them; "
+            "remove them with rm -r once no conversion is running"
+        )
     # Where each tensor was, by object, in order (a tied tensor sits under several names).
     original_paths: dict[int, collections.deque[str]] = collections.defaultdict(collections.deque)
     for original_path, tensor in iter_tensors(root):
@@ -495,8 +554,11 @@ def convert_checkpoint(
         names_by_storage[_storage_identity(tensor) or id(tensor)].append(name)
     # By default only the model weights are cast: an optimizer's second moments (exp_avg_sq,
     # ~1e-10 and below) underflow to zero in float16.
-    in_cast_scope = None if cast_scope == "all" else {
-        _storage_identity(tensor) or id(tensor) for _, tensor in iter_tensors(transformed)}
+    in_cast_scope = (
+        None
+        if cast_scope == "all"
+        else {_storage_identity(tensor) or id(tensor) for _, tensor in iter_tensors(transformed)}
+    )
 
     def dtype_for(tensor: TensorInfo) -> str:
         if target_dtype is None or tensor.dtype not in CASTABLE:
@@ -524,16 +586,33 @@ def convert_checkpoint(
             report.devices[device] = new_device
         if dry_run:
             sources = original_paths.get(id(tensor))
-            report.plan.append({"from": sources.popleft() if sources else name, "to": name,
-                                "dtype": tensor.dtype, "new_dtype": new_dtype, "device": device,
-                                "new_device": new_device, "shape": list(tensor.shape)})
+            report.plan.append(
+                {
+                    "from": sources.popleft() if sources else name,
+                    "to": name,
+                    "dtype": tensor.dtype,
+                    "new_dtype": new_dtype,
+                    "device": device,
+                    "new_device": new_device,
+                    "shape": list(tensor.shape),
+                }
+            )
     if dry_run:
         prefix = f"{path}." if path else ""
         for name in report.dropped_keys:
             value = state[name]
             if isinstance(value, TensorInfo):
-                report.plan.append({"from": prefix + name, "to": None, "dtype": value.dtype, "new_dtype": None,
-                                    "device": value.device, "new_device": None, "shape": list(value.shape)})
+                report.plan.append(
+                    {
+                        "from": prefix + name,
+                        "to": None,
+                        "dtype": value.dtype,
+                        "new_dtype": None,
+                        "device": value.device,
+                        "new_device": None,
+                        "shape": list(value.shape),
+                    }
+                )
     if relocate is not None and kind != "torch":
         report.notes.append("`map_location` has no effect on safetensors output (it stores no devices)")
 
@@ -544,18 +623,31 @@ def convert_checkpoint(
             return None  # a meta tensor
         identity = _storage_identity(tensor) or id(tensor)
         known = storages.get(identity)
-        if known is not None and tensor.storage is not None and (
-                known.tensor.dtype != tensor.dtype or known.tensor.storage.size_bytes != tensor.storage.size_bytes):
-            raise BadInputError(f"{src}: storage {tensor.storage.key} is claimed with different dtypes or sizes "
-                                "by the tensors sharing it; the file is corrupt")
+        if (
+            known is not None
+            and tensor.storage is not None
+            and (known.tensor.dtype != tensor.dtype or known.tensor.storage.size_bytes != tensor.storage.size_bytes)
+        ):
+            raise BadInputError(
+                f"{src}: storage {tensor.storage.key} is claimed with different dtypes or sizes "
+                "by the tensors sharing it; the file is corrupt"
+            )
         if identity not in storages:
             location = tensor.device
             new_dtype = dtype_for(tensor)
-            tally = CastTally(names_by_storage[identity][:16], tensor.dtype, new_dtype) \
-                if new_dtype != tensor.dtype else None
+            tally = (
+                CastTally(names_by_storage[identity][:16], tensor.dtype, new_dtype)
+                if new_dtype != tensor.dtype
+                else None
+            )
             storages[identity] = OutputStorage(
-                key=str(len(storages)), source_checkpoint=checkpoint, tensor=tensor,
-                dtype=new_dtype, location=relocate(location) if relocate else location, tally=tally)
+                key=str(len(storages)),
+                source_checkpoint=checkpoint,
+                tensor=tensor,
+                dtype=new_dtype,
+                location=relocate(location) if relocate else location,
+                tally=tally,
+            )
         return storages[identity]
 
     if kind == "torch":
@@ -564,8 +656,9 @@ def convert_checkpoint(
 
         def write(handle: Any) -> None:
             archive = os.path.splitext(os.path.basename(dst))[0] or "archive"
-            write_torch_zip(handle, re.sub(r"[^A-Za-z0-9_.-]", "_", archive), pickle_bytes,
-                            list(storages.values()), on_bytes)
+            write_torch_zip(
+                handle, re.sub(r"[^A-Za-z0-9_.-]", "_", archive), pickle_bytes, list(storages.values()), on_bytes
+            )
     else:
         entries, metadata = _safetensors_entries(root, checkpoint, dtype_for, report)
         for entry in entries:
@@ -588,8 +681,9 @@ def convert_checkpoint(
         target = _ShardedTarget.plan(dst, len(groups), force, inputs)
         _write_sharded(target, groups, metadata, on_bytes, verify, report)
     else:
-        write_atomically(dst, write, (lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report)) if verify
-                         else None)
+        write_atomically(
+            dst, write, (lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report)) if verify else None
+        )
     tallies = [s.tally for s in storages.values()] if kind == "torch" else [e.tally for e in entries]
     report.cast_losses = [tally.to_dict() for tally in tallies if tally is not None and tally.lossy]
     report.bytes_out = size_on_disk(dst)
@@ -597,18 +691,21 @@ def convert_checkpoint(
     return report
 
 
-
-
 def _flat_tensors(root: Any, flatten: bool, report: ConversionReport) -> collections.OrderedDict[str, Any]:
     """safetensors holds a flat name -> tensor map: refuse anything else unless --flatten."""
     if is_state_dict(root) and all(isinstance(v, TensorInfo) for v in root.values()):
         return collections.OrderedDict(root)
     if not flatten:
-        offending = [str(k) for k, v in root.items() if not isinstance(v, TensorInfo)] \
-            if isinstance(root, Mapping) else ["(top level)"]
+        offending = (
+            [str(k) for k, v in root.items() if not isinstance(v, TensorInfo)]
+            if isinstance(root, Mapping)
+            else ["(top level)"]
+        )
         shown = ", ".join(offending[:8]) + (f" and {len(offending) - 8} more" if len(offending) > 8 else "")
-        raise BadInputError(f"safetensors holds only a flat dict of tensors; these entries are not tensors: "
-                            f"{shown}", "pass `extract='auto'` (the model weights) or `flatten=True`")
+        raise BadInputError(
+            f"safetensors holds only a flat dict of tensors; these entries are not tensors: {shown}",
+            "pass `extract='auto'` (the model weights) or `flatten=True`",
+        )
     flat = collections.OrderedDict(iter_tensors(root))
     dropped = sum(1 for _ in _non_tensor_leaves(root))
     if dropped:
@@ -627,8 +724,9 @@ def _non_tensor_leaves(node: Any) -> Iterable[Any]:
         yield node
 
 
-def _safetensors_entries(root: Mapping[str, Any], checkpoint: Checkpoint, dtype_for: Callable[[TensorInfo], str],
-                         report: ConversionReport) -> tuple[list[SafetensorsEntry], dict[str, str]]:
+def _safetensors_entries(
+    root: Mapping[str, Any], checkpoint: Checkpoint, dtype_for: Callable[[TensorInfo], str], report: ConversionReport
+) -> tuple[list[SafetensorsEntry], dict[str, str]]:
     """One entry per distinct tensor; exact aliases (tied weights) recorded in metadata the way
     safetensors' ``save_model`` does: ``{alias: kept name}``."""
     entries: list[SafetensorsEntry] = []
@@ -637,10 +735,14 @@ def _safetensors_entries(root: Mapping[str, Any], checkpoint: Checkpoint, dtype_
     metadata.setdefault("format", "pt")
     for name, tensor in root.items():
         if tensor.storage is None and not tensor.chunks:
-            raise BadInputError(f"{name} is a meta tensor (no data); safetensors cannot hold it",
-                                "`drop` it")
-        view = (_storage_identity(tensor) or id(tensor), tensor.storage_offset, tuple(tensor.shape),
-                tuple(tensor.stride), tensor.dtype)
+            raise BadInputError(f"{name} is a meta tensor (no data); safetensors cannot hold it", "`drop` it")
+        view = (
+            _storage_identity(tensor) or id(tensor),
+            tensor.storage_offset,
+            tuple(tensor.shape),
+            tuple(tensor.stride),
+            tensor.dtype,
+        )
         if view in first:
             metadata[name] = first[view]
             report.aliases[name] = first[view]
@@ -674,8 +776,10 @@ def _check_space(destination: str, needed: int) -> None:
     if needed + SPACE_MARGIN > free:
         from ptools.core.units import format_bytes
 
-        raise BadInputError(f"not enough disk space in {folder}: the output needs {format_bytes(needed)} plus a "
-                            f"{format_bytes(SPACE_MARGIN)} margin, {format_bytes(free)} is free")
+        raise BadInputError(
+            f"not enough disk space in {folder}: the output needs {format_bytes(needed)} plus a "
+            f"{format_bytes(SPACE_MARGIN)} margin, {format_bytes(free)} is free"
+        )
 
 
 @dataclass
@@ -695,18 +799,24 @@ class _ShardedTarget:
         stale = sorted(set(ours) - set(names))
         for name in replaced:
             if name not in ours:
-                raise BadInputError(f"{os.path.join(folder, name)} exists and is not part of a sharded output "
-                                    "ptools can recognise; ptools never replaces it", "write to another folder")
+                raise BadInputError(
+                    f"{os.path.join(folder, name)} exists and is not part of a sharded output "
+                    "ptools can recognise; ptools never replaces it",
+                    "write to another folder",
+                )
         for name in replaced + stale:
             path = os.path.join(folder, name)
             if _is_input(path, inputs):
-                raise BadInputError(f"{folder} holds the input ({name}); writing there would replace it",
-                                    "write the shards to another folder")
+                raise BadInputError(
+                    f"{folder} holds the input ({name}); writing there would replace it",
+                    "write the shards to another folder",
+                )
             if os.path.islink(path) or not os.path.isfile(path):
                 raise BadInputError(f"{path} is not a regular file; ptools never replaces it")
         if (replaced or stale) and not force:
-            raise BadInputError(f"{folder} already holds a sharded output ({len(ours) - 1} shard(s))",
-                                "pass `force=True` to replace it")
+            raise BadInputError(
+                f"{folder} already holds a sharded output ({len(ours) - 1} shard(s))", "pass `force=True` to replace it"
+            )
         return cls(folder=folder, names=names, stale=stale)
 
     @staticmethod
@@ -725,8 +835,14 @@ class _ShardedTarget:
         return sorted(shards) + [INDEX_NAME]
 
 
-def _write_sharded(target: _ShardedTarget, groups: list[list[SafetensorsEntry]], metadata: dict[str, str],
-                   on_bytes: Callable[[int], None] | None, verify: bool, report: ConversionReport) -> None:
+def _write_sharded(
+    target: _ShardedTarget,
+    groups: list[list[SafetensorsEntry]],
+    metadata: dict[str, str],
+    on_bytes: Callable[[int], None] | None,
+    verify: bool,
+    report: ConversionReport,
+) -> None:
     """Shards and the index into a temporary folder; verified there; then moved into place
     (the whole folder when OUT is new, file by file with the index last otherwise)."""
     destination = target.folder
@@ -737,12 +853,15 @@ def _write_sharded(target: _ShardedTarget, groups: list[list[SafetensorsEntry]],
         for group, shard in zip(groups, target.names):
             kept = {e.name for e in group}
             shard_metadata = {k: v for k, v in metadata.items() if k not in report.aliases or v in kept}
-            write_file(os.path.join(temporary, shard),
-                       lambda handle, g=group, m=shard_metadata: write_safetensors(handle, g, m, on_bytes))
+            write_file(
+                os.path.join(temporary, shard),
+                lambda handle, g=group, m=shard_metadata: write_safetensors(handle, g, m, on_bytes),
+            )
             weight_map.update({e.name: shard for e in group})
         index = {"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map}
-        write_file(os.path.join(temporary, INDEX_NAME),
-                   lambda handle: handle.write(json.dumps(index, indent=2).encode()))
+        write_file(
+            os.path.join(temporary, INDEX_NAME), lambda handle: handle.write(json.dumps(index, indent=2).encode())
+        )
         if verify:
             _verify_against(os.path.join(temporary, INDEX_NAME), groups, report)
         if not exists:
@@ -762,8 +881,9 @@ def _write_sharded(target: _ShardedTarget, groups: list[list[SafetensorsEntry]],
         raise
 
 
-def _verify(path: str, root: Any, source: Checkpoint, dtype_for: Callable[[TensorInfo], str],
-            report: ConversionReport) -> None:
+def _verify(
+    path: str, root: Any, source: Checkpoint, dtype_for: Callable[[TensorInfo], str], report: ConversionReport
+) -> None:
     """Re-read the written file and compare every tensor with its source (after any cast)."""
     written = open_checkpoint(path)
     expected = collections.OrderedDict(iter_tensors(root))
@@ -784,8 +904,14 @@ def _verify_against(index_path: str, groups: list[list[SafetensorsEntry]], repor
     _compare(expected, source, actual, written, lambda t: dtypes[id(t)], report)
 
 
-def _compare(expected: Mapping[str, TensorInfo], source: Checkpoint | None, actual: Mapping[str, Any],
-             written: Checkpoint, dtype_for: Callable[[TensorInfo], str], report: ConversionReport) -> None:
+def _compare(
+    expected: Mapping[str, TensorInfo],
+    source: Checkpoint | None,
+    actual: Mapping[str, Any],
+    written: Checkpoint,
+    dtype_for: Callable[[TensorInfo], str],
+    report: ConversionReport,
+) -> None:
     import numpy as np
 
     from ptools.core.checkpoint.values import decode, read_tensor
@@ -793,8 +919,9 @@ def _compare(expected: Mapping[str, TensorInfo], source: Checkpoint | None, actu
 
     missing = [name for name in expected if name not in actual]
     if missing:
-        raise BadInputError(f"verification failed: {len(missing)} tensor(s) missing from the output, "
-                            f"e.g. {missing[0]!r}")
+        raise BadInputError(
+            f"verification failed: {len(missing)} tensor(s) missing from the output, e.g. {missing[0]!r}"
+        )
     for name, tensor in expected.items():
         out = actual[name]
         want_dtype = dtype_for(tensor)

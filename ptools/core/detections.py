@@ -64,16 +64,20 @@ def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str
                 except orjson.JSONDecodeError as failure:
                     if number == 1 and _parses(data):  # one object over several lines, not JSON Lines
                         break
-                    raise BadInputError(f"{source} line {number} is not valid JSON ({brief_text(str(failure))})") from None
+                    raise BadInputError(
+                        f"{source} line {number} is not valid JSON ({brief_text(str(failure))})"
+                    ) from None
             else:
                 return records, "jsonl"
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as failure:
         raise BadInputError(f"{source} is not valid JSON ({brief_text(str(failure))})") from None
-    raise BadInputError(f"{source} holds a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, not an "
-                        "array of detection records or JSON Lines",
-                        "COCO results are a list: [{\"image_id\": …, \"category_id\": …, \"bbox\": […], \"score\": …}]")
+    raise BadInputError(
+        f"{source} holds a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, not an "
+        "array of detection records or JSON Lines",
+        'COCO results are a list: [{"image_id": …, "category_id": …, "bbox": […], "score": …}]',
+    )
 
 
 _JSON_TYPES = {type(None): "null", dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
@@ -120,8 +124,11 @@ def _record_problem(index: int, record: Any, box_format: str) -> str | None:
     if not math.isfinite(score):
         return f"record {index}: field 'score' is {score!r}, not a finite number"
     box = record["bbox"]
-    if not (isinstance(box, list) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+    if not (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    ):
         return f"record {index}: field 'bbox' must be a list of 4 numbers, got {_shown(box)}"
     if not all(math.isfinite(v) for v in box):
         return f"record {index}: field 'bbox' holds NaN or infinite values: {_shown(box)}"
@@ -139,11 +146,11 @@ class Detections:
 
     records: list[Any]
     index: np.ndarray
-    images: np.ndarray       # image code per row (codes follow ascending image id)
-    categories: np.ndarray   # category code per row
+    images: np.ndarray  # image code per row (codes follow ascending image id)
+    categories: np.ndarray  # category code per row
     category_ids: list[Any]  # code -> category_id
     image_count: int
-    boxes: np.ndarray        # (N, 4) as given (box_format)
+    boxes: np.ndarray  # (N, 4) as given (box_format)
     scores: np.ndarray
     skipped: int = 0
 
@@ -161,12 +168,20 @@ def _fast_arrays(records: list[Any]) -> tuple[Any, ...] | None:
         return None
     # numpy turns true/false into 1/0 beside numbers: a boolean anywhere sends us to the slow
     # path, which names the record. One C-speed pass over the types of each field.
-    if (bool in set(map(type, images)) or bool in set(map(type, categories))
-            or bool in set(map(type, score_list))
-            or (boxes.ndim == 2 and bool in set(map(type, itertools.chain.from_iterable(box_lists))))):
+    if (
+        bool in set(map(type, images))
+        or bool in set(map(type, categories))
+        or bool in set(map(type, score_list))
+        or (boxes.ndim == 2 and bool in set(map(type, itertools.chain.from_iterable(box_lists))))
+    ):
         return None
-    if (boxes.dtype.kind not in "iuf" or boxes.ndim != 2 or boxes.shape[1] != 4
-            or scores.dtype.kind not in "iuf" or scores.ndim != 1):
+    if (
+        boxes.dtype.kind not in "iuf"
+        or boxes.ndim != 2
+        or boxes.shape[1] != 4
+        or scores.dtype.kind not in "iuf"
+        or scores.ndim != 1
+    ):
         return None
     return images, categories, boxes.astype(np.float64, copy=False), scores.astype(np.float64, copy=False)
 
@@ -226,9 +241,17 @@ def validate(records: Any, box_format: str = "xywh", skip_invalid: bool = False)
         scores = np.array([r["score"] for r in kept], dtype=np.float64)
         image_codes = _mixed_codes(images)
         category_codes = _mixed_codes(categories)
-    return Detections(records=records, index=index, images=image_codes[0], categories=category_codes[0],
-                      category_ids=category_codes[1], image_count=len(image_codes[1]), boxes=boxes, scores=scores,
-                      skipped=skipped)
+    return Detections(
+        records=records,
+        index=index,
+        images=image_codes[0],
+        categories=category_codes[0],
+        category_ids=category_codes[1],
+        image_count=len(image_codes[1]),
+        boxes=boxes,
+        scores=scores,
+        skipped=skipped,
+    )
 
 
 def _mixed_codes(values: list[Any]) -> tuple[np.ndarray, list[Any]]:
@@ -263,8 +286,11 @@ def _rule(method: str, iou: float, soft_fn: str, sigma: float, score_threshold: 
     """The suppression rule a method applied, in words: what --iou does (or not) for it."""
     if method == "soft":
         cut = nms_core.DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold
-        decay = (f"gaussian decay s *= exp(-IoU^2 / {sigma:g})" if soft_fn == "gaussian"
-                 else f"linear decay s *= 1 - IoU where IoU > {iou:g}")
+        decay = (
+            f"gaussian decay s *= exp(-IoU^2 / {sigma:g})"
+            if soft_fn == "gaussian"
+            else f"linear decay s *= 1 - IoU where IoU > {iou:g}"
+        )
         return f"{decay}, kept while s > {cut:g}"
     return f"{'DIoU' if method == 'diou' else 'IoU'} > {iou:g}"
 
@@ -300,8 +326,16 @@ def run_nms(
     elif device != "cpu":
         raise BadInputError(f"unknown `device` {device!r}; choose one of: cpu, cuda")
     else:
-        result = nms_core.nms_groups(xyxy, detections.scores, groups, method=name, iou_threshold=iou_threshold,
-                                     soft_fn=soft_fn, sigma=sigma, score_threshold=score_threshold)
+        result = nms_core.nms_groups(
+            xyxy,
+            detections.scores,
+            groups,
+            method=name,
+            iou_threshold=iou_threshold,
+            soft_fn=soft_fn,
+            sigma=sigma,
+            score_threshold=score_threshold,
+        )
     positions = nms_core.limit_per_image(detections.images, result.keep, result.scores, max_det)
     kept_rows = result.keep[positions]
     records = detections.records
@@ -316,16 +350,27 @@ def run_nms(
     counts_in = np.bincount(detections.categories, minlength=len(detections.category_ids))
     counts_out = np.bincount(detections.categories[kept_rows], minlength=len(detections.category_ids))
     report = NmsFileReport(
-        method=name, iou_threshold=iou_threshold, rule=_rule(name, iou_threshold, soft_fn, sigma, score_threshold),
+        method=name,
+        iou_threshold=iou_threshold,
+        rule=_rule(name, iou_threshold, soft_fn, sigma, score_threshold),
         images=detections.image_count,
-        detections_in=len(records), detections_out=len(output), skipped=detections.skipped,
-        per_class={str(c): [int(a), int(b)] for c, a, b in zip(detections.category_ids, counts_in, counts_out)})
+        detections_in=len(records),
+        detections_out=len(output),
+        skipped=detections.skipped,
+        per_class={str(c): [int(a), int(b)] for c, a, b in zip(detections.category_ids, counts_in, counts_out)},
+    )
     report.seconds = time.perf_counter() - started
     return output, report
 
 
-def _cuda_hard(method: str, xyxy: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_threshold: float,
-               score_threshold: float | None) -> nms_core.NmsResult:
+def _cuda_hard(
+    method: str,
+    xyxy: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    iou_threshold: float,
+    score_threshold: float | None,
+) -> nms_core.NmsResult:
     """Hard NMS with torchvision's CUDA kernel (float64), same keep set as the CPU path."""
     if method != "hard":
         raise BadInputError(f"`device` cuda runs `method` hard only; {method} runs on the CPU (the default)")
@@ -366,25 +411,39 @@ def evaluate(ground_truth_path: str, *results: list[Any]) -> list[dict[str, floa
         try:
             ground_truth = COCO(ground_truth_path)
         except (OSError, ValueError, KeyError, TypeError) as failure:
-            raise BadInputError(f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file ({failure})") from None
+            raise BadInputError(
+                f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file ({failure})"
+            ) from None
         if "annotations" not in ground_truth.dataset or "images" not in ground_truth.dataset:
-            raise BadInputError(f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file (no images/annotations)")
+            raise BadInputError(
+                f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file (no images/annotations)"
+            )
         for records in results:
-            copies = [{"image_id": r["image_id"], "category_id": r["category_id"], "bbox": list(r["bbox"]),
-                       "score": r["score"]} for r in records]
+            copies = [
+                {
+                    "image_id": r["image_id"],
+                    "category_id": r["category_id"],
+                    "bbox": list(r["bbox"]),
+                    "score": r["score"],
+                }
+                for r in records
+            ]
             if not copies:
                 metrics.append({"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR@100": 0.0})
                 continue
             try:
                 predictions = ground_truth.loadRes(copies)
             except (AssertionError, KeyError, IndexError) as failure:
-                raise BadInputError(f"`ground_truth`: the detections do not match {ground_truth_path} "
-                                    f"(image ids missing from the ground truth?) {failure}") from None
+                raise BadInputError(
+                    f"`ground_truth`: the detections do not match {ground_truth_path} "
+                    f"(image ids missing from the ground truth?) {failure}"
+                ) from None
             evaluator = COCOeval(ground_truth, predictions, "bbox")
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
             stats = evaluator.stats
-            metrics.append({"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2]),
-                            "AR@100": float(stats[8])})
+            metrics.append(
+                {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2]), "AR@100": float(stats[8])}
+            )
     return metrics

@@ -88,8 +88,11 @@ def stale_temporaries(destination: str) -> list[str]:
             names = os.listdir(place)
         except OSError:
             continue
-        found += [os.path.join(place, name) for name in names
-                  if name.endswith(_TEMPORARY_SUFFIX) and (place != folder or name.startswith(prefix))]
+        found += [
+            os.path.join(place, name)
+            for name in names
+            if name.endswith(_TEMPORARY_SUFFIX) and (place != folder or name.startswith(prefix))
+        ]
     return sorted(found)
 
 
@@ -116,8 +119,9 @@ def write_file(path: str, write: Callable[[IO[bytes]], Any]) -> None:
         raise BadInputError(f"cannot write {path}: {failure.strerror or failure}") from None
 
 
-def write_atomically(destination: str, write: Callable[[IO[bytes]], Any],
-                     check: Callable[[str], None] | None = None) -> None:
+def write_atomically(
+    destination: str, write: Callable[[IO[bytes]], Any], check: Callable[[str], None] | None = None
+) -> None:
     """Write to a temporary file beside ``destination``, ``check`` it, then rename it into place.
 
     On any failure or Ctrl-C the temporary file is removed and ``destination`` is untouched.

@@ -164,15 +164,18 @@ def _nvml_init_problem(nvml: Any, error: Exception) -> str:
     reasons = {
         getattr(nvml, "NVML_ERROR_LIBRARY_NOT_FOUND", -1): (
             "no NVIDIA driver found: the NVML library (libnvidia-ml.so.1) could not be "
-            "loaded, so this machine has no usable NVIDIA GPU"),
+            "loaded, so this machine has no usable NVIDIA GPU"
+        ),
         getattr(nvml, "NVML_ERROR_DRIVER_NOT_LOADED", -1): (
-            "the NVIDIA kernel driver is not loaded (is the GPU passed through to this "
-            "machine or container?)"),
+            "the NVIDIA kernel driver is not loaded (is the GPU passed through to this machine or container?)"
+        ),
         getattr(nvml, "NVML_ERROR_LIB_RM_VERSION_MISMATCH", -1): (
             "driver/library version mismatch: the NVML library does not match the loaded "
-            "kernel driver, usually after a driver upgrade without a reboot"),
+            "kernel driver, usually after a driver upgrade without a reboot"
+        ),
         getattr(nvml, "NVML_ERROR_NO_PERMISSION", -1): (
-            "no permission to query the NVIDIA driver (check access to /dev/nvidia*)"),
+            "no permission to query the NVIDIA driver (check access to /dev/nvidia*)"
+        ),
     }
     return reasons.get(code, f"NVML could not start: {error}")
 
@@ -207,10 +210,8 @@ class _NvmlReader:
             pci = self._ask("nvmlDeviceGetPciInfo", handle)
             gpu.pci_bus_id = _text(pci.busId) if pci is not None else None
             gpu.power_draw_watts = self._milliwatts(self._ask("nvmlDeviceGetPowerUsage", handle))
-            gpu.power_limit_watts = self._milliwatts(
-                self._ask("nvmlDeviceGetEnforcedPowerLimit", handle))
-            gpu.temperature_c = self._ask(
-                "nvmlDeviceGetTemperature", handle, self.nvml.NVML_TEMPERATURE_GPU)
+            gpu.power_limit_watts = self._milliwatts(self._ask("nvmlDeviceGetEnforcedPowerLimit", handle))
+            gpu.temperature_c = self._ask("nvmlDeviceGetTemperature", handle, self.nvml.NVML_TEMPERATURE_GPU)
             mode = self._ask("nvmlDeviceGetMigMode", handle)
             if mode is None:
                 gpu.mig_mode = "unsupported"
@@ -259,9 +260,14 @@ class _NvmlReader:
         for process in self._ask("nvmlDeviceGetComputeRunningProcesses", handle) or []:
             user, command = self.describe_process(int(process.pid))
             used = getattr(process, "usedGpuMemory", None)
-            device.processes.append(GpuProcess(
-                pid=int(process.pid), used_memory_bytes=int(used) if used is not None else None,
-                user=user, command=command))
+            device.processes.append(
+                GpuProcess(
+                    pid=int(process.pid),
+                    used_memory_bytes=int(used) if used is not None else None,
+                    user=user,
+                    command=command,
+                )
+            )
         return device
 
     @staticmethod
@@ -300,8 +306,9 @@ def probe_torch() -> TorchInfo | None:
         import torch
     except ImportError:
         return None
-    info = TorchInfo(version=torch.__version__, cuda_version=torch.version.cuda,
-                     hip_version=getattr(torch.version, "hip", None))
+    info = TorchInfo(
+        version=torch.__version__, cuda_version=torch.version.cuda, hip_version=getattr(torch.version, "hip", None)
+    )
     info.cuda_available = bool(torch.cuda.is_available())
     mps = getattr(torch.backends, "mps", None)
     info.mps_available = bool(mps is not None and mps.is_available())
@@ -315,19 +322,22 @@ def probe_torch() -> TorchInfo | None:
             version = nccl.version() if nccl is not None else None
         except (RuntimeError, AttributeError):
             version = None
-        info.nccl_version = ".".join(map(str, version)) if isinstance(version, tuple) else (
-            str(version) if version else None)
+        info.nccl_version = (
+            ".".join(map(str, version)) if isinstance(version, tuple) else (str(version) if version else None)
+        )
     if info.cuda_available:
         info.device_count = torch.cuda.device_count()
         for index in range(info.device_count):
             properties = torch.cuda.get_device_properties(index)
             uuid = getattr(properties, "uuid", None)
-            info.devices.append({
-                "name": properties.name,
-                "uuid": str(uuid) if uuid is not None else None,
-                "compute_capability": f"{properties.major}.{properties.minor}",
-                "memory_total_bytes": int(properties.total_memory),
-            })
+            info.devices.append(
+                {
+                    "name": properties.name,
+                    "uuid": str(uuid) if uuid is not None else None,
+                    "compute_capability": f"{properties.major}.{properties.minor}",
+                    "memory_total_bytes": int(properties.total_memory),
+                }
+            )
     return info
 
 
@@ -353,12 +363,17 @@ def _apply_torch_info(system: SystemInfo, torch_info: TorchInfo) -> None:
 
 def _torch_problems(torch_info: TorchInfo, nvml_devices: int) -> list[str]:
     if torch_info.cuda_version is None and torch_info.hip_version is None:
-        return [f"torch {torch_info.version} is a CPU-only build: install a CUDA build of "
-                "torch to use the GPU"] if nvml_devices else []
+        return (
+            [f"torch {torch_info.version} is a CPU-only build: install a CUDA build of torch to use the GPU"]
+            if nvml_devices
+            else []
+        )
     if not torch_info.cuda_available and nvml_devices:
-        return [f"torch {torch_info.version} (CUDA {torch_info.cuda_version}) sees no GPU although "
-                f"NVML lists {nvml_devices}: check CUDA_VISIBLE_DEVICES and that the driver "
-                "supports this CUDA version"]
+        return [
+            f"torch {torch_info.version} (CUDA {torch_info.cuda_version}) sees no GPU although "
+            f"NVML lists {nvml_devices}: check CUDA_VISIBLE_DEVICES and that the driver "
+            "supports this CUDA version"
+        ]
     return []
 
 
@@ -370,7 +385,7 @@ def _uuid_key(uuid: str | None) -> str:
     text = (uuid or "").strip().lower()
     for prefix in ("gpu-", "mig-"):
         if text.startswith(prefix):
-            return text[len(prefix):]
+            return text[len(prefix) :]
     return text
 
 
@@ -435,7 +450,8 @@ def assign_cuda_indices(
         problems.append(
             "the GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA indices are a "
             "guess of CUDA's fastest-first order; export CUDA_DEVICE_ORDER=PCI_BUS_ID for a "
-            "stable numbering")
+            "stable numbering"
+        )
     visible_text = env.get("CUDA_VISIBLE_DEVICES")
     if visible_text is None:
         for index, unit in enumerate(units):
@@ -448,7 +464,8 @@ def assign_cuda_indices(
         if unit is None or any(unit is seen for seen, _ in chosen):
             problems.append(
                 f"CUDA_VISIBLE_DEVICES={visible_text!r}: entry {entry!r} names no device "
-                "(or repeats one); CUDA ignores it and every entry after it")
+                "(or repeats one); CUDA ignores it and every entry after it"
+            )
             break
         chosen.append((unit, entry))
     for index, (unit, entry) in enumerate(chosen):
@@ -489,8 +506,10 @@ def query_devices(
         process_describer: ``pid -> (user, command)``; default :func:`describe_process`.
     """
     env = os.environ if env is None else env
-    system = SystemInfo(cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
-                        cuda_device_order=env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST"))
+    system = SystemInfo(
+        cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
+        cuda_device_order=env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST"),
+    )
     problems: list[str] = []
     sources = {"devices": "none", "cuda_order": "pci", "torch": "skipped"}
     devices = _read_nvml(nvml, system, problems, process_describer or describe_process)
@@ -511,8 +530,10 @@ def query_devices(
     if devices is None and torch_info is not None and torch_info.devices:
         devices = _devices_from_torch(torch_info, env)
         sources["devices"] = "torch"
-        problems.append("device details from torch: NVML gave no answer, so utilization, "
-                        "temperature, power and processes are unknown")
+        problems.append(
+            "device details from torch: NVML gave no answer, so utilization, "
+            "temperature, power and processes are unknown"
+        )
     elif devices is not None:
         torch_uuids = [d["uuid"] for d in torch_info.devices] if torch_info else None
         how, order_problems = assign_cuda_indices(devices, env, torch_uuids)
@@ -520,8 +541,10 @@ def query_devices(
         problems.extend(order_problems)
     devices = devices or []
     if not any(d.addressable for d in devices) and devices:
-        problems.append("no GPU is visible to CUDA programs started from here "
-                        f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r})")
+        problems.append(
+            "no GPU is visible to CUDA programs started from here "
+            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
     return GpuReport(system=system, devices=devices, sources=sources, problems=problems)
 
 
@@ -565,8 +588,10 @@ def _read_nvml(
             pass
     hidden = sum(1 for d in devices for p in d.processes if p.command is None)
     if hidden:
-        problems.append(f"{hidden} GPU process(es) are not visible from here (another PID "
-                        "namespace, e.g. a container, or no permission): user and command unknown")
+        problems.append(
+            f"{hidden} GPU process(es) are not visible from here (another PID "
+            "namespace, e.g. a container, or no permission): user and command unknown"
+        )
     return devices
 
 
@@ -575,12 +600,19 @@ def _devices_from_torch(torch_info: TorchInfo, env: Mapping[str, str]) -> list[G
     entries = [e.strip() for e in visible.split(",")] if visible else []
     devices = []
     for index, found in enumerate(torch_info.devices):
-        devices.append(GpuDevice(
-            kind="gpu", nvml_index=index, uuid=found.get("uuid") or "unknown",
-            name=found["name"], source="torch", cuda_index=index,
-            visible_devices_entry=entries[index] if index < len(entries) else str(index),
-            compute_capability=found.get("compute_capability"),
-            memory_total_bytes=found.get("memory_total_bytes")))
+        devices.append(
+            GpuDevice(
+                kind="gpu",
+                nvml_index=index,
+                uuid=found.get("uuid") or "unknown",
+                name=found["name"],
+                source="torch",
+                cuda_index=index,
+                visible_devices_entry=entries[index] if index < len(entries) else str(index),
+                compute_capability=found.get("compute_capability"),
+                memory_total_bytes=found.get("memory_total_bytes"),
+            )
+        )
     return devices
 
 
@@ -596,11 +628,12 @@ def filter_devices(
         if not device.addressable:
             continue
         if min_free_memory_bytes is not None and (
-                device.memory_free_bytes is None or device.memory_free_bytes < min_free_memory_bytes):
+            device.memory_free_bytes is None or device.memory_free_bytes < min_free_memory_bytes
+        ):
             continue
         if max_utilization_percent is not None and (
-                device.utilization_gpu_percent is None
-                or device.utilization_gpu_percent > max_utilization_percent):
+            device.utilization_gpu_percent is None or device.utilization_gpu_percent > max_utilization_percent
+        ):
             continue
         kept.append(device)
     return kept
@@ -647,12 +680,14 @@ def select_devices(
     """
     if count < 1:
         raise BadInputError(f"cannot select {count} devices; ask for 1 or more")
-    eligible = filter_devices(report.devices, min_free_memory_bytes=min_free_memory_bytes,
-                              max_utilization_percent=max_utilization_percent)
+    eligible = filter_devices(
+        report.devices, min_free_memory_bytes=min_free_memory_bytes, max_utilization_percent=max_utilization_percent
+    )
     ranked = rank_devices(eligible, order)
     if len(ranked) < count:
-        raise RequirementNotMetError(_shortfall(count, len(ranked), report,
-                                                min_free_memory_bytes, max_utilization_percent))
+        raise RequirementNotMetError(
+            _shortfall(count, len(ranked), report, min_free_memory_bytes, max_utilization_percent)
+        )
     return ranked[:count]
 
 
@@ -668,16 +703,17 @@ def require_devices(
     Raises:
         RequirementNotMetError: fewer than ``count`` devices meet the limits.
     """
-    eligible = filter_devices(report.devices, min_free_memory_bytes=min_free_memory_bytes,
-                              max_utilization_percent=max_utilization_percent)
+    eligible = filter_devices(
+        report.devices, min_free_memory_bytes=min_free_memory_bytes, max_utilization_percent=max_utilization_percent
+    )
     if len(eligible) < count:
-        raise RequirementNotMetError(_shortfall(count, len(eligible), report,
-                                                min_free_memory_bytes, max_utilization_percent))
+        raise RequirementNotMetError(
+            _shortfall(count, len(eligible), report, min_free_memory_bytes, max_utilization_percent)
+        )
     return rank_devices(eligible, "index")
 
 
-def _shortfall(wanted: int, found: int, report: GpuReport,
-               min_free: int | None, max_util: float | None) -> str:
+def _shortfall(wanted: int, found: int, report: GpuReport, min_free: int | None, max_util: float | None) -> str:
     from ptools.core.units import format_bytes
 
     limits = []

@@ -39,8 +39,10 @@ class Limit:
 
     def exceeded(self, subject: str) -> BadInputError:
         """The error for ``subject`` going past this limit, saying how to raise it."""
-        return BadInputError(f"{subject}: more than the limit of {self.value:,} {self.what}",
-                             f"if the file is genuine, raise it with {self.env}=…")
+        return BadInputError(
+            f"{subject}: more than the limit of {self.value:,} {self.what}",
+            f"if the file is genuine, raise it with {self.env}=…",
+        )
 
 
 # A checkpoint's pickle describes tensors; its data are separate records. Real ones are a few MB.
@@ -68,7 +70,7 @@ for _attribute in ("maxtuple", "maxlist", "maxdict", "maxset", "maxfrozenset", "
 
 def brief_text(text: str, limit: int = 200) -> str:
     """File-controlled text (an error message quoting the file) for a message, bounded."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def brief(value: object) -> str:

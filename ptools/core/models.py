@@ -60,8 +60,9 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models())
 
 
-def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool = False,
-               device: str | None = None) -> Any:
+def load_model(
+    spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool = False, device: str | None = None
+) -> Any:
     """Build or load the model a spec names (see the module docstring).
 
     ``device`` builds torchvision/timm models under that default device: ``meta`` gives every
@@ -78,8 +79,13 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
     if os.path.lexists(spec) or spec.endswith(_MODEL_FILE_EXTENSIONS):
         from ptools.core.files import require_regular_file
 
-        require_regular_file(spec, "model file", "count-params and inspect-state-dict read checkpoint folders; "
-                             "summary and freeze need a model spec" if os.path.isdir(spec) else None)
+        require_regular_file(
+            spec,
+            "model file",
+            "count-params and inspect-state-dict read checkpoint folders; summary and freeze need a model spec"
+            if os.path.isdir(spec)
+            else None,
+        )
     import torch
 
     prefix, _, rest = spec.partition(":")
@@ -90,9 +96,9 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
             close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
             hint = f"did you mean: {', '.join(close)}?" if close else "see torchvision.models.list_models()"
             raise BadInputError(f"unknown model {name!r}", hint)
-        import torchvision
-
         import inspect
+
+        import torchvision
 
         # Detection and segmentation builders would download an ImageNet backbone by default.
         if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
@@ -109,8 +115,10 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, *, trust: bool =
         return _build_on(device, spec, lambda **kw: timm.create_model(rest, pretrained=False, **kw), kwargs)
     target, _, attribute = spec.rpartition(":")
     if not target or not attribute:
-        raise BadInputError(f"cannot read model spec {spec!r}",
-                            "use a torchvision name, timm:NAME, package.module:factory or file.py:Class")
+        raise BadInputError(
+            f"cannot read model spec {spec!r}",
+            "use a torchvision name, timm:NAME, package.module:factory or file.py:Class",
+        )
     if target.endswith(".py"):
         module = _import_user_file(target)
     else:
@@ -186,10 +194,11 @@ def user_code_folders(model: Any) -> list[str]:
     for module in model.modules():
         module_name = type(module).__module__
         if module_name.startswith("_ptools_user_"):
-            raise BadInputError(f"{type(module).__name__} comes from a file whose module name is taken by another "
-                                "module, so a pickled model could not be loaded back",
-                                "rename the file, or save the weights instead (`trainable_out` names, or a "
-                                "state dict)")
+            raise BadInputError(
+                f"{type(module).__name__} comes from a file whose module name is taken by another "
+                "module, so a pickled model could not be loaded back",
+                "rename the file, or save the weights instead (`trainable_out` names, or a state dict)",
+            )
         folder = _USER_FILE_FOLDERS.get(module_name)
         if folder is not None and folder not in folders:
             folders.append(folder)
@@ -230,8 +239,10 @@ def _load_model_file(path: str, trust: bool) -> Any:
         except Exception as failure:  # torch's own (restricted) unpickler refused a tampered archive
             message = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
             raise BadInputError(f"{path}: not a loadable TorchScript archive ({message[:200]})") from None
-    raise BadInputError(f"{path} is a checkpoint ({checkpoint.format}), not a model",
-                        "name the model (e.g. resnet50) and pass the file as `weights`")
+    raise BadInputError(
+        f"{path} is a checkpoint ({checkpoint.format}), not a model",
+        "name the model (e.g. resnet50) and pass the file as `weights`",
+    )
 
 
 def _exported_module(program: Any) -> Any:
@@ -304,8 +315,10 @@ def default_input_size(spec: str, model: Any) -> tuple[tuple[int, ...], str] | N
 
 def whole_model_refused(path: str, failure: UnsafeFileError) -> UnsafeFileError:
     """The error for a pickled object (a whole model?) opened without trust."""
-    return UnsafeFileError(f"{path} holds pickled objects (a whole model?): {failure.message}",
-                           "pass `trust=True` to load it with torch.load(weights_only=False); it runs code from the file")
+    return UnsafeFileError(
+        f"{path} holds pickled objects (a whole model?): {failure.message}",
+        "pass `trust=True` to load it with torch.load(weights_only=False); it runs code from the file",
+    )
 
 
 def is_library_model(spec: str) -> bool:
@@ -370,23 +383,30 @@ def load_weights(model: Any, path: str, *, strict: bool = False, trust: bool = F
     expected = model.state_dict()
     loaded, unexpected, mismatched = {}, [], []
     for row in listing.rows:
-        name = row.name[len(prefix):]
+        name = row.name[len(prefix) :]
         if name not in expected:
             unexpected.append(name)
             continue
         if tuple(expected[name].shape) != row.tensor.shape:
-            mismatched.append({"name": name, "checkpoint": list(row.tensor.shape),
-                               "model": list(expected[name].shape)})
+            mismatched.append({"name": name, "checkpoint": list(row.tensor.shape), "model": list(expected[name].shape)})
             continue
         values = torch.from_numpy(read_tensor(checkpoint, row.tensor).copy())
         loaded[name] = values.to(expected[name].dtype)
-    missing = [name for name in expected if name not in loaded and
-               name not in {m["name"] for m in mismatched}]
-    report = WeightsReport(file=path, state_dict_key=listing.state_dict_key, stripped_prefix=prefix,
-                           loaded=len(loaded), missing=missing, unexpected=unexpected, shape_mismatched=mismatched)
+    missing = [name for name in expected if name not in loaded and name not in {m["name"] for m in mismatched}]
+    report = WeightsReport(
+        file=path,
+        state_dict_key=listing.state_dict_key,
+        stripped_prefix=prefix,
+        loaded=len(loaded),
+        missing=missing,
+        unexpected=unexpected,
+        shape_mismatched=mismatched,
+    )
     if strict and not report.clean:
-        raise BadInputError(f"`strict=True`: {len(missing)} missing, {len(unexpected)} unexpected, "
-                            f"{len(mismatched)} shape-mismatched key(s) in {path}")
+        raise BadInputError(
+            f"`strict=True`: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} shape-mismatched key(s) in {path}"
+        )
     model.load_state_dict(loaded, strict=False)
     return report
 
@@ -428,16 +448,28 @@ def count_model(model: Any, depth: int = 1) -> ParameterCount:
         if not name or level > depth:
             continue
         own = list(module.parameters())
-        modules.append({"name": name, "type": module_type(model, name, module), "depth": level,
-                        "parameters": sum(p.numel() for p in own),
-                        "trainable": sum(p.numel() for p in own if p.requires_grad),
-                        "buffers": sum(b.numel() for b in module.buffers())})
+        modules.append(
+            {
+                "name": name,
+                "type": module_type(model, name, module),
+                "depth": level,
+                "parameters": sum(p.numel() for p in own),
+                "trainable": sum(p.numel() for p in own if p.requires_grad),
+                "buffers": sum(b.numel() for b in module.buffers()),
+            }
+        )
     total = sum(p.numel() for p in parameters)
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     return ParameterCount(
-        total=total, trainable=trainable, frozen=total - trainable, buffers=sum(b.numel() for b in buffers),
+        total=total,
+        trainable=trainable,
+        frozen=total - trainable,
+        buffers=sum(b.numel() for b in buffers),
         parameter_bytes=sum(p.numel() * p.element_size() for p in parameters),
-        buffer_bytes=sum(b.numel() * b.element_size() for b in buffers), by_dtype=by_dtype, modules=modules)
+        buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
+        by_dtype=by_dtype,
+        modules=modules,
+    )
 
 
 def count_checkpoint(path: str, key: str | None = "auto", depth: int = 1, trust: bool = False) -> ParameterCount:
@@ -453,13 +485,17 @@ def count_checkpoint(path: str, key: str | None = "auto", depth: int = 1, trust:
     # Pickled nn.Parameters (a whole module, read with trust) record requires_grad; the
     # detached tensors of a state dict do not.
     knows_grad = any(row.kind != "buffer" for row in listing.rows) and all(
-        row.tensor.is_parameter for row in listing.rows if row.kind != "buffer")
+        row.tensor.is_parameter for row in listing.rows if row.kind != "buffer"
+    )
     by_dtype: dict[str, int] = {}
     prefixes: dict[str, dict[str, Any]] = {}
     for row in listing.rows:
         tensor = row.tensor
-        identity = (tensor.storage.file, tensor.storage.key, tensor.storage_offset, tensor.shape) \
-            if tensor.storage is not None else id(tensor)
+        identity = (
+            (tensor.storage.file, tensor.storage.key, tensor.storage_offset, tensor.shape)
+            if tensor.storage is not None
+            else id(tensor)
+        )
         if identity in seen:
             continue
         seen.add(identity)
@@ -467,8 +503,17 @@ def count_checkpoint(path: str, key: str | None = "auto", depth: int = 1, trust:
         grad = row.kind != "buffer" and tensor.requires_grad
         for level in range(1, min(depth, len(parts) - 1) + 1):
             prefix = ".".join(parts[:level])
-            entry = prefixes.setdefault(prefix, {"name": prefix, "type": None, "depth": level, "parameters": 0,
-                                                 "trainable": 0 if knows_grad else None, "buffers": 0})
+            entry = prefixes.setdefault(
+                prefix,
+                {
+                    "name": prefix,
+                    "type": None,
+                    "depth": level,
+                    "parameters": 0,
+                    "trainable": 0 if knows_grad else None,
+                    "buffers": 0,
+                },
+            )
             entry["buffers" if row.kind == "buffer" else "parameters"] += tensor.numel
             if knows_grad and grad:
                 entry["trainable"] += tensor.numel
@@ -480,11 +525,18 @@ def count_checkpoint(path: str, key: str | None = "auto", depth: int = 1, trust:
             trainable += tensor.numel if grad else 0
             parameter_bytes += tensor.nbytes
             by_dtype[tensor.dtype] = by_dtype.get(tensor.dtype, 0) + tensor.numel
-    return ParameterCount(total=total, trainable=trainable if knows_grad else None,
-                          frozen=total - trainable if knows_grad else None, buffers=buffers,
-                          parameter_bytes=parameter_bytes,
-                          buffer_bytes=buffer_bytes, by_dtype=by_dtype, modules=list(prefixes.values()),
-                          inferred_from_names=listing.kinds_inferred, source="checkpoint")
+    return ParameterCount(
+        total=total,
+        trainable=trainable if knows_grad else None,
+        frozen=total - trainable if knows_grad else None,
+        buffers=buffers,
+        parameter_bytes=parameter_bytes,
+        buffer_bytes=buffer_bytes,
+        by_dtype=by_dtype,
+        modules=list(prefixes.values()),
+        inferred_from_names=listing.kinds_inferred,
+        source="checkpoint",
+    )
 
 
 def human(count: int) -> str:
@@ -511,8 +563,8 @@ def _matches(name: str, pattern: str) -> bool:
     ancestors, matches the glob; a ``module.`` wrapper prefix is ignored on either side."""
     names = {name}
     if name.startswith("module."):
-        names.add(name[len("module."):])
-    patterns = {pattern, pattern[len("module."):]} if pattern.startswith("module.") else {pattern}
+        names.add(name[len("module.") :])
+    patterns = {pattern, pattern[len("module.") :]} if pattern.startswith("module.") else {pattern}
     for candidate in names:
         parts = candidate.split(".")
         for cut in range(1, len(parts) + 1):
@@ -539,8 +591,9 @@ class FreezeReport:
         return asdict(self)
 
 
-def freeze(model: Any, layers: Sequence[str], except_: Sequence[str] = (), bn: str = "frozen",
-           dry_run: bool = False) -> FreezeReport:
+def freeze(
+    model: Any, layers: Sequence[str], except_: Sequence[str] = (), bn: str = "frozen", dry_run: bool = False
+) -> FreezeReport:
     """Freeze the modules whose dotted names match ``layers`` (globs), except ``except_``.
 
     Args:
@@ -562,29 +615,45 @@ def freeze(model: Any, layers: Sequence[str], except_: Sequence[str] = (), bn: s
         if not any(_matches(name, pattern) for name, _ in named):
             sample = ", ".join(name for name, _ in named if "." not in name)[:200]
             raise BadInputError(f"pattern {pattern!r} matches no module", f"top-level modules: {sample}")
-    selected = [(name, module) for name, module in named
-                if any(_matches(name, p) for p in layers) and not any(_matches(name, p) for p in except_)]
+    selected = [
+        (name, module)
+        for name, module in named
+        if any(_matches(name, p) for p in layers) and not any(_matches(name, p) for p in except_)
+    ]
     # Report each matched subtree once, at its top.
-    tops = [(name, module) for name, module in selected
-            if not any(name.startswith(other + ".") for other, _ in selected if other != name)]
-    excluded = {id(p) for name, module in named if any(_matches(name, p) for p in except_)
-                for p in module.parameters()}
-    to_freeze = {id(p): p for _, module in selected for p in module.parameters(recurse=False)
-                 if id(p) not in excluded}
+    tops = [
+        (name, module)
+        for name, module in selected
+        if not any(name.startswith(other + ".") for other, _ in selected if other != name)
+    ]
+    excluded = {id(p) for name, module in named if any(_matches(name, p) for p in except_) for p in module.parameters()}
+    to_freeze = {id(p): p for _, module in selected for p in module.parameters(recurse=False) if id(p) not in excluded}
 
     def trainable(parameters: Iterable[Any], after: bool) -> int:
         return sum(p.numel() for p in parameters if p.requires_grad and not (after and id(p) in to_freeze))
 
     everything = list(model.parameters())
-    rows = [{"name": name, "type": type(module).__name__,
-             "parameters": sum(p.numel() for p in module.parameters()),
-             "trainable_before": trainable(module.parameters(), after=False),
-             "trainable_after": trainable(module.parameters(), after=True)} for name, module in tops]
-    report = FreezeReport(frozen_modules=rows, trainable_before=trainable(everything, after=False),
-                          trainable_after=trainable(everything, after=True),
-                          total=sum(p.numel() for p in everything), batchnorm=bn, dry_run=dry_run)
-    batchnorms = [(name, module) for name, module in selected
-                  if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    rows = [
+        {
+            "name": name,
+            "type": type(module).__name__,
+            "parameters": sum(p.numel() for p in module.parameters()),
+            "trainable_before": trainable(module.parameters(), after=False),
+            "trainable_after": trainable(module.parameters(), after=True),
+        }
+        for name, module in tops
+    ]
+    report = FreezeReport(
+        frozen_modules=rows,
+        trainable_before=trainable(everything, after=False),
+        trainable_after=trainable(everything, after=True),
+        total=sum(p.numel() for p in everything),
+        batchnorm=bn,
+        dry_run=dry_run,
+    )
+    batchnorms = [
+        (name, module) for name, module in selected if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     if bn == "frozen":
         report.batchnorm_replaced = [name for name, _ in batchnorms]
     elif bn == "eval":

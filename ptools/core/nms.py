@@ -126,8 +126,9 @@ def _segments(groups_of_rem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return heads, np.cumsum(heads) - 1
 
 
-def _greedy(boxes: _Boxes, scores: np.ndarray, groups: np.ndarray, method: str, threshold: float,
-            and_threshold: float) -> tuple[np.ndarray, np.ndarray | None]:
+def _greedy(
+    boxes: _Boxes, scores: np.ndarray, groups: np.ndarray, method: str, threshold: float, and_threshold: float
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Hard, and, merge or DIoU NMS. Returns kept indices and, for merge, merged xyxy boxes."""
     order = np.lexsort((np.arange(scores.size), -scores, groups))  # group, score desc, input order
     remaining = order
@@ -165,8 +166,15 @@ def _greedy(boxes: _Boxes, scores: np.ndarray, groups: np.ndarray, method: str, 
     return keep, merged_boxes
 
 
-def _soft(boxes: _Boxes, scores: np.ndarray, groups: np.ndarray, function: str, threshold: float,
-          sigma: float, score_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def _soft(
+    boxes: _Boxes,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    function: str,
+    threshold: float,
+    sigma: float,
+    score_threshold: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Soft-NMS: re-pick the best *current* score after every decay; drop scores <= threshold."""
     current = scores.astype(np.float64, copy=True)
     remaining = np.lexsort((np.arange(scores.size), groups))  # group, then input order for ties
@@ -223,8 +231,7 @@ def nms_groups(
     method = canonical_method(method)
     check_parameters(iou_threshold)
     if soft_fn not in SOFT_FUNCTIONS:
-        raise BadInputError(f"unknown soft function `soft_fn` {soft_fn!r}; choose one of: "
-                            f"{', '.join(SOFT_FUNCTIONS)}")
+        raise BadInputError(f"unknown soft function `soft_fn` {soft_fn!r}; choose one of: {', '.join(SOFT_FUNCTIONS)}")
     if method == "soft" and not sigma > 0:
         raise BadInputError(f"`sigma` must be > 0, not {sigma}")
     scores = np.asarray(scores, dtype=np.float64)
@@ -242,9 +249,11 @@ def nms_groups(
         sub_xyxy, sub_scores, sub_groups = xyxy, scores, groups
     if candidates.size == 0:
         return NmsResult(np.empty(0, dtype=np.int64), np.empty(0), np.empty((0, 4)))
+
     def run(part: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        part_xyxy, part_scores, part_groups = (sub_xyxy, sub_scores, sub_groups) if part is None else \
-            (sub_xyxy[part], sub_scores[part], sub_groups[part])
+        part_xyxy, part_scores, part_groups = (
+            (sub_xyxy, sub_scores, sub_groups) if part is None else (sub_xyxy[part], sub_scores[part], sub_groups[part])
+        )
         boxes = _Boxes(part_xyxy)
         if method == "soft":
             local, final_scores = _soft(boxes, part_scores, part_groups, soft_fn, iou_threshold, sigma, threshold)
@@ -283,8 +292,10 @@ def _split_groups(groups: np.ndarray) -> list[np.ndarray]:
         return [np.arange(groups.size)]
     order = np.argsort(groups, kind="stable")
     sorted_groups = groups[order]
-    cuts = [int(np.searchsorted(sorted_groups, sorted_groups[groups.size * i // workers], side="left"))
-            for i in range(1, workers)]
+    cuts = [
+        int(np.searchsorted(sorted_groups, sorted_groups[groups.size * i // workers], side="left"))
+        for i in range(1, workers)
+    ]
     bounds = sorted({0, *cuts, groups.size})
     return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
@@ -345,8 +356,7 @@ def nms(
 
         device = boxes.device
         if device.type == "cuda" and canonical_method(method) == "hard" and box_format == "xyxy":
-            return _torchvision_hard(boxes, scores, labels, images, iou_threshold, score_threshold, max_det,
-                                     agnostic)
+            return _torchvision_hard(boxes, scores, labels, images, iou_threshold, score_threshold, max_det, agnostic)
         to_numpy = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
         boxes, scores, labels, images = map(to_numpy, (boxes, scores, labels, images))
     boxes = to_xyxy(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), box_format)
@@ -357,8 +367,17 @@ def nms(
     image_codes = _codes(images, count)
     label_codes = np.zeros(count, dtype=np.int64) if labels is None or agnostic else _codes(labels, count)
     groups = image_codes * (int(label_codes.max(initial=0)) + 1) + label_codes
-    result = nms_groups(boxes, scores, groups, method=method, iou_threshold=iou_threshold, soft_fn=soft_fn,
-                        sigma=sigma, score_threshold=score_threshold, and_threshold=and_threshold)
+    result = nms_groups(
+        boxes,
+        scores,
+        groups,
+        method=method,
+        iou_threshold=iou_threshold,
+        soft_fn=soft_fn,
+        sigma=sigma,
+        score_threshold=score_threshold,
+        and_threshold=and_threshold,
+    )
     positions = limit_per_image(image_codes, result.keep, result.scores, max_det)
     keep, final = result.keep[positions], result.scores[positions]
     if is_torch:
@@ -375,8 +394,16 @@ def _codes(values: Any, count: int) -> np.ndarray:
     return np.unique(values, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
-def _torchvision_hard(boxes: Any, scores: Any, labels: Any, images: Any, iou_threshold: float,
-                      score_threshold: float | None, max_det: int | None, agnostic: bool) -> tuple[Any, Any]:
+def _torchvision_hard(
+    boxes: Any,
+    scores: Any,
+    labels: Any,
+    images: Any,
+    iou_threshold: float,
+    score_threshold: float | None,
+    max_det: int | None,
+    agnostic: bool,
+) -> tuple[Any, Any]:
     """Hard NMS with torchvision's kernel on the tensors' device, same semantics."""
     import torch
     from torchvision.ops import batched_nms
@@ -384,17 +411,23 @@ def _torchvision_hard(boxes: Any, scores: Any, labels: Any, images: Any, iou_thr
     if not torch.cuda.is_available():
         raise RequirementNotMetError("CUDA is not available to torch")
     count = scores.numel()
-    image_codes = torch.zeros(count, dtype=torch.int64, device=boxes.device) if images is None else \
-        torch.unique(images, return_inverse=True)[1]
-    label_codes = torch.zeros_like(image_codes) if labels is None or agnostic else \
-        torch.unique(labels, return_inverse=True)[1]
+    image_codes = (
+        torch.zeros(count, dtype=torch.int64, device=boxes.device)
+        if images is None
+        else torch.unique(images, return_inverse=True)[1]
+    )
+    label_codes = (
+        torch.zeros_like(image_codes) if labels is None or agnostic else torch.unique(labels, return_inverse=True)[1]
+    )
     groups = image_codes * (int(label_codes.max()) + 1 if count else 1) + label_codes
     candidates = torch.arange(count, device=boxes.device)
     if score_threshold is not None:
         candidates = candidates[scores > score_threshold]
-    keep = candidates[batched_nms(boxes[candidates].double(), scores[candidates].double(),
-                                  groups[candidates], iou_threshold)]
-    positions = limit_per_image(image_codes.cpu().numpy(), keep.cpu().numpy(), scores[keep].double().cpu().numpy(),
-                                max_det)
+    keep = candidates[
+        batched_nms(boxes[candidates].double(), scores[candidates].double(), groups[candidates], iou_threshold)
+    ]
+    positions = limit_per_image(
+        image_codes.cpu().numpy(), keep.cpu().numpy(), scores[keep].double().cpu().numpy(), max_det
+    )
     keep = keep[torch.as_tensor(positions, device=boxes.device)]
     return keep, scores[keep]

@@ -62,8 +62,9 @@ def _build(value: Any, device: Any, dtype: Any) -> Any:
     return value
 
 
-def make_inputs(input_sizes: list[tuple[int, ...]], batch_size: int, input_spec: str | None, device: Any,
-                dtype: Any) -> tuple[list[Any], dict[str, Any]]:
+def make_inputs(
+    input_sizes: list[tuple[int, ...]], batch_size: int, input_spec: str | None, device: Any, dtype: Any
+) -> tuple[list[Any], dict[str, Any]]:
     """Positional and keyword inputs from ``--input-size`` (batch dimension added) or from an
     ``--input-spec``: JSON (or ``@file.json``) ``{"args": [...], "kwargs": {...}}`` where any
     object with a ``shape`` is a tensor: ``{"shape": [1, 128], "dtype": "int64", "fill": "randint",
@@ -163,11 +164,14 @@ class ModelSummary:
     rows: list[LayerRow]
     totals: dict[str, Any]
     notes: list[str] = field(default_factory=list)
-    units: dict[str, str] = field(default_factory=lambda: {
-        "macs": "multiply-accumulates of matmul, linear, convolution and attention ops",
-        "flops": "2 x MACs (torch.utils.flop_counter); elementwise ops are not counted",
-        "bytes": "bytes; human output in KiB/MiB/GiB (2^10/2^20/2^30 bytes)",
-        "activation_bytes": "estimate: sum of the outputs of leaf modules"})
+    units: dict[str, str] = field(
+        default_factory=lambda: {
+            "macs": "multiply-accumulates of matmul, linear, convolution and attention ops",
+            "flops": "2 x MACs (torch.utils.flop_counter); elementwise ops are not counted",
+            "bytes": "bytes; human output in KiB/MiB/GiB (2^10/2^20/2^30 bytes)",
+            "activation_bytes": "estimate: sum of the outputs of leaf modules",
+        }
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,16 +183,18 @@ def _extra_flop_formulas() -> dict[Any, Any]:
     import torch
     from torch.utils.flop_counter import sdpa_flop_count
 
-    def cpu_flash_attention(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
-                            out_shape: Any = None, **kwargs: Any) -> int:
+    def cpu_flash_attention(
+        query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+    ) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
     kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     return {kernel: cpu_flash_attention} if kernel is not None else {}
 
 
-def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None, *, mode: str = "eval",
-              name: str | None = None) -> ModelSummary:
+def summarize(
+    model: Any, args: list[Any], kwargs: dict[str, Any] | None = None, *, mode: str = "eval", name: str | None = None
+) -> ModelSummary:
     """Run one forward pass of ``model(*args, **kwargs)`` and measure every module.
 
     Args:
@@ -207,9 +213,15 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
         raise BadInputError(f"unknown mode {mode!r}; choose one of: eval, train")
     kwargs = kwargs or {}
     modes = {module: module.training for module in model.modules()}
-    saved_buffers = {key: value.detach().clone() for key, value in model.state_dict(keep_vars=True).items()
-                     if not isinstance(value, torch.nn.Parameter) and value.device.type != "meta"} \
-        if mode == "train" else {}
+    saved_buffers = (
+        {
+            key: value.detach().clone()
+            for key, value in model.state_dict(keep_vars=True).items()
+            if not isinstance(value, torch.nn.Parameter) and value.device.type != "meta"
+        }
+        if mode == "train"
+        else {}
+    )
     outputs: dict[str, list[Any]] = {}
     calls: dict[str, int] = {}
     leaf_bytes = [0]
@@ -242,8 +254,10 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
         with counter, torch.no_grad():
             result = model(*args, **kwargs)
     except Exception as failure:
-        raise BadInputError(f"the forward pass failed: {type(failure).__name__}: {str(failure)[:300]}",
-                            "check `input_size` / `input_spec` against what the model expects") from failure
+        raise BadInputError(
+            f"the forward pass failed: {type(failure).__name__}: {str(failure)[:300]}",
+            "check `input_size` / `input_spec` against what the model expects",
+        ) from failure
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
@@ -263,13 +277,20 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
         flops = int(sum(counts.get(key, {}).values()))
         own = list(module.parameters())
         shapes = outputs.get(module_name, [])
-        rows.append(LayerRow(name=module_name, type=module_type(model, module_name, module),
-                             depth=module_name.count(".") + 1 if module_name else 0,
-                             output=shapes[0] if shapes else None, parameters=sum(p.numel() for p in own),
-                             trainable=sum(p.numel() for p in own if p.requires_grad),
-                             macs=None if scripted and module_name else flops // 2,
-                             flops=None if scripted and module_name else flops,
-                             calls=calls.get(module_name, 0), outputs=shapes))
+        rows.append(
+            LayerRow(
+                name=module_name,
+                type=module_type(model, module_name, module),
+                depth=module_name.count(".") + 1 if module_name else 0,
+                output=shapes[0] if shapes else None,
+                parameters=sum(p.numel() for p in own),
+                trainable=sum(p.numel() for p in own if p.requires_grad),
+                macs=None if scripted and module_name else flops // 2,
+                flops=None if scripted and module_name else flops,
+                calls=calls.get(module_name, 0),
+                outputs=shapes,
+            )
+        )
     parameters = list(model.parameters())
     buffers = list(model.buffers())
     total_flops = int(counter.get_total_flops())
@@ -288,13 +309,22 @@ def summarize(model: Any, args: list[Any], kwargs: dict[str, Any] | None = None,
     }
     notes = []
     if scripted:
-        notes.append("TorchScript: scripted modules take no forward hooks, so per-module output shapes, calls "
-                     "and MACs cannot be observed; the totals and the output are measured over the whole forward")
+        notes.append(
+            "TorchScript: scripted modules take no forward hooks, so per-module output shapes, calls "
+            "and MACs cannot be observed; the totals and the output are measured over the whole forward"
+        )
         totals["activation_bytes"] = None
-    return ModelSummary(model=name or root, mode=mode, device=str(first.device) if first is not None else "cpu",
-                        dtype=str(first.dtype).removeprefix("torch.") if first is not None else "float32",
-                        inputs=describe([args, kwargs]), output=describe(result), rows=rows, totals=totals,
-                        notes=notes)
+    return ModelSummary(
+        model=name or root,
+        mode=mode,
+        device=str(first.device) if first is not None else "cpu",
+        dtype=str(first.dtype).removeprefix("torch.") if first is not None else "float32",
+        inputs=describe([args, kwargs]),
+        output=describe(result),
+        rows=rows,
+        totals=totals,
+        notes=notes,
+    )
 
 
 def torchsummary_text(model: Any, input_sizes: list[tuple[int, ...]], batch_size: int, device: str) -> str:
@@ -317,11 +347,14 @@ def torchsummary_text(model: Any, input_sizes: list[tuple[int, ...]], batch_size
     model.eval()
     try:
         with torch.no_grad(), contextlib.redirect_stdout(text):
-            summary(model, input_sizes if len(input_sizes) > 1 else input_sizes[0], batch_size=batch_size,
-                    device=device)
+            summary(
+                model, input_sizes if len(input_sizes) > 1 else input_sizes[0], batch_size=batch_size, device=device
+            )
     except Exception as failure:
-        raise BadInputError(f"torchsummary cannot summarize this model ({type(failure).__name__}: "
-                            f"{str(failure)[:200]})", "use the default format") from None
+        raise BadInputError(
+            f"torchsummary cannot summarize this model ({type(failure).__name__}: {str(failure)[:200]})",
+            "use the default format",
+        ) from None
     finally:
         for module, training in modes.items():
             module.training = training

@@ -52,8 +52,9 @@ def format_bytes(size: int | None, binary: bool = True) -> str:
     """Format a byte count for people: ``format_bytes(3 * 2**30) == "3.0 GiB"``."""
     if size is None:
         return "-"
-    base, names = (1024, ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]) if binary else (
-        1000, ["B", "kB", "MB", "GB", "TB", "PB"])
+    base, names = (
+        (1024, ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]) if binary else (1000, ["B", "kB", "MB", "GB", "TB", "PB"])
+    )
     value = float(size)
     for name in names:
         if abs(value) < base or name == names[-1]:

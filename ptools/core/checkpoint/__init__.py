@@ -1,12 +1,12 @@
 """The one way ptools opens a checkpoint: by content, metadata first, never running code.
 
-    from ptools.core.checkpoint import open_checkpoint, list_checkpoint, read_tensor
+from ptools.core.checkpoint import open_checkpoint, list_checkpoint, read_tensor
 
-    checkpoint = open_checkpoint("run/last.ckpt")          # metadata only, no torch import
-    listing = list_checkpoint(checkpoint, key="auto")       # finds the model weights
-    for row in listing.rows:
-        print(row.name, row.tensor.dtype, row.tensor.shape)
-    values = read_tensor(checkpoint, listing.rows[0].tensor)  # numpy, one tensor at a time
+checkpoint = open_checkpoint("run/last.ckpt")          # metadata only, no torch import
+listing = list_checkpoint(checkpoint, key="auto")       # finds the model weights
+for row in listing.rows:
+    print(row.name, row.tensor.dtype, row.tensor.shape)
+values = read_tensor(checkpoint, listing.rows[0].tensor)  # numpy, one tensor at a time
 """
 
 from ptools.core.checkpoint.diff import StateDictDiff, detect_prefix, diff_state_dicts
@@ -24,9 +24,29 @@ from ptools.core.checkpoint.tensors import StorageRef, TensorInfo, is_buffer_nam
 from ptools.core.checkpoint.values import TensorStats, decode, max_abs_difference, read_tensor, tensor_stats
 
 __all__ = [
-    "FORMATS", "Checkpoint", "Listing", "StateDictDiff", "StorageRef", "TensorInfo", "TensorRow",
-    "TensorStats", "decode", "detect_prefix", "diff_state_dicts", "find_state_dict", "flatten",
-    "group_by_prefix", "is_buffer_name", "iter_stats", "iter_tensors", "list_checkpoint",
-    "max_abs_difference", "navigate", "open_checkpoint", "read_safetensors_header", "read_tensor",
-    "tensor_stats", "totals",
+    "FORMATS",
+    "Checkpoint",
+    "Listing",
+    "StateDictDiff",
+    "StorageRef",
+    "TensorInfo",
+    "TensorRow",
+    "TensorStats",
+    "decode",
+    "detect_prefix",
+    "diff_state_dicts",
+    "find_state_dict",
+    "flatten",
+    "group_by_prefix",
+    "is_buffer_name",
+    "iter_stats",
+    "iter_tensors",
+    "list_checkpoint",
+    "max_abs_difference",
+    "navigate",
+    "open_checkpoint",
+    "read_safetensors_header",
+    "read_tensor",
+    "tensor_stats",
+    "totals",
 ]

@@ -68,16 +68,24 @@ class StateDictDiff:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "a": self.a, "b": self.b, "prefix": self.prefix.to_dict() if self.prefix else None,
-            "compared": self.compared, "common": self.common, "only_in_a": self.only_in_a,
-            "only_in_b": self.only_in_b, "shape_mismatches": self.shape_mismatches,
-            "dtype_mismatches": self.dtype_mismatches, "values": self.values,
-            "values_differ": self.differing, "identical": self.identical,
+            "a": self.a,
+            "b": self.b,
+            "prefix": self.prefix.to_dict() if self.prefix else None,
+            "compared": self.compared,
+            "common": self.common,
+            "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b,
+            "shape_mismatches": self.shape_mismatches,
+            "dtype_mismatches": self.dtype_mismatches,
+            "values": self.values,
+            "values_differ": self.differing,
+            "identical": self.identical,
         }
 
 
-def detect_prefix(names_a: list[str], names_b: list[str], file_a: str = "A",
-                  file_b: str = "B") -> PrefixDifference | None:
+def detect_prefix(
+    names_a: list[str], names_b: list[str], file_a: str = "A", file_b: str = "B"
+) -> PrefixDifference | None:
     """The prefix whose removal from every key of one side best aligns it with the other."""
     set_a, set_b = set(names_a), set(names_b)
     best: tuple[int, str, str] | None = None
@@ -90,7 +98,7 @@ def detect_prefix(names_a: list[str], names_b: list[str], file_a: str = "A",
         for prefix in candidates:
             if not these or not all(name.startswith(prefix) for name in these):
                 continue
-            overlap = len({name[len(prefix):] for name in these} & others)
+            overlap = len({name[len(prefix) :] for name in these} & others)
             if overlap > baseline and (best is None or overlap > best[0]):
                 best = (overlap, side, prefix)
     if best is None:
@@ -99,8 +107,14 @@ def detect_prefix(names_a: list[str], names_b: list[str], file_a: str = "A",
     return PrefixDifference(side=side, prefix=prefix, file=file_a if side == "a" else file_b)
 
 
-def diff_state_dicts(listing_a: Listing, checkpoint_a: Checkpoint, listing_b: Listing,
-                     checkpoint_b: Checkpoint, *, compare: str = "bytes") -> StateDictDiff:
+def diff_state_dicts(
+    listing_a: Listing,
+    checkpoint_a: Checkpoint,
+    listing_b: Listing,
+    checkpoint_b: Checkpoint,
+    *,
+    compare: str = "bytes",
+) -> StateDictDiff:
     """Compare two listings, one pair of tensors at a time.
 
     Args:
@@ -114,12 +128,13 @@ def diff_state_dicts(listing_a: Listing, checkpoint_a: Checkpoint, listing_b: Li
     """
     if compare not in COMPARE_LEVELS:
         raise ValueError(f"compare must be one of {', '.join(COMPARE_LEVELS)}, not {compare!r}")
-    prefix = detect_prefix([r.name for r in listing_a.rows], [r.name for r in listing_b.rows],
-                           listing_a.file, listing_b.file)
+    prefix = detect_prefix(
+        [r.name for r in listing_a.rows], [r.name for r in listing_b.rows], listing_a.file, listing_b.file
+    )
 
     def aligned(rows: list[TensorRow], side: str) -> dict[str, TensorRow]:
         strip = prefix.prefix if prefix is not None and prefix.side == side else ""
-        return {row.name[len(strip):]: row for row in rows}
+        return {row.name[len(strip) :]: row for row in rows}
 
     rows_a, rows_b = aligned(listing_a.rows, "a"), aligned(listing_b.rows, "b")
     common = [name for name in rows_a if name in rows_b]
@@ -138,13 +153,32 @@ def diff_state_dicts(listing_a: Listing, checkpoint_a: Checkpoint, listing_b: Li
             continue
         values_a, values_b = read_tensor(checkpoint_a, ta), read_tensor(checkpoint_b, tb)
         absolute = max_abs_difference(values_a, values_b)
-        compared.append({"name": name, "equal": ta.dtype == tb.dtype and tensors_equal(checkpoint_a, ta, checkpoint_b, tb),
-                         "max_abs_diff": absolute,
-                         "max_rel_diff": max_relative_difference(values_a, values_b)})
-    describe = lambda listing: {"file": listing.file, "format": listing.format,  # noqa: E731
-                                "state_dict_key": listing.state_dict_key, "tensors": len(listing.rows)}
+        compared.append(
+            {
+                "name": name,
+                "equal": ta.dtype == tb.dtype and tensors_equal(checkpoint_a, ta, checkpoint_b, tb),
+                "max_abs_diff": absolute,
+                "max_rel_diff": max_relative_difference(values_a, values_b),
+            }
+        )
+
+    def describe(listing: Listing) -> dict[str, Any]:
+        return {
+            "file": listing.file,
+            "format": listing.format,
+            "state_dict_key": listing.state_dict_key,
+            "tensors": len(listing.rows),
+        }
+
     return StateDictDiff(
-        a=describe(listing_a), b=describe(listing_b), prefix=prefix, common=len(common),
-        only_in_a=[n for n in rows_a if n not in rows_b], only_in_b=[n for n in rows_b if n not in rows_a],
-        shape_mismatches=shapes, dtype_mismatches=dtypes, compared=compare,
-        values=None if compare == "keys" else compared)
+        a=describe(listing_a),
+        b=describe(listing_b),
+        prefix=prefix,
+        common=len(common),
+        only_in_a=[n for n in rows_a if n not in rows_b],
+        only_in_b=[n for n in rows_b if n not in rows_a],
+        shape_mismatches=shapes,
+        dtype_mismatches=dtypes,
+        compared=compare,
+        values=None if compare == "keys" else compared,
+    )

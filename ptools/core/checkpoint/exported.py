@@ -49,8 +49,10 @@ def check_exported_program(path: str) -> None:
         for name in names:
             inner = name.split("/", 1)[1] if "/" in name else name
             if inner.startswith(_CODE_DIRS):
-                raise UnsafeFileError(f"{path} holds compiled code or external weights ({brief(inner)}); "
-                                      "loading it runs that code", TRUST_HINT)
+                raise UnsafeFileError(
+                    f"{path} holds compiled code or external weights ({brief(inner)}); loading it runs that code",
+                    TRUST_HINT,
+                )
             if not inner.startswith(_DATA_DIRS) or name.endswith("_config.json") or name.endswith("/"):
                 continue
             if name in raw_members:
@@ -86,6 +88,7 @@ def check_pickled_blob(blob: bytes, what: str) -> None:
         UnsafeFileError: they need globals outside the allowlist.
         BadInputError: they are neither, or corrupt.
     """
+
     def any_storage(key: str, location: str, size: int) -> StorageRef:
         return StorageRef(file=what, key=key, size_bytes=size, location=location)
 
@@ -129,8 +132,11 @@ def _weights_only_unpickling() -> Iterator[None]:
         loads = staticmethod(refuse)
         load = staticmethod(refuse)
 
-    saved = (torch.load, getattr(torch._C, "_pickle_load_obj", None),
-             getattr(_package, "pickle", None) if _package is not None else None)
+    saved = (
+        torch.load,
+        getattr(torch._C, "_pickle_load_obj", None),
+        getattr(_package, "pickle", None) if _package is not None else None,
+    )
     torch.load = safe_load
     if saved[1] is not None:
         torch._C._pickle_load_obj = refuse
@@ -164,5 +170,6 @@ def load_exported_program(path: str, trust: bool = False) -> Any:
     except (UnsafeFileError, BadInputError):
         raise
     except Exception as failure:
-        raise BadInputError(f"{path}: not a loadable ExportedProgram "
-                            f"({type(failure).__name__}: {brief_text(str(failure))})") from None
+        raise BadInputError(
+            f"{path}: not a loadable ExportedProgram ({type(failure).__name__}: {brief_text(str(failure))})"
+        ) from None

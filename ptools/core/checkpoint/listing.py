@@ -27,11 +27,18 @@ class TensorRow:
     def to_dict(self) -> dict[str, Any]:
         t = self.tensor
         return {
-            "name": self.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel,
-            "bytes": t.nbytes, "device": t.device, "stride": list(t.stride),
-            "storage_offset": t.storage_offset, "contiguous": t.is_contiguous,
+            "name": self.name,
+            "shape": list(t.shape),
+            "dtype": t.dtype,
+            "numel": t.numel,
+            "bytes": t.nbytes,
+            "device": t.device,
+            "stride": list(t.stride),
+            "storage_offset": t.storage_offset,
+            "contiguous": t.is_contiguous,
             "storage_bytes": t.storage.size_bytes if t.storage is not None else None,
-            "shares_storage_with": self.shares_storage_with, "shares_storage_count": self.shares_storage_count,
+            "shares_storage_with": self.shares_storage_with,
+            "shares_storage_count": self.shares_storage_count,
             "kind": self.kind,
             "requires_grad": t.requires_grad,
         }
@@ -59,8 +66,12 @@ class Listing:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "file": self.file, "format": self.format, "size_bytes": self.size_bytes,
-            "notes": self.notes, "metadata": self.metadata, "structure": self.structure,
+            "file": self.file,
+            "format": self.format,
+            "size_bytes": self.size_bytes,
+            "notes": self.notes,
+            "metadata": self.metadata,
+            "structure": self.structure,
             "state_dict": {"key": self.state_dict_key, "how": self.state_dict_how},
             "tensors": [row.to_dict() for row in self.rows],
             "non_tensors": self.non_tensors,
@@ -68,8 +79,7 @@ class Listing:
         }
 
 
-def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto",
-                    name_filter: str | None = None) -> Listing:
+def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto", name_filter: str | None = None) -> Listing:
     """List the state dict found at ``key`` (``auto``: searched) of an opened checkpoint.
 
     Args:
@@ -86,7 +96,9 @@ def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto",
         try:
             pattern = re.compile(name_filter)
         except re.error as failure:
-            raise BadInputError(f"`name_filter` {name_filter!r} is not a valid regular expression ({failure})") from None
+            raise BadInputError(
+                f"`name_filter` {name_filter!r} is not a valid regular expression ({failure})"
+            ) from None
     root = checkpoint.root
     path, node, how = find_state_dict(root, key)
     structure = []
@@ -114,10 +126,20 @@ def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto",
         else:
             non_tensors.append({"name": name, "type": type_name(value), "value": plain(value)})
     _mark_shared_storages(rows)
-    return Listing(file=checkpoint.path, format=checkpoint.format, size_bytes=checkpoint.size_bytes,
-                   notes=list(checkpoint.notes), metadata=dict(checkpoint.metadata),
-                   structure=structure, state_dict_key=path, state_dict_how=how, rows=rows,
-                   non_tensors=non_tensors, kinds_inferred=inferred, filtered_out=filtered_out)
+    return Listing(
+        file=checkpoint.path,
+        format=checkpoint.format,
+        size_bytes=checkpoint.size_bytes,
+        notes=list(checkpoint.notes),
+        metadata=dict(checkpoint.metadata),
+        structure=structure,
+        state_dict_key=path,
+        state_dict_how=how,
+        rows=rows,
+        non_tensors=non_tensors,
+        kinds_inferred=inferred,
+        filtered_out=filtered_out,
+    )
 
 
 SHARED_NAMES_SHOWN = 16  # a storage shared by 100k tensors must not cost 10^10 names
@@ -137,7 +159,7 @@ def _mark_shared_storages(rows: list[TensorRow]) -> None:
                 group.append(row)
     for members in groups.values():
         if len(members) > 1:
-            head = members[:SHARED_NAMES_SHOWN + 1]
+            head = members[: SHARED_NAMES_SHOWN + 1]
             for row in members:
                 row.shares_storage_with = [other.name for other in head if other is not row][:SHARED_NAMES_SHOWN]
                 row.shares_storage_count = len(members) - 1
@@ -184,8 +206,7 @@ def group_by_prefix(rows: list[TensorRow], depth: int) -> list[dict[str, Any]]:
         parts = row.name.split(".")[:-1] or [row.name]
         for level in range(1, min(depth, len(parts)) + 1):
             prefix = ".".join(parts[:level])
-            group = groups.setdefault(prefix, {"prefix": prefix, "depth": level, "tensors": 0,
-                                               "numel": 0, "bytes": 0})
+            group = groups.setdefault(prefix, {"prefix": prefix, "depth": level, "tensors": 0, "numel": 0, "bytes": 0})
             group["tensors"] += 1
             group["numel"] += row.tensor.numel
             group["bytes"] += row.tensor.nbytes

@@ -29,14 +29,37 @@ ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 LFS_MAGIC = b"version https://git-lfs"
 SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "C64": "complex64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 # What zipfile raises on damaged archives (it has no single error type for them).
-ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, RuntimeError,
-              NotImplementedError, struct.error, KeyError, IndexError, OverflowError)
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    ValueError,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+    struct.error,
+    KeyError,
+    IndexError,
+    OverflowError,
+)
 FORMATS = ("torch-zip", "torch-legacy", "torchscript", "safetensors", "sharded", "dcp")
 
 
@@ -106,8 +129,10 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
     if not head:
         raise BadInputError(f"{path}: empty file, not a checkpoint")
     if head.startswith(LFS_MAGIC):
-        raise BadInputError(f"{path}: this is a Git LFS pointer, not the checkpoint itself",
-                            "run `git lfs pull` to download the real file")
+        raise BadInputError(
+            f"{path}: this is a Git LFS pointer, not the checkpoint itself",
+            "run `git lfs pull` to download the real file",
+        )
     if head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC):
         return _open_zip(path, trust)
     if head.startswith(LEGACY_MAGIC):
@@ -117,8 +142,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
     if len(head) >= 9 and head[8:9] == b"{":
         return _open_safetensors(path)
     raise BadInputError(
-        f"{path}: unknown format: not a PyTorch (zip or legacy), TorchScript, safetensors, "
-        "index.json or DCP checkpoint")
+        f"{path}: unknown format: not a PyTorch (zip or legacy), TorchScript, safetensors, index.json or DCP checkpoint"
+    )
 
 
 def _read_head(path: str, count: int) -> bytes:
@@ -145,18 +170,23 @@ def _zip_member(zip_file: zipfile.ZipFile, path: str, name: str, limit: int | No
     limit = limits.PICKLE_BYTES.value if limit is None else limit
     if info.file_size > limit:
         if limit < 1024:
-            raise BadInputError(f"{path}: corrupt checkpoint: record {name} has {info.file_size:,} bytes, "
-                                f"expected at most {limit}")
+            raise BadInputError(
+                f"{path}: corrupt checkpoint: record {name} has {info.file_size:,} bytes, expected at most {limit}"
+            )
         raise limits.PICKLE_BYTES.exceeded(f"{path}: record {name} has {info.file_size:,} bytes")
     _check_inflation(path, info)
     return _zip_read(zip_file, path, name)
 
 
 def _check_inflation(path: str, info: zipfile.ZipInfo) -> None:
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > (1 << 20) \
-            and info.file_size > limits.INFLATION.value * max(info.compress_size, 1):
+    if (
+        info.compress_type != zipfile.ZIP_STORED
+        and info.file_size > (1 << 20)
+        and info.file_size > limits.INFLATION.value * max(info.compress_size, 1)
+    ):
         raise limits.INFLATION.exceeded(
-            f"{path}: record {info.filename} inflates from {info.compress_size:,} to {info.file_size:,} bytes")
+            f"{path}: record {info.filename} inflates from {info.compress_size:,} to {info.file_size:,} bytes"
+        )
 
 
 def _open_folder(path: str, trust: bool) -> Checkpoint:
@@ -167,8 +197,9 @@ def _open_folder(path: str, trust: bool) -> Checkpoint:
         # Prefer safetensors when a folder ships both (it needs no pickle).
         indexes.sort(key=lambda name: "safetensors" not in name)
         return _open_index(os.path.join(path, indexes[0]), trust)
-    raise BadInputError(f"{path}: folder is neither a DCP checkpoint (no .metadata) nor a "
-                        "sharded checkpoint (no *.index.json)")
+    raise BadInputError(
+        f"{path}: folder is neither a DCP checkpoint (no .metadata) nor a sharded checkpoint (no *.index.json)"
+    )
 
 
 # --------------------------------------------------------------------------- PyTorch zip
@@ -206,8 +237,7 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
         names = zip_file.namelist()
     except ZIP_ERRORS as failure:
         raise BadInputError(f"{path}: corrupt or truncated zip archive ({failure})") from None
-    pickles = sorted((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")),
-                     key=lambda n: n.count("/"))
+    pickles = sorted((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), key=lambda n: n.count("/"))
     if not pickles:
         raise BadInputError(f"{path}: a zip archive without data.pkl, not a PyTorch checkpoint")
     prefix = pickles[0][: -len("data.pkl")]
@@ -225,14 +255,16 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
         if record not in sizes:
             raise BadInputError(f"{path}: corrupt checkpoint: storage record {record} is missing")
         if sizes[record] < size:
-            raise BadInputError(f"{path}: corrupt checkpoint: storage {key} holds {sizes[record]} "
-                                f"bytes, its tensors need {size}")
+            raise BadInputError(
+                f"{path}: corrupt checkpoint: storage {key} holds {sizes[record]} bytes, its tensors need {size}"
+            )
         records[key] = record
         return StorageRef(file=path, key=key, size_bytes=size, location=location, byteorder=byteorder)
 
     data = _zip_member(zip_file, path, pickles[0])
     extra = _torchscript_globals() if is_script else None
     root = unpickle(data, storage_ref, what=path, trust=trust, extra_globals=extra)
+
     def read_record(ref: StorageRef, start: int, length: int) -> bytes:
         try:
             _check_inflation(path, zip_file.getinfo(records[ref.key]))
@@ -242,20 +274,30 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
         except ZIP_ERRORS as failure:
             raise BadInputError(f"{path}: corrupt zip record for storage {ref.key} ({failure})") from None
 
-    checkpoint = Checkpoint(path=path, format="torchscript" if is_script else "torch-zip", root=root,
-                            size_bytes=os.path.getsize(path),
-                            locate=_zip_locator(path, zip_file, records), read_record=read_record)
+    checkpoint = Checkpoint(
+        path=path,
+        format="torchscript" if is_script else "torch-zip",
+        root=root,
+        size_bytes=os.path.getsize(path),
+        locate=_zip_locator(path, zip_file, records),
+        read_record=read_record,
+    )
     if trust and not is_script:
         _expand_trusted_modules(checkpoint)
     if is_script:
         checkpoint.root, checkpoint.parameter_names, left_out = _flatten_script_module(
-            root, _script_parameter_lists(zip_file, path, prefix))
-        checkpoint.notes.append("TorchScript archive: parameters and buffers of the scripted "
-                                "module, read from its data without running its code")
+            root, _script_parameter_lists(zip_file, path, prefix)
+        )
+        checkpoint.notes.append(
+            "TorchScript archive: parameters and buffers of the scripted "
+            "module, read from its data without running its code"
+        )
         if left_out:
             shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
-            checkpoint.notes.append(f"{len(left_out)} tensor attribute(s) that are neither parameters nor buffers "
-                                    f"(not in the module's state_dict) left out: {shown}")
+            checkpoint.notes.append(
+                f"{len(left_out)} tensor attribute(s) that are neither parameters nor buffers "
+                f"(not in the module's state_dict) left out: {shown}"
+            )
     return checkpoint
 
 
@@ -281,8 +323,10 @@ class _ScriptGlobals(dict):
 
     def __contains__(self, qualified: object) -> bool:
         return isinstance(qualified, str) and (
-            qualified.startswith("__torch__.") or qualified in self._IDENTITY
-            or qualified == "torch.jit._pickle.restore_type_tag")
+            qualified.startswith("__torch__.")
+            or qualified in self._IDENTITY
+            or qualified == "torch.jit._pickle.restore_type_tag"
+        )
 
     def __getitem__(self, qualified: str) -> Any:
         if qualified.startswith("__torch__."):
@@ -301,8 +345,7 @@ _BUFFERS_RE = re.compile(r"__buffers__\s*=\s*\[([^\]]*)\]")
 _CLASS_RE = re.compile(r"^class\s+(\w+)\(", re.MULTILINE)
 
 
-def _script_parameter_lists(zip_file: zipfile.ZipFile, path: str, prefix: str
-                            ) -> dict[str, tuple[set[str], set[str]]]:
+def _script_parameter_lists(zip_file: zipfile.ZipFile, path: str, prefix: str) -> dict[str, tuple[set[str], set[str]]]:
     """Class name -> its ``(__parameters__, __buffers__)``, from the archive's generated code
     (read as text, never run)."""
     found: dict[str, tuple[set[str], set[str]]] = {}
@@ -313,17 +356,20 @@ def _script_parameter_lists(zip_file: zipfile.ZipFile, path: str, prefix: str
         classes = list(_CLASS_RE.finditer(text))
         for index, match in enumerate(classes):
             end = classes[index + 1].start() if index + 1 < len(classes) else len(text)
-            body = text[match.end():end]
+            body = text[match.end() : end]
             params = _PARAMS_RE.search(body)
             buffers = _BUFFERS_RE.search(body)
             if params:
-                found[match.group(1)] = (set(re.findall(r'"([^"]+)"', params.group(1))),
-                                         set(re.findall(r'"([^"]+)"', buffers.group(1))) if buffers else set())
+                found[match.group(1)] = (
+                    set(re.findall(r'"([^"]+)"', params.group(1))),
+                    set(re.findall(r'"([^"]+)"', buffers.group(1))) if buffers else set(),
+                )
     return found
 
 
-def _flatten_script_module(root: Any, declared: dict[str, tuple[set[str], set[str]]]
-                           ) -> tuple[Any, set[str] | None, list[str]]:
+def _flatten_script_module(
+    root: Any, declared: dict[str, tuple[set[str], set[str]]]
+) -> tuple[Any, set[str] | None, list[str]]:
     """Flatten a scripted module's attribute tree into ``{dotted name: TensorInfo}`` holding
     what its ``state_dict()`` holds: the tensors each class declares as parameters or buffers.
     Other tensor attributes (e.g. a recurrent state kept as ``self._state``) are left out and
@@ -383,8 +429,13 @@ def _open_legacy(path: str, trust: bool) -> Checkpoint:
         if not isinstance(storage_keys, list) or not all(isinstance(k, str) for k in storage_keys):
             raise BadInputError(f"{path}: corrupt legacy checkpoint: storage key list")
         offsets = _walk_legacy_storages(handle, path, storage_keys, keys_seen)
-    checkpoint = Checkpoint(path=path, format="torch-legacy", root=root, size_bytes=os.path.getsize(path),
-                            locate=lambda ref: offsets[ref.key])
+    checkpoint = Checkpoint(
+        path=path,
+        format="torch-legacy",
+        root=root,
+        size_bytes=os.path.getsize(path),
+        locate=lambda ref: offsets[ref.key],
+    )
     if trust:
         _expand_trusted_modules(checkpoint)
     return checkpoint
@@ -396,12 +447,15 @@ def _expand_trusted_modules(checkpoint: Checkpoint) -> None:
 
     checkpoint.root, checkpoint.parameter_names, replaced = expand_modules(checkpoint.root)
     if replaced:
-        checkpoint.notes.append(f"{replaced} whole pickled module(s) (read with `trust=True`): each is shown as its "
-                                "state_dict() - parameters and persistent buffers")
+        checkpoint.notes.append(
+            f"{replaced} whole pickled module(s) (read with `trust=True`): each is shown as its "
+            "state_dict() - parameters and persistent buffers"
+        )
 
 
-def _walk_legacy_storages(handle: Any, path: str, storage_keys: list[str],
-                          keys_seen: dict[str, tuple[str, int]]) -> dict[str, int]:
+def _walk_legacy_storages(
+    handle: Any, path: str, storage_keys: list[str], keys_seen: dict[str, tuple[str, int]]
+) -> dict[str, int]:
     """Each storage is an int64 element count then its bytes; skip over them, noting offsets."""
     file_size = os.fstat(handle.fileno()).st_size
     offsets: dict[str, int] = {}
@@ -422,8 +476,7 @@ def _walk_legacy_storages(handle: Any, path: str, storage_keys: list[str],
         position += 8 + size
     missing = set(keys_seen) - set(offsets)
     if missing:
-        raise BadInputError(f"{path}: corrupt legacy checkpoint: no data for storage(s) "
-                            f"{', '.join(sorted(missing))}")
+        raise BadInputError(f"{path}: corrupt legacy checkpoint: no data for storage(s) {', '.join(sorted(missing))}")
     return offsets
 
 
@@ -447,8 +500,10 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
                 raise BadInputError(f"{path}: too short to be a safetensors file")
             header_size = int.from_bytes(prefix, "little")
             if header_size > file_size - 8:
-                raise BadInputError(f"{path}: safetensors header claims {header_size} bytes but the "
-                                    f"file has {file_size - 8} after the length field")
+                raise BadInputError(
+                    f"{path}: safetensors header claims {header_size} bytes but the "
+                    f"file has {file_size - 8} after the length field"
+                )
             if header_size > limits.HEADER_BYTES.value:
                 raise limits.HEADER_BYTES.exceeded(f"{path}: safetensors header of {header_size:,} bytes")
             raw = handle.read(header_size)
@@ -479,11 +534,12 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             known_shapes[shape] = (shape, stride, numel)
         nbytes = ITEMSIZE[dtype] * numel
         if end - begin != nbytes:
-            raise BadInputError(f"{path}: tensor {brief(name)}: data_offsets span {end - begin} bytes, "
-                                f"its dtype and shape need {nbytes}")
+            raise BadInputError(
+                f"{path}: tensor {brief(name)}: data_offsets span {end - begin} bytes, "
+                f"its dtype and shape need {nbytes}"
+            )
         spans.append((begin, end, name))
-        tensors[name] = TensorInfo(dtype, shape, stride, 0,
-                                   StorageRef(path, name, nbytes, "cpu", data_start + begin))
+        tensors[name] = TensorInfo(dtype, shape, stride, 0, StorageRef(path, name, nbytes, "cpu", data_start + begin))
     position, previous = 0, None
     for begin, end, name in sorted(spans):
         if begin < position:
@@ -492,8 +548,10 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             raise BadInputError(f"{path}: a gap of {begin - position} bytes before tensor {brief(name)}")
         position, previous = end, name
     if data_start + position != file_size:
-        raise BadInputError(f"{path}: header describes {position} bytes of data but the file holds "
-                            f"{file_size - data_start}; the file is truncated or padded")
+        raise BadInputError(
+            f"{path}: header describes {position} bytes of data but the file holds "
+            f"{file_size - data_start}; the file is truncated or padded"
+        )
     return tensors, metadata, file_size
 
 
@@ -510,8 +568,9 @@ def _safetensors_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int
     offsets = entry.get("data_offsets")
     if not (isinstance(shape, list) and whole_numbers(tuple(shape))):
         raise BadInputError(f"{what}: shape {brief(shape)} is not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and whole_numbers(tuple(offsets))
-            and offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and whole_numbers(tuple(offsets)) and offsets[0] <= offsets[1]
+    ):
         raise BadInputError(f"{what}: data_offsets {brief(offsets)} are invalid")
     return dtype, tuple(shape), offsets[0], offsets[1]
 
@@ -520,8 +579,7 @@ def _open_safetensors(path: str) -> Checkpoint:
     tensors, metadata, file_size = read_safetensors_header(path)
     root: collections.OrderedDict[str, Any] = collections.OrderedDict(tensors)
     aliases = restore_aliases(root, metadata)
-    checkpoint = Checkpoint(path=path, format="safetensors", root=root, size_bytes=file_size,
-                            metadata=metadata)
+    checkpoint = Checkpoint(path=path, format="safetensors", root=root, size_bytes=file_size, metadata=metadata)
     if aliases:
         checkpoint.notes.append(f"{aliases} tied tensor name(s) restored from __metadata__")
     return checkpoint
@@ -606,11 +664,15 @@ def _open_index(path: str, trust: bool) -> Checkpoint:
     restore_aliases(root, metadata)
     by_file = {shard.path: shard for shard in shards.values()}
     return Checkpoint(
-        path=path, format="sharded", root=root,
+        path=path,
+        format="sharded",
+        root=root,
         size_bytes=os.path.getsize(path) + sum(s.size_bytes for s in shards.values()),
-        metadata=metadata, locate=lambda ref: by_file[ref.file].locate(ref),
+        metadata=metadata,
+        locate=lambda ref: by_file[ref.file].locate(ref),
         read_record=lambda ref, start, length: by_file[ref.file].read(ref, start, length),
-        notes=[f"{len(weight_map)} tensors in {len(shards)} shard(s)"])
+        notes=[f"{len(weight_map)} tensors in {len(shards)} shard(s)"],
+    )
 
 
 # --------------------------------------------------------------------------- DCP
@@ -664,51 +726,72 @@ def _open_dcp(path: str) -> Checkpoint:
             root[fqn] = DcpBytes(fqn)
             continue
         root[fqn] = _dcp_tensor(metadata_path, fqn, entry, chunks, locations)
-    return Checkpoint(path=path, format="dcp", root=root, size_bytes=size_on_disk(path),
-                      notes=["torch.distributed.checkpoint folder: tensors assembled from chunks"])
+    return Checkpoint(
+        path=path,
+        format="dcp",
+        root=root,
+        size_bytes=size_on_disk(path),
+        notes=["torch.distributed.checkpoint folder: tensors assembled from chunks"],
+    )
 
 
-def _dcp_locations(path: str, metadata_path: str, storage_data: dict[Any, Any]
-                   ) -> dict[tuple[str, tuple[int, ...]], StorageRef]:
+def _dcp_locations(
+    path: str, metadata_path: str, storage_data: dict[Any, Any]
+) -> dict[tuple[str, tuple[int, ...]], StorageRef]:
     """Where each chunk's bytes are: files inside the folder, byte ranges inside the files."""
     real_folder = os.path.realpath(path)
     file_sizes: dict[str, int] = {}
     locations: dict[tuple[str, tuple[int, ...]], StorageRef] = {}
     for index, info in storage_data.items():
         fqn, offset = _record_field(index, "fqn", 0), _record_field(index, "offset", 1)
-        relative, start, length = (_record_field(info, "relative_path", 0), _record_field(info, "offset", 1),
-                                   _record_field(info, "length", 2))
+        relative, start, length = (
+            _record_field(info, "relative_path", 0),
+            _record_field(info, "offset", 1),
+            _record_field(info, "length", 2),
+        )
         if _record_field(info, "transform_descriptors", 3):
-            raise BadInputError(f"{path}: DCP chunks written with transforms (e.g. compression) "
-                                "are not supported")
+            raise BadInputError(f"{path}: DCP chunks written with transforms (e.g. compression) are not supported")
         offset = tuple(offset) if isinstance(offset, list) else offset
-        if not (isinstance(fqn, str) and isinstance(relative, str) and whole_numbers((start, length))
-                and (offset is None or whole_numbers(offset))):
+        if not (
+            isinstance(fqn, str)
+            and isinstance(relative, str)
+            and whole_numbers((start, length))
+            and (offset is None or whole_numbers(offset))
+        ):
             raise BadInputError(f"{metadata_path}: corrupt storage entry {brief(fqn)}")
         file = os.path.join(path, relative)
         real = contained_path(file, real_folder, f"{metadata_path}: shard {brief(relative)}")
         if real not in file_sizes:
             kind = path_kind(real)
             if kind != "file":
-                raise BadInputError(f"{path}: DCP shard {brief(relative)} is "
-                                    f"{'missing' if kind == 'no such file' else kind}")
+                raise BadInputError(
+                    f"{path}: DCP shard {brief(relative)} is {'missing' if kind == 'no such file' else kind}"
+                )
             file_sizes[real] = os.path.getsize(real)
         if start + length > file_sizes[real]:
-            raise BadInputError(f"{metadata_path}: {brief(fqn)} is stored at bytes {start:,}–{start + length:,} "
-                                f"of {relative}, which has {file_sizes[real]:,}")
-        locations[(fqn, offset or ())] = StorageRef(file=real, key=f"{relative}@{start}", size_bytes=length,
-                                                    offset=start)
+            raise BadInputError(
+                f"{metadata_path}: {brief(fqn)} is stored at bytes {start:,}–{start + length:,} "
+                f"of {relative}, which has {file_sizes[real]:,}"
+            )
+        locations[(fqn, offset or ())] = StorageRef(
+            file=real, key=f"{relative}@{start}", size_bytes=length, offset=start
+        )
     return locations
 
 
-def _dcp_tensor(metadata_path: str, fqn: str, entry: Any, chunks: Any,
-                locations: dict[tuple[str, tuple[int, ...]], StorageRef]) -> TensorInfo:
+def _dcp_tensor(
+    metadata_path: str, fqn: str, entry: Any, chunks: Any, locations: dict[tuple[str, tuple[int, ...]], StorageRef]
+) -> TensorInfo:
     """A DCP tensor entry, its chunks checked to lie inside the tensor and to hold their bytes."""
     dtype = _record_field(_record_field(entry, "properties"), "dtype", 0)
     shape = _record_field(entry, "size")
     shape = tuple(shape) if isinstance(shape, (list, tuple)) else shape
-    if not isinstance(dtype, TorchDType) or dtype.name not in ITEMSIZE or not whole_numbers(shape) \
-            or not isinstance(chunks, (list, tuple)):
+    if (
+        not isinstance(dtype, TorchDType)
+        or dtype.name not in ITEMSIZE
+        or not whole_numbers(shape)
+        or not isinstance(chunks, (list, tuple))
+    ):
         raise BadInputError(f"{metadata_path}: corrupt tensor entry for {brief(fqn)}")
     itemsize = ITEMSIZE[dtype.name]
     tensor = TensorInfo(dtype=dtype.name, shape=shape, stride=contiguous_stride(shape))
@@ -717,21 +800,27 @@ def _dcp_tensor(metadata_path: str, fqn: str, entry: Any, chunks: Any,
         offsets, sizes = _record_field(chunk, "offsets", 0), _record_field(chunk, "sizes", 1)
         offsets = tuple(offsets) if isinstance(offsets, list) else offsets
         sizes = tuple(sizes) if isinstance(sizes, list) else sizes
-        if not (whole_numbers(offsets, len(shape)) and whole_numbers(sizes, len(shape))
-                and all(o + n <= d for o, n, d in zip(offsets, sizes, shape))):
+        if not (
+            whole_numbers(offsets, len(shape))
+            and whole_numbers(sizes, len(shape))
+            and all(o + n <= d for o, n, d in zip(offsets, sizes, shape))
+        ):
             raise BadInputError(f"{metadata_path}: a chunk of {brief(fqn)} lies outside its shape {list(shape)}")
         ref = locations.get((fqn, offsets))
         if ref is None:
             raise BadInputError(f"{metadata_path}: no stored data for a chunk of {brief(fqn)}")
         volume = math.prod(sizes)
         if volume * itemsize > ref.size_bytes:
-            raise BadInputError(f"{metadata_path}: a chunk of {brief(fqn)} needs {volume * itemsize:,} bytes, "
-                                f"{ref.size_bytes:,} are stored")
+            raise BadInputError(
+                f"{metadata_path}: a chunk of {brief(fqn)} needs {volume * itemsize:,} bytes, "
+                f"{ref.size_bytes:,} are stored"
+            )
         covered += volume
         tensor.chunks.append((offsets, sizes, ref))
     if covered != tensor.numel:
-        raise BadInputError(f"{metadata_path}: the chunks of {brief(fqn)} hold {covered:,} of its "
-                            f"{tensor.numel:,} elements")
+        raise BadInputError(
+            f"{metadata_path}: the chunks of {brief(fqn)} hold {covered:,} of its {tensor.numel:,} elements"
+        )
     return tensor
 
 

@@ -13,8 +13,20 @@ from ptools.errors import BadInputError
 
 # Where training code usually keeps the model weights, most specific first. EMA weights
 # (timm's state_dict_ema, model_ema) come after the live ones.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net",
-                   "network", "weights", "params", "state_dict_ema", "model_ema", "ema")
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "module",
+    "net",
+    "network",
+    "weights",
+    "params",
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+)
 
 
 def iter_tensors(node: Any, prefix: str = "") -> Iterator[tuple[str, TensorInfo]]:
@@ -70,8 +82,7 @@ def navigate(root: Any, path: str) -> Any:
             node = node[int(head)]
             walked.append(head)
         else:
-            raise BadInputError(f"`key` {path!r}: {'.'.join(walked)!r} holds a {type_name(node)}, "
-                                "not a dict or list")
+            raise BadInputError(f"`key` {path!r}: {'.'.join(walked)!r} holds a {type_name(node)}, not a dict or list")
     return node
 
 
@@ -171,9 +182,11 @@ def describe(value: Any) -> str:
         groups = value["param_groups"]
         state = value["state"]
         tensors = sum(1 for _ in iter_tensors(state))
-        return (f"optimizer state: {len(groups) if isinstance(groups, list) else '?'} param group(s), "
-                f"state for {len(state) if isinstance(state, Mapping) else '?'} parameter(s) "
-                f"({tensors} tensors)")
+        return (
+            f"optimizer state: {len(groups) if isinstance(groups, list) else '?'} param group(s), "
+            f"state for {len(state) if isinstance(state, Mapping) else '?'} parameter(s) "
+            f"({tensors} tensors)"
+        )
     if isinstance(value, (Mapping, list, tuple)):
         tensors = list(iter_tensors(value))
         kind = "dict" if isinstance(value, Mapping) else type(value).__name__
@@ -220,8 +233,11 @@ def plain(value: Any) -> Any:
 def _is_module(value: Any) -> bool:
     """An ``nn.Module`` as unpickled with trust: its state lives in ``__dict__``."""
     state = getattr(value, "__dict__", None)
-    return (isinstance(state, dict) and isinstance(state.get("_parameters"), Mapping)
-            and isinstance(state.get("_modules"), Mapping))
+    return (
+        isinstance(state, dict)
+        and isinstance(state.get("_parameters"), Mapping)
+        and isinstance(state.get("_modules"), Mapping)
+    )
 
 
 def module_state_dict(module: Any) -> tuple[collections.OrderedDict[str, Any], set[str]]:

@@ -15,32 +15,68 @@ from ptools.errors import BadInputError
 
 # dtype name (as torch spells it) -> bytes per element.
 ITEMSIZE: dict[str, int] = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
     "float8_e8m0fnu": 1,
-    "complex128": 16, "complex64": 8, "complex32": 4,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
-    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
-    "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
+    "complex128": 16,
+    "complex64": 8,
+    "complex32": 4,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
+    "qint8": 1,
+    "quint8": 1,
+    "qint32": 4,
+    "quint4x2": 1,
+    "quint2x4": 1,
 }
 FLOATING = {name for name in ITEMSIZE if name.startswith(("float", "bfloat"))}
 COMPLEX = {"complex128", "complex64", "complex32"}
 
 # torch's aliases for the same dtypes, as they can appear as pickled globals (torch.float).
 DTYPE_ALIASES = {
-    "float": "float32", "double": "float64", "half": "float16", "cfloat": "complex64",
-    "cdouble": "complex128", "chalf": "complex32", "long": "int64", "int": "int32",
+    "float": "float32",
+    "double": "float64",
+    "half": "float16",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
+    "chalf": "complex32",
+    "long": "int64",
+    "int": "int32",
     "short": "int16",
 }
 
 # Legacy typed storage classes (torch.FloatStorage, …) -> dtype.
 STORAGE_CLASSES: dict[str, str] = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "ComplexDoubleStorage": "complex128",
-    "ComplexFloatStorage": "complex64", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
-    "BoolStorage": "bool", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
-    "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "QInt8Storage": "qint8",
+    "QUInt8Storage": "quint8",
+    "QInt32Storage": "qint32",
+    "QUInt4x2Storage": "quint4x2",
+    "QUInt2x4Storage": "quint2x4",
 }
 
 # Names that are buffers by PyTorch convention; a bare state dict says nothing else.
@@ -137,12 +173,15 @@ _INDEX_LIMIT = 1 << 62  # sizes, strides, offsets: what an int64 index can addre
 def whole_numbers(values: Any, length: int | None = None) -> bool:
     """A tuple of at most :data:`MAX_DIMS` non-negative ints (not bools) an int64 index can
     address, of ``length`` items when given: sizes, strides, offsets as a file states them."""
-    return (isinstance(values, tuple) and len(values) <= MAX_DIMS and (length is None or len(values) == length)
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INDEX_LIMIT for v in values))
+    return (
+        isinstance(values, tuple)
+        and len(values) <= MAX_DIMS
+        and (length is None or len(values) == length)
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INDEX_LIMIT for v in values)
+    )
 
 
-def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int,
-                   storage_bytes: int | None) -> None:
+def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int, storage_bytes: int | None) -> None:
     """Refuse a tensor whose geometry reads outside its storage, before anything reads it.
 
     Args:
@@ -161,8 +200,7 @@ def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int,
     if not whole_numbers(shape):
         raise BadInputError(f"corrupt tensor record: shape {brief(shape)} is not a tuple of sizes")
     if not whole_numbers(stride, len(shape)):
-        raise BadInputError(f"corrupt tensor record: stride {brief(stride)} is not {len(shape)} "
-                            "non-negative integers")
+        raise BadInputError(f"corrupt tensor record: stride {brief(stride)} is not {len(shape)} non-negative integers")
     if not whole_numbers((storage_offset,)):
         raise BadInputError(f"corrupt tensor record: storage offset {brief(storage_offset)}")
     numel = math.prod(shape)
@@ -171,8 +209,11 @@ def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int,
     extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride))
     end = (storage_offset + extent) * itemsize
     if end > storage_bytes:
-        raise BadInputError(f"corrupt tensor record: shape {list(shape)} with stride {list(stride)} at "
-                            f"offset {storage_offset} reaches past the end of storage (byte {end:,} of {storage_bytes:,})")
+        raise BadInputError(
+            f"corrupt tensor record: shape {list(shape)} with stride {list(stride)} at "
+            f"offset {storage_offset} reaches past the end of storage (byte {end:,} of {storage_bytes:,})"
+        )
     if numel > extent * limits.EXPANSION.value and numel > (1 << 27):
-        raise limits.EXPANSION.exceeded(f"a tensor of shape {list(shape)} claims {numel:,} elements over "
-                                        f"{extent:,} stored")
+        raise limits.EXPANSION.exceeded(
+            f"a tensor of shape {list(shape)} claims {numel:,} elements over {extent:,} stored"
+        )

@@ -134,8 +134,9 @@ def _torch_device(kind: Any, index: Any = None) -> TorchDevice:
 _GRAD_DTYPES = FLOATING | COMPLEX
 
 
-def _tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-            dtype: str | None) -> TensorInfo:
+def _tensor(
+    storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, dtype: str | None
+) -> TensorInfo:
     if not isinstance(storage, _PickledStorage):
         raise BadInputError("corrupt tensor record: its storage is not a storage reference")
     if dtype is None:
@@ -143,36 +144,55 @@ def _tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_
     size = tuple(size) if isinstance(size, TorchSize) else size
     check_geometry(size, stride, storage_offset, ITEMSIZE[dtype], storage.ref.size_bytes)
     # Only floating and complex tensors can require gradients; torch refuses anything else.
-    return TensorInfo(dtype=dtype, shape=size, stride=stride, storage_offset=storage_offset,
-                      storage=storage.ref, requires_grad=requires_grad is True and dtype in _GRAD_DTYPES)
+    return TensorInfo(
+        dtype=dtype,
+        shape=size,
+        stride=stride,
+        storage_offset=storage_offset,
+        storage=storage.ref,
+        requires_grad=requires_grad is True and dtype in _GRAD_DTYPES,
+    )
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> TensorInfo:
     return _tensor(storage, storage_offset, size, stride, False, _storage_dtype(storage))
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                       requires_grad: Any = False, backward_hooks: Any = None,
-                       metadata: Any = None) -> TensorInfo:
+def _rebuild_tensor_v2(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> TensorInfo:
     return _tensor(storage, storage_offset, size, stride, requires_grad, _storage_dtype(storage))
 
 
-def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                       requires_grad: Any, backward_hooks: Any, dtype: Any,
-                       metadata: Any = None) -> TensorInfo:
+def _rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: Any,
+    metadata: Any = None,
+) -> TensorInfo:
     if not isinstance(dtype, TorchDType) or dtype.name not in ITEMSIZE:
         raise BadInputError(f"corrupt tensor record: unknown dtype {brief(dtype)}")
     return _tensor(storage, storage_offset, size, stride, requires_grad, dtype.name)
 
 
-def _rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any,
-                                    requires_grad: Any = False) -> TensorInfo:
+def _rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any = False) -> TensorInfo:
     if not isinstance(dtype, TorchDType) or dtype.name not in ITEMSIZE:
         raise BadInputError(f"corrupt tensor record: unknown dtype {brief(dtype)}")
     size = tuple(size) if isinstance(size, TorchSize) else size
     check_geometry(size, stride, 0, ITEMSIZE[dtype.name], None)
-    return TensorInfo(dtype=dtype.name, shape=size, stride=stride,
-                      requires_grad=requires_grad is True and dtype.name in _GRAD_DTYPES)
+    return TensorInfo(
+        dtype=dtype.name, shape=size, stride=stride, requires_grad=requires_grad is True and dtype.name in _GRAD_DTYPES
+    )
 
 
 class _PickledStorage:
@@ -187,8 +207,7 @@ def _storage_dtype(storage: Any) -> str | None:
     return storage.dtype if isinstance(storage, _PickledStorage) else None
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any,
-                       state: Any = None) -> TensorInfo:
+def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> TensorInfo:
     if not isinstance(data, TensorInfo):
         raise BadInputError("corrupt parameter record: its data is not a tensor")
     data.is_parameter = True
@@ -201,8 +220,13 @@ _PARAMETER = TorchMarker("torch.nn.parameter.Parameter")
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """Tensors with Python attributes, and Parameters, are pickled through this wrapper."""
-    if func not in (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_tensor,
-                    _rebuild_meta_tensor_no_storage, _rebuild_parameter):
+    if func not in (
+        _rebuild_tensor_v2,
+        _rebuild_tensor_v3,
+        _rebuild_tensor,
+        _rebuild_meta_tensor_no_storage,
+        _rebuild_parameter,
+    ):
         raise BadInputError("corrupt tensor record: unexpected rebuild function")
     if not isinstance(args, tuple):
         raise BadInputError("corrupt tensor record: rebuild arguments are not a tuple")
@@ -237,15 +261,21 @@ class NumpyDType:
         except (TypeError, ValueError):
             raise BadInputError(f"corrupt pickle: numpy dtype code {brief(code)}") from None
         if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-            raise UnsafeFileError(f"numpy dtype {code!r} (records, objects or sub-arrays) is not read "
-                                  "without `trust=True`", TRUST_HINT)
+            raise UnsafeFileError(
+                f"numpy dtype {code!r} (records, objects or sub-arrays) is not read without `trust=True`", TRUST_HINT
+            )
         self.dtype = dtype
 
     def set_state(self, state: Any) -> None:
-        if not (isinstance(state, tuple) and 3 <= len(state) <= 9 and state[1] in ("<", ">", "|", "=")
-                and all(part is None for part in state[2:5])):
-            raise UnsafeFileError(f"numpy dtype state {brief(state)} (fields, sub-arrays) is not read "
-                                  "without `trust=True`", TRUST_HINT)
+        if not (
+            isinstance(state, tuple)
+            and 3 <= len(state) <= 9
+            and state[1] in ("<", ">", "|", "=")
+            and all(part is None for part in state[2:5])
+        ):
+            raise UnsafeFileError(
+                f"numpy dtype state {brief(state)} (fields, sub-arrays) is not read without `trust=True`", TRUST_HINT
+            )
         if state[1] in ("<", ">") and self.dtype.itemsize > 1:
             self.dtype = self.dtype.newbyteorder(state[1])
 
@@ -276,8 +306,10 @@ class NumpyArray:
         if not (whole_numbers(shape) and len(shape) <= 32):
             raise BadInputError(f"corrupt pickle: numpy array shape {brief(shape)}")
         if math.prod(shape) * dtype.dtype.itemsize != len(data):
-            raise BadInputError(f"corrupt pickle: numpy array of shape {list(shape)} and dtype {dtype.dtype} "
-                                f"with {len(data)} bytes of data")
+            raise BadInputError(
+                f"corrupt pickle: numpy array of shape {list(shape)} and dtype {dtype.dtype} "
+                f"with {len(data)} bytes of data"
+            )
         flat = numpy.frombuffer(bytes(data), dtype=dtype.dtype) if data else numpy.empty(0, dtype.dtype)
         self.array = flat.reshape(shape, order="F" if fortran else "C")
 
@@ -312,11 +344,28 @@ def _layout(name: Any) -> TorchMarker:
     return TorchMarker(name)
 
 
-_LAYOUTS = {"torch.strided", "torch.sparse_coo", "torch.sparse_csr", "torch.sparse_csc", "torch.sparse_bsr",
-            "torch.sparse_bsc", "torch._mkldnn", "torch.jagged"}
-_TORCH_MARKERS = {"Tensor", "strided", "sparse_coo", "sparse_csr", "contiguous_format",
-                  "channels_last", "channels_last_3d", "preserve_format", "per_tensor_affine",
-                  "per_channel_affine"}
+_LAYOUTS = {
+    "torch.strided",
+    "torch.sparse_coo",
+    "torch.sparse_csr",
+    "torch.sparse_csc",
+    "torch.sparse_bsr",
+    "torch.sparse_bsc",
+    "torch._mkldnn",
+    "torch.jagged",
+}
+_TORCH_MARKERS = {
+    "Tensor",
+    "strided",
+    "sparse_coo",
+    "sparse_csr",
+    "contiguous_format",
+    "channels_last",
+    "channels_last_3d",
+    "preserve_format",
+    "per_tensor_affine",
+    "per_channel_affine",
+}
 
 
 class _Budget:
@@ -336,8 +385,9 @@ def _safe_globals(budget: _Budget) -> dict[str, Any]:
     an iterable take materialised containers only, and charge what they copy to ``budget``."""
 
     def sized(value: Any, what: str) -> Any:
-        if isinstance(value, range) or not isinstance(value, (list, tuple, set, frozenset, dict, str, bytes,
-                                                              bytearray)):
+        if isinstance(value, range) or not isinstance(
+            value, (list, tuple, set, frozenset, dict, str, bytes, bytearray)
+        ):
             raise BadInputError(f"corrupt pickle: {what} of a {type(value).__name__}")
         budget.charge(len(value), what)
         return value
@@ -380,6 +430,7 @@ def _safe_globals(budget: _Budget) -> dict[str, Any]:
             if not all(isinstance(p, str) for p in parts):
                 raise BadInputError("corrupt pickle: path parts")
             return str(flavour(*sized(parts, "path")))
+
         return make
 
     return {
@@ -442,8 +493,14 @@ class CheckpointUnpickler(pickle._Unpickler):
 
     dispatch = pickle._Unpickler.dispatch.copy()
 
-    def __init__(self, data: bytes | IO[bytes], storage_ref: Callable[[str, str, int], StorageRef],
-                 trust: bool = False, extra_globals: dict[str, Any] | None = None, size: int | None = None) -> None:
+    def __init__(
+        self,
+        data: bytes | IO[bytes],
+        storage_ref: Callable[[str, str, int], StorageRef],
+        trust: bool = False,
+        extra_globals: dict[str, Any] | None = None,
+        size: int | None = None,
+    ) -> None:
         # A file is read in place (legacy checkpoints keep their data right after the pickle).
         in_memory = isinstance(data, (bytes, bytearray))
         super().__init__(io.BytesIO(data) if in_memory else data)
@@ -475,17 +532,17 @@ class CheckpointUnpickler(pickle._Unpickler):
                 return _StorageType(STORAGE_CLASSES[name])
             if name in _TORCH_MARKERS:
                 return TorchMarker(qualified)
-        if qualified in ("torch.storage.UntypedStorage", "torch.UntypedStorage",
-                         "torch.storage.TypedStorage"):
+        if qualified in ("torch.storage.UntypedStorage", "torch.UntypedStorage", "torch.storage.TypedStorage"):
             return _StorageType(None)
         if self._trust:
             try:
                 return pickle._Unpickler.find_class(self, module, name)
             except (ImportError, AttributeError) as failure:
-                raise BadInputError(f"the file needs {brief_text(qualified)}, which Python cannot import here "
-                                    f"({type(failure).__name__}: {brief_text(str(failure))})",
-                                    "run ptools from the folder that holds the model's code, or add that "
-                                    "folder to PYTHONPATH") from None
+                raise BadInputError(
+                    f"the file needs {brief_text(qualified)}, which Python cannot import here "
+                    f"({type(failure).__name__}: {brief_text(str(failure))})",
+                    "run ptools from the folder that holds the model's code, or add that folder to PYTHONPATH",
+                ) from None
         self.unknown_globals.add(qualified[:200])
         return _opaque_class(qualified[:200])
 
@@ -493,9 +550,16 @@ class CheckpointUnpickler(pickle._Unpickler):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise BadInputError(f"corrupt pickle: unexpected persistent id {brief(pid)}")
         storage_type, key, location, numel = pid[1:5]
-        if (not isinstance(storage_type, _StorageType) or not isinstance(numel, int) or isinstance(numel, bool)
-                or numel < 0 or not isinstance(key, (str, int)) or not isinstance(location, str)
-                or len(str(key)) > 256 or not _DEVICE_TAG.match(location)):
+        if (
+            not isinstance(storage_type, _StorageType)
+            or not isinstance(numel, int)
+            or isinstance(numel, bool)
+            or numel < 0
+            or not isinstance(key, (str, int))
+            or not isinstance(location, str)
+            or len(str(key)) > 256
+            or not _DEVICE_TAG.match(location)
+        ):
             raise BadInputError(f"corrupt pickle: malformed storage reference {brief(pid)}")
         dtype = storage_type.dtype
         size = numel * ITEMSIZE[dtype] if dtype is not None else numel
@@ -510,8 +574,9 @@ class CheckpointUnpickler(pickle._Unpickler):
             target.set_state(state)
         elif type(target) is collections.OrderedDict:
             # torch keeps a state dict's per-module versions as its _metadata attribute.
-            if not (isinstance(state, dict) and set(state) <= {"_metadata"}
-                    and isinstance(state.get("_metadata", {}), dict)):
+            if not (
+                isinstance(state, dict) and set(state) <= {"_metadata"} and isinstance(state.get("_metadata", {}), dict)
+            ):
                 raise BadInputError(f"corrupt pickle: OrderedDict state {brief(state)}")
             target.__dict__.update(state)
         elif type(target) is argparse.Namespace:
@@ -650,8 +715,15 @@ def check_graph(root: Any, what: str, pickle_bytes: int = 0) -> None:
         stack.append([child, grandchildren, 1, 0])
 
 
-def unpickle(data: bytes | IO[bytes], storage_ref: Callable[[str, str, int], StorageRef], *, what: str,
-             trust: bool = False, extra_globals: dict[str, Any] | None = None, size: int | None = None) -> Any:
+def unpickle(
+    data: bytes | IO[bytes],
+    storage_ref: Callable[[str, str, int], StorageRef],
+    *,
+    what: str,
+    trust: bool = False,
+    extra_globals: dict[str, Any] | None = None,
+    size: int | None = None,
+) -> Any:
     """Unpickle ``data`` safely; see :class:`CheckpointUnpickler`.
 
     Raises:

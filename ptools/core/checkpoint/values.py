@@ -21,10 +21,25 @@ if TYPE_CHECKING:
     from ptools.core.checkpoint.readers import Checkpoint
 
 _NUMPY_CODES = {
-    "float64": "f8", "float32": "f4", "float16": "f2", "complex128": "c16", "complex64": "c8",
-    "int64": "i8", "int32": "i4", "int16": "i2", "int8": "i1", "uint64": "u8", "uint32": "u4",
-    "uint16": "u2", "uint8": "u1", "bool": "?", "qint8": "i1", "quint8": "u1", "qint32": "i4",
-    "quint4x2": "u1", "quint2x4": "u1",
+    "float64": "f8",
+    "float32": "f4",
+    "float16": "f2",
+    "complex128": "c16",
+    "complex64": "c8",
+    "int64": "i8",
+    "int32": "i4",
+    "int16": "i2",
+    "int8": "i1",
+    "uint64": "u8",
+    "uint32": "u4",
+    "uint16": "u2",
+    "uint8": "u1",
+    "bool": "?",
+    "qint8": "i1",
+    "quint8": "u1",
+    "qint32": "i4",
+    "quint4x2": "u1",
+    "quint2x4": "u1",
 }
 CHUNK_ELEMENTS = 1 << 22
 MAX_EXPANSION = 64
@@ -65,8 +80,7 @@ def decode(raw: bytes, dtype: str, byteorder: str = "little") -> np.ndarray:
     code = _NUMPY_CODES.get(dtype)
     if code is None:
         raise BadInputError(f"reading values of dtype {dtype} is not supported")
-    return np.frombuffer(raw, dtype=np.dtype(code).newbyteorder(order) if code not in ("?", "i1", "u1")
-                         else code)
+    return np.frombuffer(raw, dtype=np.dtype(code).newbyteorder(order) if code not in ("?", "i1", "u1") else code)
 
 
 def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
@@ -85,8 +99,10 @@ def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
     extent = tensor.extent
     if tensor.numel > MAX_EXPANSION * max(extent, 1) and tensor.numel > CHUNK_ELEMENTS * 32:
         # Stride-0 expansion this large is a corrupt or hostile header, not a checkpoint.
-        raise BadInputError(f"a tensor of shape {list(tensor.shape)} claims {tensor.numel:,} elements over "
-                            f"{extent:,} stored ones; refusing to expand it")
+        raise BadInputError(
+            f"a tensor of shape {list(tensor.shape)} claims {tensor.numel:,} elements over "
+            f"{extent:,} stored ones; refusing to expand it"
+        )
     raw = checkpoint.read(tensor.storage, tensor.storage_offset * itemsize, extent * itemsize)
     flat = decode(raw, tensor.dtype, tensor.storage.byteorder)
     if tensor.numel == 0:
@@ -94,7 +110,8 @@ def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
     if tensor.is_contiguous:
         return flat[: tensor.numel].reshape(tensor.shape)
     return np.lib.stride_tricks.as_strided(
-        flat, shape=tensor.shape, strides=[s * flat.itemsize for s in tensor.stride], writeable=False)
+        flat, shape=tensor.shape, strides=[s * flat.itemsize for s in tensor.stride], writeable=False
+    )
 
 
 def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
@@ -116,17 +133,22 @@ def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
             raise BadInputError(f"{ref.file}: corrupt DCP chunk at byte {ref.offset} ({failure})") from None
         prefix = pickle_name[: -len("data.pkl")]
 
-        def storage_ref(key: str, location: str, size: int, _prefix: str = prefix) -> StorageRef:
-            return StorageRef(file=ref.file, key=f"{_prefix}data/{key}", size_bytes=size, location=location)
+        def storage_ref(key: str, location: str, size: int, _prefix: str = prefix, _file: str = ref.file) -> StorageRef:
+            return StorageRef(file=_file, key=f"{_prefix}data/{key}", size_bytes=size, location=location)
 
         for info in archive.infolist():
             _check_inflation(ref.file, info)
         chunk_info = unpickle(_zip_member(archive, ref.file, pickle_name), storage_ref, what=f"{ref.file} chunk")
         if not isinstance(chunk_info, TensorInfo) or tuple(chunk_info.shape) != tuple(sizes):
             raise BadInputError(f"{ref.file}: DCP chunk does not hold a tensor of shape {list(sizes)}")
-        inner = _Checkpoint(path=ref.file, format="torch-zip", root=chunk_info, size_bytes=len(blob),
-                            locate=lambda _ref: None,
-                            read_record=lambda r, start, length, a=archive: a.read(r.key)[start:start + length])
+        inner = _Checkpoint(
+            path=ref.file,
+            format="torch-zip",
+            root=chunk_info,
+            size_bytes=len(blob),
+            locate=lambda _ref: None,
+            read_record=lambda r, start, length, a=archive: a.read(r.key)[start : start + length],
+        )
         values = read_tensor(inner, chunk_info)
         if result is None:
             result = np.empty(tensor.shape, dtype=values.dtype)
@@ -151,8 +173,7 @@ class TensorStats:
     inf: int
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return {"min": self.min, "max": self.max, "mean": self.mean, "std": self.std, "nan": self.nan,
-                "inf": self.inf}
+        return {"min": self.min, "max": self.max, "mean": self.mean, "std": self.std, "nan": self.nan, "inf": self.inf}
 
 
 def tensor_stats(values: np.ndarray, dtype: str) -> TensorStats:
@@ -164,7 +185,7 @@ def tensor_stats(values: np.ndarray, dtype: str) -> TensorStats:
     low, high = math.inf, -math.inf
     nan = inf = 0
     for start in range(0, flat.size, CHUNK_ELEMENTS):
-        chunk = flat[start:start + CHUNK_ELEMENTS]
+        chunk = flat[start : start + CHUNK_ELEMENTS]
         if dtype in COMPLEX:
             nan += int(np.isnan(chunk).sum())
             inf += int((np.isinf(chunk) & ~np.isnan(chunk)).sum())
@@ -200,8 +221,8 @@ def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float | None:
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     worst: float | None = None
     for start in range(0, flat_a.size, CHUNK_ELEMENTS):
-        left = flat_a[start:start + CHUNK_ELEMENTS]
-        right = flat_b[start:start + CHUNK_ELEMENTS]
+        left = flat_a[start : start + CHUNK_ELEMENTS]
+        right = flat_b[start : start + CHUNK_ELEMENTS]
         kind = np.complex128 if np.iscomplexobj(left) or np.iscomplexobj(right) else np.float64
         difference = np.abs(left.astype(kind) - right.astype(kind))
         both_nan = np.isnan(left.astype(kind)) & np.isnan(right.astype(kind))
@@ -216,7 +237,6 @@ def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float | None:
     return worst
 
 
-
 def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float | None:
     """Largest ``|a - b| / max(|a|, |b|)`` over elements (0 where both are equal, NaN where
     either side is NaN and the other is not); None when empty. Chunked like
@@ -227,8 +247,8 @@ def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float | None:
     worst: float | None = None
     for start in range(0, flat_a.size, CHUNK_ELEMENTS):
         kind = np.complex128 if np.iscomplexobj(flat_a) or np.iscomplexobj(flat_b) else np.float64
-        left = flat_a[start:start + CHUNK_ELEMENTS].astype(kind)
-        right = flat_b[start:start + CHUNK_ELEMENTS].astype(kind)
+        left = flat_a[start : start + CHUNK_ELEMENTS].astype(kind)
+        right = flat_b[start : start + CHUNK_ELEMENTS].astype(kind)
         with np.errstate(invalid="ignore", divide="ignore"):
             relative = np.abs(left - right) / np.maximum(np.abs(left), np.abs(right))
         relative = np.where((left == right) | (np.isnan(left) & np.isnan(right)), 0.0, relative)
@@ -251,8 +271,13 @@ def tensors_equal(checkpoint_a: Checkpoint, a: TensorInfo, checkpoint_b: Checkpo
     if a.numel == 0:
         return True
     ref_a, ref_b = a.storage, b.storage
-    if (ref_a is not None and ref_b is not None and a.is_contiguous and b.is_contiguous
-            and (ref_a.byteorder == ref_b.byteorder or ITEMSIZE[a.dtype] == 1)):
+    if (
+        ref_a is not None
+        and ref_b is not None
+        and a.is_contiguous
+        and b.is_contiguous
+        and (ref_a.byteorder == ref_b.byteorder or ITEMSIZE[a.dtype] == 1)
+    ):
         itemsize = ITEMSIZE[a.dtype]
         length = a.numel * itemsize
         start_a, start_b = a.storage_offset * itemsize, b.storage_offset * itemsize

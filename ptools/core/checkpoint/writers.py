@@ -14,10 +14,10 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
-from ptools.core.checkpoint.readers import Checkpoint, SAFETENSORS_DTYPES
+from ptools.core.checkpoint.readers import SAFETENSORS_DTYPES, Checkpoint
 from ptools.core.checkpoint.tensors import ITEMSIZE, STORAGE_CLASSES, TensorInfo, contiguous_stride
 from ptools.core.checkpoint.unpickle import _LAYOUTS, _TORCH_MARKERS, TorchDevice, TorchDType, TorchMarker, TorchSize
 from ptools.core.limits import brief
@@ -70,7 +70,8 @@ class CastTally:
         if zeros_after:
             bits_type = np.dtype(f"u{before.itemsize}")
             source_bits = np.ascontiguousarray(before).view(
-                bits_type if before.dtype.isnative else bits_type.newbyteorder())
+                bits_type if before.dtype.isnative else bits_type.newbyteorder()
+            )
             sign_cleared = source_bits.dtype.type((1 << (8 * before.itemsize - 1)) - 1)
             zeros_before = before.size - np.count_nonzero(source_bits & sign_cleared)
             self.to_zero += int(zeros_after - zeros_before)
@@ -79,14 +80,22 @@ class CastTally:
             self.to_inf += int(infinite_after - np.count_nonzero(np.isinf(before)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"names": self.names, "from": self.source, "to": self.target, "numel": self.numel,
-                "to_zero": self.to_zero, "to_inf": self.to_inf}
+        return {
+            "names": self.names,
+            "from": self.source,
+            "to": self.target,
+            "numel": self.numel,
+            "to_zero": self.to_zero,
+            "to_inf": self.to_inf,
+        }
 
 
 # Per target dtype: the unsigned view of its bits, the mask that clears the sign, and ±inf.
-_TALLY_BITS = {"float16": ("<u2", 0x7FFF, 0x7C00, 65504.0),
-               "bfloat16": ("<u2", 0x7FFF, 0x7F80, 3.3895313892515355e38),
-               "float32": ("<u4", 0x7FFFFFFF, 0x7F800000, 3.4028234663852886e38)}
+_TALLY_BITS = {
+    "float16": ("<u2", 0x7FFF, 0x7C00, 65504.0),
+    "bfloat16": ("<u2", 0x7FFF, 0x7F80, 3.3895313892515355e38),
+    "float32": ("<u4", 0x7FFFFFFF, 0x7F800000, 3.4028234663852886e38),
+}
 
 
 def _encode(values: Any, dtype: str, tally: CastTally | None = None, original: Any = None) -> memoryview:
@@ -111,8 +120,13 @@ def _encode(values: Any, dtype: str, tally: CastTally | None = None, original: A
             encoded = np.asarray(values).astype(codes[dtype], copy=False)
     if tally is not None and dtype in _TALLY_BITS:
         view, zero_mask, inf_bits, largest = _TALLY_BITS[dtype]
-        tally.add(np.asarray(values if original is None else original), np.ascontiguousarray(encoded).view(view),
-                  zero_mask, inf_bits, largest)
+        tally.add(
+            np.asarray(values if original is None else original),
+            np.ascontiguousarray(encoded).view(view),
+            zero_mask,
+            inf_bits,
+            largest,
+        )
     return _as_bytes(encoded)
 
 
@@ -123,15 +137,17 @@ def encode_values(values: Any, dtype: str, tally: CastTally | None = None) -> me
 
     values = np.ascontiguousarray(values)
     if dtype in CASTABLE:
-        return _encode(values.astype(np.float32, copy=False) if dtype in ("float16", "bfloat16") else values,
-                       dtype, tally, values)
+        return _encode(
+            values.astype(np.float32, copy=False) if dtype in ("float16", "bfloat16") else values, dtype, tally, values
+        )
     if dtype in ("float8_e4m3fn", "float8_e5m2", "complex32"):
         raise BadInputError(f"writing {dtype} values gathered from chunks or strided views is not supported")
     return values.astype(values.dtype.newbyteorder("<")).tobytes()
 
 
-def cast_bytes(raw: bytes, source: str, target: str, byteorder: str = "little",
-               tally: CastTally | None = None) -> memoryview:
+def cast_bytes(
+    raw: bytes, source: str, target: str, byteorder: str = "little", tally: CastTally | None = None
+) -> memoryview:
     """Cast raw storage bytes between floating dtypes the way torch's ``.to(dtype)`` does
     (via float32 for half-precision targets, rounding to nearest even)."""
     import numpy as np
@@ -159,7 +175,7 @@ class OutputStorage:
     key: str
     source_checkpoint: Checkpoint
     tensor: TensorInfo  # a tensor of this storage (all share dtype and storage)
-    dtype: str          # output dtype
+    dtype: str  # output dtype
     location: str
     tally: CastTally | None = None  # filled while a cast storage is written
 
@@ -251,19 +267,40 @@ class _Failure:
 
 
 def _output_globals() -> frozenset[tuple[str, str]]:
-    torch_names = {"device", "Size", *ITEMSIZE, *STORAGE_CLASSES, *_TORCH_MARKERS,
-                   *(layout.rpartition(".")[2] for layout in _LAYOUTS if layout.count(".") == 1)}
-    return frozenset({
-        *(("torch", name) for name in torch_names),
-        *(("torch._utils", name) for name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                                              "_rebuild_meta_tensor_no_storage")),
-        ("torch.storage", "UntypedStorage"),
-        ("collections", "OrderedDict"), ("argparse", "Namespace"), ("_codecs", "encode"),
-        *(("builtins", name) for name in ("set", "frozenset", "complex", "slice", "bytearray", "range")),
-        ("numpy", "dtype"), ("numpy", "ndarray"),
-        *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-          for name in ("_reconstruct", "scalar")),
-    })
+    torch_names = {
+        "device",
+        "Size",
+        *ITEMSIZE,
+        *STORAGE_CLASSES,
+        *_TORCH_MARKERS,
+        *(layout.rpartition(".")[2] for layout in _LAYOUTS if layout.count(".") == 1),
+    }
+    return frozenset(
+        {
+            *(("torch", name) for name in torch_names),
+            *(
+                ("torch._utils", name)
+                for name in (
+                    "_rebuild_tensor_v2",
+                    "_rebuild_tensor_v3",
+                    "_rebuild_parameter",
+                    "_rebuild_meta_tensor_no_storage",
+                )
+            ),
+            ("torch.storage", "UntypedStorage"),
+            ("collections", "OrderedDict"),
+            ("argparse", "Namespace"),
+            ("_codecs", "encode"),
+            *(("builtins", name) for name in ("set", "frozenset", "complex", "slice", "bytearray", "range")),
+            ("numpy", "dtype"),
+            ("numpy", "ndarray"),
+            *(
+                (module, name)
+                for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                for name in ("_reconstruct", "scalar")
+            ),
+        }
+    )
 
 
 # Every global the writer may put in an output pickle. Nothing read from an input becomes a
@@ -279,9 +316,11 @@ def check_output_global(module: str, name: str) -> None:
         BadInputError: naming the global, which came from the input.
     """
     if (module, name) not in OUTPUT_GLOBALS:
-        raise BadInputError(f"the output would have to name the global {brief(f'{module}.{name}')} taken from "
-                            "the input; ptools writes only tensors and plain data",
-                            "pass `extract='auto'` to write the model weights alone, or `drop` the entry")
+        raise BadInputError(
+            f"the output would have to name the global {brief(f'{module}.{name}')} taken from "
+            "the input; ptools writes only tensors and plain data",
+            "pass `extract='auto'` to write the model weights alone, or `drop` the entry",
+        )
 
 
 class GlobalRef:
@@ -317,8 +356,12 @@ class _PlainTensor:
 class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch table is extensible
     dispatch = pickle._Pickler.dispatch.copy()
 
-    def __init__(self, file: IO[bytes], storage_for: Callable[[TensorInfo], OutputStorage | None],
-                 dtype_for: Callable[[TensorInfo], str]) -> None:
+    def __init__(
+        self,
+        file: IO[bytes],
+        storage_for: Callable[[TensorInfo], OutputStorage | None],
+        dtype_for: Callable[[TensorInfo], str],
+    ) -> None:
         super().__init__(file, protocol=2)
         self._storage_for = storage_for
         self._dtype_for = dtype_for
@@ -327,8 +370,13 @@ class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch t
         if isinstance(obj, _StorageId):
             storage = obj.storage
             if storage.dtype in _STORAGE_CLASS_OF:
-                return ("storage", GlobalRef("torch", _STORAGE_CLASS_OF[storage.dtype]), storage.key,
-                        storage.location, storage.numel)
+                return (
+                    "storage",
+                    GlobalRef("torch", _STORAGE_CLASS_OF[storage.dtype]),
+                    storage.key,
+                    storage.location,
+                    storage.numel,
+                )
             return ("storage", _UNTYPED, storage.key, storage.location, storage.nbytes)
         return None
 
@@ -349,12 +397,17 @@ class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch t
         dtype = self._dtype_for(tensor)
         storage = self._storage_for(tensor)
         if storage is None:
-            return _REBUILD_META, (TorchDType(dtype), tuple(tensor.shape), tuple(tensor.stride),
-                                   tensor.requires_grad)
+            return _REBUILD_META, (TorchDType(dtype), tuple(tensor.shape), tuple(tensor.stride), tensor.requires_grad)
         offset = tensor.storage_offset if tensor.storage is not None else 0
         stride = tensor.stride if tensor.storage is not None else contiguous_stride(tensor.shape)
-        args = (_StorageId(storage), offset, tuple(tensor.shape), tuple(stride), tensor.requires_grad,
-                collections.OrderedDict())
+        args = (
+            _StorageId(storage),
+            offset,
+            tuple(tensor.shape),
+            tuple(stride),
+            tensor.requires_grad,
+            collections.OrderedDict(),
+        )
         if dtype in _STORAGE_CLASS_OF:
             return _REBUILD_V2, args
         return _REBUILD_V3, (*args, TorchDType(dtype))
@@ -381,8 +434,9 @@ class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch t
     dispatch[TorchMarker] = _save_marker
 
 
-def build_torch_pickle(root: Any, storage_for: Callable[[TensorInfo], OutputStorage | None],
-                       dtype_for: Callable[[TensorInfo], str]) -> bytes:
+def build_torch_pickle(
+    root: Any, storage_for: Callable[[TensorInfo], OutputStorage | None], dtype_for: Callable[[TensorInfo], str]
+) -> bytes:
     """Pickle ``root`` (plain objects and TensorInfo leaves) the way ``torch.save`` does."""
     buffer = io.BytesIO()
     _CheckpointPickler(buffer, storage_for, dtype_for).dump(root)
@@ -405,10 +459,16 @@ def _aligned_info(archive: zipfile.ZipFile, name: str, size: int) -> zipfile.Zip
     return info
 
 
-def write_torch_zip(handle: IO[bytes], archive_name: str, pickle_bytes: bytes,
-                    storages: list[OutputStorage], on_bytes: Callable[[int], None] | None = None) -> None:
+def write_torch_zip(
+    handle: IO[bytes],
+    archive_name: str,
+    pickle_bytes: bytes,
+    storages: list[OutputStorage],
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
     """Write a torch.save-compatible archive to ``handle`` (an open, writable binary file)."""
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+
         def record(name: str, pieces: Iterator[bytes] | list[bytes], size: int) -> None:
             info = _aligned_info(archive, f"{archive_name}/{name}", size)
             with archive.open(info, "w", force_zip64=size > zipfile.ZIP64_LIMIT) as out:
@@ -460,8 +520,11 @@ class SafetensorsEntry:
             step = max(itemsize, COPY_CHUNK_BYTES // itemsize * itemsize)
             for start in range(0, length, step):
                 raw = self.checkpoint.read(ref, begin + start, min(step, length - start))
-                yield (cast_bytes(raw, source, self.dtype, ref.byteorder, self.tally) if self.dtype != source
-                       else _little_endian(raw, source, ref.byteorder))
+                yield (
+                    cast_bytes(raw, source, self.dtype, ref.byteorder, self.tally)
+                    if self.dtype != source
+                    else _little_endian(raw, source, ref.byteorder)
+                )
             return
         from ptools.core.checkpoint.values import read_tensor
 
@@ -478,16 +541,23 @@ def safetensors_header(entries: list[SafetensorsEntry], metadata: dict[str, str]
     for entry in entries:
         if entry.dtype not in _SAFETENSORS_NAME_OF:
             raise BadInputError(f"{entry.name}: safetensors has no dtype {entry.dtype}")
-        header[entry.name] = {"dtype": _SAFETENSORS_NAME_OF[entry.dtype], "shape": list(entry.tensor.shape),
-                              "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.name] = {
+            "dtype": _SAFETENSORS_NAME_OF[entry.dtype],
+            "shape": list(entry.tensor.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(handle: IO[bytes], entries: list[SafetensorsEntry], metadata: dict[str, str],
-                      on_bytes: Callable[[int], None] | None = None) -> None:
+def write_safetensors(
+    handle: IO[bytes],
+    entries: list[SafetensorsEntry],
+    metadata: dict[str, str],
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
     handle.write(safetensors_header(entries, metadata))
     for entry in entries:
         written = 0
