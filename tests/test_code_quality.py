@@ -27,3 +27,11 @@ def test_ruff_lint_passes() -> None:
 def test_ruff_format_is_applied() -> None:
     result = ruff("format", "--check", "ptools")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_passes() -> None:
+    executable = shutil.which("mypy", path=str(Path(sys.executable).parent)) or shutil.which("mypy")
+    if executable is None:
+        pytest.fail("mypy is not installed: pip install '.[test]'")
+    result = subprocess.run([executable], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

@@ -110,7 +110,7 @@ def command(
     ] = None,
 ) -> None:
     min_free = parse_size(min_free_memory) if min_free_memory is not None else None
-    limits = {"min_free_memory_bytes": min_free, "max_utilization_percent": max_utilization}
+    limits: dict[str, Any] = {"min_free_memory_bytes": min_free, "max_utilization_percent": max_utilization}
     gating = select is not None or require is not None
     if watch is not None and gating:
         raise BadInputError("--watch cannot be combined with --select or --require")

@@ -626,6 +626,7 @@ def convert_checkpoint(
         if (
             known is not None
             and tensor.storage is not None
+            and known.tensor.storage is not None
             and (known.tensor.dtype != tensor.dtype or known.tensor.storage.size_bytes != tensor.storage.size_bytes)
         ):
             raise BadInputError(
@@ -853,10 +854,11 @@ def _write_sharded(
         for group, shard in zip(groups, target.names):
             kept = {e.name for e in group}
             shard_metadata = {k: v for k, v in metadata.items() if k not in report.aliases or v in kept}
-            write_file(
-                os.path.join(temporary, shard),
-                lambda handle, g=group, m=shard_metadata: write_safetensors(handle, g, m, on_bytes),
-            )
+
+            def write_shard(handle: Any, g: list[SafetensorsEntry] = group, m: dict[str, str] = shard_metadata) -> None:
+                write_safetensors(handle, g, m, on_bytes)
+
+            write_file(os.path.join(temporary, shard), write_shard)
             weight_map.update({e.name: shard for e in group})
         index = {"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map}
         write_file(
@@ -898,7 +900,9 @@ def _verify(
 def _verify_against(index_path: str, groups: list[list[SafetensorsEntry]], report: ConversionReport) -> None:
     written = open_checkpoint(index_path)
     expected = collections.OrderedDict((e.name, e.tensor) for g in groups for e in g)
-    source = groups[0][0].checkpoint if groups and groups[0] else None
+    if not any(groups):
+        return  # nothing was written to compare
+    source = groups[0][0].checkpoint
     dtypes = {id(e.tensor): e.dtype for g in groups for e in g}
     actual = collections.OrderedDict((k, written.root[k]) for k in expected)
     _compare(expected, source, actual, written, lambda t: dtypes[id(t)], report)
@@ -906,7 +910,7 @@ def _verify_against(index_path: str, groups: list[list[SafetensorsEntry]], repor
 
 def _compare(
     expected: Mapping[str, TensorInfo],
-    source: Checkpoint | None,
+    source: Checkpoint,
     actual: Mapping[str, Any],
     written: Checkpoint,
     dtype_for: Callable[[TensorInfo], str],
@@ -934,7 +938,7 @@ def _compare(
             # bfloat16 reads back widened to float32; cast from what was read.
             decoded = {"f8": "float64", "f4": "float32", "f2": "float16"}[source_values.dtype.str[1:]]
             raw = np.ascontiguousarray(source_values).astype(source_values.dtype.newbyteorder("<")).tobytes()
-            source_values = decode(cast_bytes(raw, decoded, want_dtype), want_dtype).reshape(tensor.shape)
+            source_values = decode(bytes(cast_bytes(raw, decoded, want_dtype)), want_dtype).reshape(tensor.shape)
         output_values = read_tensor(written, out)
         if not np.array_equal(source_values, output_values, equal_nan=True):
             raise BadInputError(f"verification failed: values of {name!r} differ from the input")

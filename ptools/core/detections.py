@@ -211,7 +211,8 @@ def validate(records: Any, box_format: str = "xywh", skip_invalid: bool = False)
         raise BadInputError(f"unknown box format {box_format!r}; choose one of: {', '.join(nms_core.BOX_FORMATS)}")
     index = np.arange(len(records))
     fast = _fast_arrays(records) if records else None
-    image_codes = category_codes = None
+    image_codes: tuple[np.ndarray, list[Any]] | None = None
+    category_codes: tuple[np.ndarray, list[Any]] | None = None
     if fast is not None:
         images, categories, boxes, scores = fast
         image_codes = _id_codes(images)
@@ -241,6 +242,7 @@ def validate(records: Any, box_format: str = "xywh", skip_invalid: bool = False)
         scores = np.array([r["score"] for r in kept], dtype=np.float64)
         image_codes = _mixed_codes(images)
         category_codes = _mixed_codes(categories)
+    assert image_codes is not None and category_codes is not None  # set by one path or the other
     return Detections(
         records=records,
         index=index,

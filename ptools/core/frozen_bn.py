@@ -13,6 +13,12 @@ class FrozenBatchNorm(torch.nn.Module):
     update statistics again. Computes what the source module computes in eval mode.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    eps: float
+
     def __init__(self, source: torch.nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
         channels = source.num_features

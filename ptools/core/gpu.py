@@ -139,7 +139,7 @@ class GpuReport:
     @property
     def addressable_devices(self) -> list[GpuDevice]:
         """Devices a CUDA program started from here can use, by CUDA index."""
-        return sorted((d for d in self.devices if d.addressable), key=lambda d: d.cuda_index)
+        return sorted((d for d in self.devices if d.addressable), key=lambda d: d.cuda_index or 0)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data (the ``--json`` document)."""
@@ -460,14 +460,14 @@ def assign_cuda_indices(
     chosen: list[tuple[GpuDevice, str]] = []
     raw_entries = [e.strip() for e in visible_text.split(",")] if visible_text.strip() else []
     for entry in raw_entries:
-        unit = _parse_visible_entry(entry, units)
-        if unit is None or any(unit is seen for seen, _ in chosen):
+        parsed = _parse_visible_entry(entry, units)
+        if parsed is None or any(parsed is seen for seen, _ in chosen):
             problems.append(
                 f"CUDA_VISIBLE_DEVICES={visible_text!r}: entry {entry!r} names no device "
                 "(or repeats one); CUDA ignores it and every entry after it"
             )
             break
-        chosen.append((unit, entry))
+        chosen.append((parsed, entry))
     for index, (unit, entry) in enumerate(chosen):
         unit.cuda_index, unit.visible_devices_entry = index, entry
     return how, problems

@@ -156,6 +156,8 @@ def _import_user_file(path: str) -> Any:
     if folder not in sys.path:
         sys.path.append(folder)
     loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise BadInputError(f"{path}: Python cannot import this file")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[name] = module  # pickle finds classes through sys.modules
     try:
@@ -260,8 +262,9 @@ def _exported_module(program: Any) -> Any:
         for fqn, class_path in (node.meta.get("nn_module_stack") or {}).values():
             if isinstance(fqn, str) and isinstance(class_path, str):
                 types.setdefault(fqn, class_path.rpartition(".")[2])
-    module.ptools_module_types = types
-    module.ptools_example_inputs = program.example_inputs
+    # Plain attributes on the module object (nn.Module's __setattr__ stores them as such).
+    object.__setattr__(module, "ptools_module_types", types)
+    object.__setattr__(module, "ptools_example_inputs", program.example_inputs)
     return module
 
 

@@ -237,6 +237,7 @@ def nms_groups(
     scores = np.asarray(scores, dtype=np.float64)
     groups = np.asarray(groups, dtype=np.int64)
     xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+    threshold: float | None
     if method == "soft":
         threshold = DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold
     else:
@@ -256,6 +257,7 @@ def nms_groups(
         )
         boxes = _Boxes(part_xyxy)
         if method == "soft":
+            assert threshold is not None  # soft always has its cut-off
             local, final_scores = _soft(boxes, part_scores, part_groups, soft_fn, iou_threshold, sigma, threshold)
             final_boxes = part_xyxy[local]
         else:
@@ -300,7 +302,7 @@ def _split_groups(groups: np.ndarray) -> list[np.ndarray]:
     return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def limit_per_image(images: np.ndarray, keep: np.ndarray, scores: np.ndarray, max_det: int) -> np.ndarray:
+def limit_per_image(images: np.ndarray, keep: np.ndarray, scores: np.ndarray, max_det: int | None) -> np.ndarray:
     """Positions (into ``keep``) of at most ``max_det`` highest final scores per image, ties by
     input order; returned sorted by image, then score descending."""
     order = np.lexsort((keep, -scores, images[keep]))

@@ -244,7 +244,8 @@ def summarize(
     # TorchScript modules take no hooks: their totals are measured, per-module shapes are not.
     scripted = isinstance(model, torch.jit.ScriptModule)
     handles = [] if scripted else [module.register_forward_hook(hook) for module in model.modules()]
-    counter = FlopCounterMode(display=False, depth=None, custom_mapping=_extra_flop_formulas())
+    # depth=None: every module level (torch's annotation says int; None is what it checks for).
+    counter = FlopCounterMode(display=False, depth=None, custom_mapping=_extra_flop_formulas())  # type: ignore[arg-type]
     model.train(mode == "train")
     # MultiheadAttention's fused fast path is one opaque kernel to the counter; the regular
     # path computes the same thing through countable ops (projections and SDPA).

@@ -141,7 +141,7 @@ def _weights_only_unpickling() -> Iterator[None]:
     if saved[1] is not None:
         torch._C._pickle_load_obj = refuse
     if saved[2] is not None:
-        _package.pickle = _NoPickle  # type: ignore[assignment]
+        _package.pickle = _NoPickle
     try:
         yield
     finally:

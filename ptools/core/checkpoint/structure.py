@@ -188,13 +188,13 @@ def describe(value: Any) -> str:
             f"({tensors} tensors)"
         )
     if isinstance(value, (Mapping, list, tuple)):
-        tensors = list(iter_tensors(value))
+        found = list(iter_tensors(value))
         kind = "dict" if isinstance(value, Mapping) else type(value).__name__
-        if tensors:
-            numel = sum(t.numel for _, t in tensors)
-            others = len(value) - len(tensors) if isinstance(value, Mapping) and is_state_dict(value) else None
+        if found:
+            numel = sum(t.numel for _, t in found)
+            others = len(value) - len(found) if isinstance(value, Mapping) and is_state_dict(value) else None
             extra = f", {others} other entries" if others else ""
-            return f"{kind} of {len(value)}: {len(tensors)} tensors, {numel:,} elements{extra}"
+            return f"{kind} of {len(value)}: {len(found)} tensors, {numel:,} elements{extra}"
         return f"{kind} of {len(value)}: {short_repr(value)}"
     if isinstance(value, argparse.Namespace):
         return f"{len(vars(value))} fields: {short_repr(vars(value))}"

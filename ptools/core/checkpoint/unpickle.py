@@ -54,6 +54,7 @@ class TorchDType(_Frozen):
     """A pickled ``torch.<dtype>`` global; prints like torch does."""
 
     __slots__ = ("name",)
+    name: str
 
     def __init__(self, name: str) -> None:
         object.__setattr__(self, "name", DTYPE_ALIASES.get(name, name))
@@ -72,6 +73,7 @@ class TorchMarker(_Frozen):
     """A harmless named torch global (``torch.strided``, ``torch.Tensor``, …)."""
 
     __slots__ = ("qualified_name",)
+    qualified_name: str
 
     def __init__(self, qualified_name: str) -> None:
         object.__setattr__(self, "qualified_name", qualified_name)
@@ -475,7 +477,12 @@ def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode(encoding)
 
 
-class CheckpointUnpickler(pickle._Unpickler):
+# The pure-Python unpickler: its opcode handlers are ours to replace. Its internals (stack,
+# read, dispatch, …) are not in typeshed, hence the Any.
+_PythonUnpickler: Any = pickle._Unpickler
+
+
+class CheckpointUnpickler(_PythonUnpickler):
     """Unpickles checkpoint metadata into plain Python objects and TensorInfo leaves.
 
     Built on the Python unpickler (not the C one) so that every opcode that could reach code
@@ -491,7 +498,7 @@ class CheckpointUnpickler(pickle._Unpickler):
         size: bytes of pickle (for a file), which scales what it may build.
     """
 
-    dispatch = pickle._Unpickler.dispatch.copy()
+    dispatch = _PythonUnpickler.dispatch.copy()
 
     def __init__(
         self,
@@ -502,12 +509,15 @@ class CheckpointUnpickler(pickle._Unpickler):
         size: int | None = None,
     ) -> None:
         # A file is read in place (legacy checkpoints keep their data right after the pickle).
-        in_memory = isinstance(data, (bytes, bytearray))
-        super().__init__(io.BytesIO(data) if in_memory else data)
+        if isinstance(data, (bytes, bytearray)):
+            super().__init__(io.BytesIO(data))
+            self.size = len(data)
+        else:
+            super().__init__(data)
+            self.size = size or 0
         self._storage_ref = storage_ref
         self._trust = trust
         self._extra = extra_globals if extra_globals is not None else {}
-        self.size = len(data) if in_memory else (size or 0)
         self._budget = _Budget(self.size)
         self._globals = _safe_globals(self._budget)
         self.unknown_globals: set[str] = set()
@@ -536,7 +546,7 @@ class CheckpointUnpickler(pickle._Unpickler):
             return _StorageType(None)
         if self._trust:
             try:
-                return pickle._Unpickler.find_class(self, module, name)
+                return _PythonUnpickler.find_class(self, module, name)
             except (ImportError, AttributeError) as failure:
                 raise BadInputError(
                     f"the file needs {brief_text(qualified)}, which Python cannot import here "
@@ -585,7 +595,7 @@ class CheckpointUnpickler(pickle._Unpickler):
             target.__dict__.update(state)
         elif self._trust and not isinstance(target, _OWN_TYPES):
             self.stack.append(state)
-            pickle._Unpickler.load_build(self)
+            _PythonUnpickler.load_build(self)
         else:
             raise BadInputError(f"corrupt pickle: state given to a {type(target).__name__}")
 

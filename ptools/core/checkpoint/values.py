@@ -6,11 +6,12 @@ statistics are accumulated over fixed-size chunks.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import zipfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ptools.core.checkpoint.tensors import COMPLEX, FLOATING, ITEMSIZE, StorageRef, TensorInfo
 from ptools.errors import BadInputError
@@ -70,7 +71,7 @@ def decode(raw: bytes, dtype: str, byteorder: str = "little") -> np.ndarray:
     """
     import numpy as np
 
-    order = "<" if byteorder == "little" else ">"
+    order: Literal["<", ">"] = "<" if byteorder == "little" else ">"
     if dtype == "bfloat16":
         return (np.frombuffer(raw, dtype=f"{order}u2").astype(np.uint32) << 16).view(np.float32)
     if dtype == "float8_e5m2":  # the top byte of a float16
@@ -114,6 +115,14 @@ def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
     )
 
 
+def _no_offset(ref: StorageRef) -> int | None:
+    return None  # a record inside a chunk archive: read through zipfile
+
+
+def _read_member(archive: zipfile.ZipFile, ref: StorageRef, start: int, length: int) -> bytes:
+    return archive.read(ref.key)[start : start + length]
+
+
 def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
     """A DCP tensor: each chunk is a small torch.save archive inside a shard file."""
     import numpy as np
@@ -146,8 +155,8 @@ def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
             format="torch-zip",
             root=chunk_info,
             size_bytes=len(blob),
-            locate=lambda _ref: None,
-            read_record=lambda r, start, length, a=archive: a.read(r.key)[start : start + length],
+            locate=_no_offset,
+            read_record=functools.partial(_read_member, archive),
         )
         values = read_tensor(inner, chunk_info)
         if result is None:

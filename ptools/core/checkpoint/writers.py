@@ -193,7 +193,7 @@ class OutputStorage:
     def nbytes(self) -> int:
         return self.numel * ITEMSIZE[self.dtype]
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Iterator[bytes | memoryview]:
         """The output bytes in bounded pieces."""
         ref = self.tensor.storage
         if ref is None:
@@ -208,7 +208,7 @@ class OutputStorage:
             else:
                 yield _little_endian(raw, self.source_dtype, ref.byteorder)
 
-    def _assembled(self) -> Iterator[bytes]:
+    def _assembled(self) -> Iterator[bytes | memoryview]:
         from ptools.core.checkpoint.values import read_tensor
 
         yield encode_values(read_tensor(self.source_checkpoint, self.tensor), self.dtype, self.tally)
@@ -353,8 +353,14 @@ class _PlainTensor:
         self.tensor = tensor
 
 
-class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch table is extensible
-    dispatch = pickle._Pickler.dispatch.copy()
+# The pure-Python pickler: its dispatch table is extensible. Its internals (write, memoize,
+# whichmodule, …) are not in typeshed, hence the Any.
+_PythonPickler: Any = pickle._Pickler
+_whichmodule: Any = pickle.whichmodule  # type: ignore[attr-defined]
+
+
+class _CheckpointPickler(_PythonPickler):
+    dispatch = _PythonPickler.dispatch.copy()
 
     def __init__(
         self,
@@ -400,7 +406,7 @@ class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch t
             return _REBUILD_META, (TorchDType(dtype), tuple(tensor.shape), tuple(tensor.stride), tensor.requires_grad)
         offset = tensor.storage_offset if tensor.storage is not None else 0
         stride = tensor.stride if tensor.storage is not None else contiguous_stride(tensor.shape)
-        args = (
+        args: tuple[Any, ...] = (
             _StorageId(storage),
             offset,
             tuple(tensor.shape),
@@ -414,7 +420,7 @@ class _CheckpointPickler(pickle._Pickler):  # the Python pickler: its dispatch t
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
         name = name if name is not None else getattr(obj, "__qualname__", None)
-        check_output_global(pickle.whichmodule(obj, name), str(name))
+        check_output_global(_whichmodule(obj, name), str(name))
         super().save_global(obj, name)
 
     def _save_global_ref(self, obj: GlobalRef) -> None:
@@ -452,6 +458,7 @@ def _aligned_info(archive: zipfile.ZipFile, name: str, size: int) -> zipfile.Zip
     info.compress_type = zipfile.ZIP_STORED
     info.file_size = size
     zip64 = size > zipfile.ZIP64_LIMIT
+    assert archive.fp is not None  # an archive open for writing
     offset = archive.fp.tell()
     header = 30 + len(name.encode()) + 4 + (20 if zip64 else 0)
     padding = (-(offset + header)) % ALIGNMENT
@@ -469,7 +476,7 @@ def write_torch_zip(
     """Write a torch.save-compatible archive to ``handle`` (an open, writable binary file)."""
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
 
-        def record(name: str, pieces: Iterator[bytes] | list[bytes], size: int) -> None:
+        def record(name: str, pieces: Iterator[bytes | memoryview] | list[bytes], size: int) -> None:
             info = _aligned_info(archive, f"{archive_name}/{name}", size)
             with archive.open(info, "w", force_zip64=size > zipfile.ZIP64_LIMIT) as out:
                 written = 0
@@ -507,7 +514,7 @@ class SafetensorsEntry:
     def nbytes(self) -> int:
         return self.tensor.numel * ITEMSIZE[self.dtype]
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Iterator[bytes | memoryview]:
         """The tensor's own elements, dense and little-endian (a view's base is not copied)."""
         tensor = self.tensor
         if tensor.numel == 0:
