@@ -134,7 +134,7 @@ def _summarize(
     batch_size: int,
     input_spec: str | None,
     dtype: str,
-    mode: str,
+    mode: SummaryMode,
     output_format: str,
     weights: str | None,
     strict: bool,

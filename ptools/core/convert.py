@@ -32,7 +32,7 @@ from ptools.core.checkpoint.writers import (
     write_safetensors,
     write_torch_zip,
 )
-from ptools.core.choices import CastScope, CheckpointOutputFormat, values
+from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat, values
 from ptools.core.files import (
     fsync_folder,
     is_within,
@@ -449,10 +449,10 @@ def convert_checkpoint(
     extract: str | None = None,
     flatten: bool = False,
     drop_optimizer: bool = False,
-    dtype: str | None = None,
+    dtype: CastDtype | None = None,
     keep_dtype: str | None = None,
     cast_scope: CastScope = "weights",
-    format: str | None = None,  # noqa: A002  (the flag's name)
+    format: CheckpointOutputFormat | None = None,  # noqa: A002  (the flag's name)
     shard_size: int | None = None,
     force: bool = False,
     trust: bool = False,

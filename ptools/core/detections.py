@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ptools.core import nms as nms_core
-from ptools.core.choices import DetectionsFormat, values
+from ptools.core.choices import BoxFormat, DetectionsFormat, NmsDevice, NmsMethod, SoftFunction, values
 from ptools.core.limits import brief, brief_text
 from ptools.core.memory import gc_paused
 from ptools.errors import BadInputError
@@ -198,7 +198,7 @@ def _id_codes(values: list[Any]) -> tuple[np.ndarray, list[Any]] | None:
     return None
 
 
-def validate(records: Any, box_format: str = "xywh", skip_invalid: bool = False) -> Detections:
+def validate(records: Any, box_format: BoxFormat = "xywh", skip_invalid: bool = False) -> Detections:
     """Check every record (fast path: vectorised; slow path only to name the culprit).
 
     Raises:
@@ -300,15 +300,15 @@ def _rule(method: str, iou: float, soft_fn: str, sigma: float, score_threshold: 
 def run_nms(
     detections: Detections,
     *,
-    method: str = "hard",
+    method: NmsMethod = "hard",
     iou_threshold: float = 0.5,
     score_threshold: float | None = None,
-    soft_fn: str = "gaussian",
+    soft_fn: SoftFunction = "gaussian",
     sigma: float = 0.5,
     max_det: int | None = None,
     agnostic: bool = False,
-    box_format: str = "xywh",
-    device: str = "cpu",
+    box_format: BoxFormat = "xywh",
+    device: NmsDevice = "cpu",
 ) -> tuple[list[Any], NmsFileReport]:
     """NMS per image (and class unless ``agnostic``) over validated detections.
 

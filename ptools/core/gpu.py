@@ -639,7 +639,7 @@ def filter_devices(
     return kept
 
 
-def rank_devices(devices: Sequence[GpuDevice], order: str = "free-memory") -> list[GpuDevice]:
+def rank_devices(devices: Sequence[GpuDevice], order: SelectOrder = "free-memory") -> list[GpuDevice]:
     """Sort devices best first.
 
     ``free-memory``: most free memory, then lowest utilization, then lowest CUDA index.
@@ -670,7 +670,7 @@ def select_devices(
     *,
     min_free_memory_bytes: int | None = None,
     max_utilization_percent: float | None = None,
-    order: str = "free-memory",
+    order: SelectOrder = "free-memory",
 ) -> list[GpuDevice]:
     """Pick ``count`` devices for a job, best first (see :func:`rank_devices`).
 

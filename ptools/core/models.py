@@ -595,7 +595,7 @@ class FreezeReport:
 
 
 def freeze(
-    model: Any, layers: Sequence[str], except_: Sequence[str] = (), bn: str = "frozen", dry_run: bool = False
+    model: Any, layers: Sequence[str], except_: Sequence[str] = (), bn: BatchNormMode = "frozen", dry_run: bool = False
 ) -> FreezeReport:
     """Freeze the modules whose dotted names match ``layers`` (globs), except ``except_``.
 

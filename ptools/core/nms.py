@@ -13,13 +13,17 @@ and classes cost a handful of numpy calls each, not a Python loop per box.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from ptools.core.choices import BoxFormat, SoftFunction, values
+from ptools.core.choices import BoxFormat, NmsMethod, SoftFunction, values
 from ptools.errors import BadInputError, RequirementNotMetError
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("hard", "and", "merge", "diou", "soft")
 ALIASES = {"vision": "hard", "vision_batch": "hard", "batched": "hard", "or": "hard"}
@@ -315,19 +319,57 @@ def limit_per_image(images: np.ndarray, keep: np.ndarray, scores: np.ndarray, ma
     return order[rank < max_det]
 
 
+@overload
+def nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray | Sequence[Any] | None = None,
+    *,
+    method: NmsMethod = "hard",
+    iou_threshold: float = 0.5,
+    score_threshold: float | None = None,
+    soft_fn: SoftFunction = "gaussian",
+    sigma: float = 0.5,
+    max_det: int | None = None,
+    agnostic: bool = False,
+    box_format: BoxFormat = "xyxy",
+    images: np.ndarray | Sequence[Any] | None = None,
+    and_threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@overload
+def nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    method: NmsMethod = "hard",
+    iou_threshold: float = 0.5,
+    score_threshold: float | None = None,
+    soft_fn: SoftFunction = "gaussian",
+    sigma: float = 0.5,
+    max_det: int | None = None,
+    agnostic: bool = False,
+    box_format: BoxFormat = "xyxy",
+    images: torch.Tensor | None = None,
+    and_threshold: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def nms(
     boxes: Any,
     scores: Any,
     labels: Any = None,
     *,
-    method: str = "hard",
+    method: NmsMethod = "hard",
     iou_threshold: float = 0.5,
     score_threshold: float | None = None,
-    soft_fn: str = "gaussian",
+    soft_fn: SoftFunction = "gaussian",
     sigma: float = 0.5,
     max_det: int | None = None,
     agnostic: bool = False,
-    box_format: str = "xyxy",
+    box_format: BoxFormat = "xyxy",
     images: Any = None,
     and_threshold: float = 0.5,
 ) -> tuple[Any, Any]:

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ptools.core.choices import SummaryDtype, values
+from ptools.core.choices import SummaryDtype, SummaryMode, values
 from ptools.errors import BadInputError
 
 DTYPES = values(SummaryDtype)
@@ -193,7 +193,12 @@ def _extra_flop_formulas() -> dict[Any, Any]:
 
 
 def summarize(
-    model: Any, args: list[Any], kwargs: dict[str, Any] | None = None, *, mode: str = "eval", name: str | None = None
+    model: Any,
+    args: list[Any],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    mode: SummaryMode = "eval",
+    name: str | None = None,
 ) -> ModelSummary:
     """Run one forward pass of ``model(*args, **kwargs)`` and measure every module.
 
