@@ -29,11 +29,11 @@ _API = {
     "iter_stats": "ptools.core.checkpoint",
     "diff_state_dicts": "ptools.core.checkpoint",
     "convert_checkpoint": "ptools.core.convert",
-    "strip_prefix": "ptools.core.convert",
-    "add_prefix": "ptools.core.convert",
-    "rename_keys": "ptools.core.convert",
-    "select_keys": "ptools.core.convert",
-    "cast_floating": "ptools.core.convert",
+    "strip_prefix": "ptools.core.keys",
+    "add_prefix": "ptools.core.keys",
+    "rename_keys": "ptools.core.keys",
+    "select_keys": "ptools.core.keys",
+    "cast_floating": "ptools.core.keys",
     # detections
     "nms": "ptools.core.nms",
     # models
@@ -69,15 +69,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from ptools.core.checkpoint import diff_state_dicts, iter_stats, list_checkpoint, open_checkpoint, read_tensor
-    from ptools.core.convert import (
-        add_prefix,
-        cast_floating,
-        convert_checkpoint,
-        rename_keys,
-        select_keys,
-        strip_prefix,
-    )
+    from ptools.core.convert import convert_checkpoint
     from ptools.core.gpu import query_devices, require_devices, select_devices
+    from ptools.core.keys import add_prefix, cast_floating, rename_keys, select_keys, strip_prefix
     from ptools.core.models import (
         count_checkpoint,
         count_model,

@@ -36,7 +36,7 @@ Reads any format inspect-state-dict reads, with the same safety rules, and strea
 
 
 def _parse_map_location(text: str) -> Any:
-    from ptools.core.convert import parse_map_location
+    from ptools.core.keys import parse_map_location
 
     return parse_map_location(text)
 

@@ -1,17 +1,15 @@
-"""Converting checkpoints: remap devices, rename/select keys, extract, cast, change format.
+"""Converting checkpoint files: remap devices, rename/select keys, extract, cast, change format.
 
-The key transforms (:func:`strip_prefix`, :func:`add_prefix`, :func:`rename_keys`,
-:func:`select_keys`) work on any mapping — a state dict of torch tensors in a training script
-as well as the tensor descriptions ptools reads. :func:`cast_floating` casts a torch state
-dict. :func:`convert_checkpoint` does the whole job on files: it reads through the safe
-reader, streams tensor data storage by storage, writes to a temporary file next to the
-output, verifies it if asked, and only then renames it into place.
+:func:`convert_checkpoint` does the whole job on files: it reads through the safe reader,
+applies the key transforms of :mod:`ptools.core.keys`, streams tensor data storage by
+storage, writes to a temporary file next to the output, verifies it if asked
+(:mod:`ptools.core.verify`), and only then renames it into place.
 """
 
 from __future__ import annotations
 
 import collections
-import json
+import functools
 import os
 import re
 import shutil
@@ -21,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ptools.core.checkpoint.readers import Checkpoint, DcpBytes, open_checkpoint
+from ptools.core.checkpoint.sharded import ShardedTarget, pack_shards, write_sharded
 from ptools.core.checkpoint.structure import find_state_dict, is_state_dict, iter_tensors
 from ptools.core.checkpoint.tensors import TensorInfo
 from ptools.core.checkpoint.writers import (
@@ -34,17 +33,24 @@ from ptools.core.checkpoint.writers import (
 )
 from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat, values
 from ptools.core.files import (
-    fsync_folder,
+    is_one_of,
     is_within,
     size_on_disk,
     stale_temporaries,
-    temporary_path,
     write_atomically,
-    write_file,
 )
+from ptools.core.keys import (
+    add_prefix,
+    parse_dtype,
+    parse_map_location,
+    parse_rename,
+    rename_keys,
+    select_keys,
+    strip_prefix,
+)
+from ptools.core.verify import verify_file, verify_shards
 from ptools.errors import BadInputError
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 OPTIMIZER_KEYS = (
     "optimizer",
     "optimizers",
@@ -64,209 +70,6 @@ OPTIMIZER_KEYS = (
 )
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 OUTPUT_FORMATS = values(CheckpointOutputFormat)
-DTYPES = {
-    "fp16": "float16",
-    "float16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp32": "float32",
-    "float32": "float32",
-    "float": "float32",
-}
-_DEVICE_RE = re.compile(r"^[a-z]+(:\d+)?$")
-
-
-# --------------------------------------------------------------------------- key transforms
-
-
-def _with_metadata(
-    items: Iterable[tuple[str, Any]], source: Mapping[str, Any], rename_module: Callable[[str], str | None] | None
-) -> collections.OrderedDict[str, Any]:
-    """An OrderedDict of ``items`` keeping the source's ``_metadata`` (per-module versions),
-    its module keys renamed like the tensor keys."""
-    result: collections.OrderedDict[str, Any] = collections.OrderedDict(items)
-    metadata = getattr(source, "_metadata", None)
-    if metadata is not None:
-        if rename_module is not None:
-            renamed = collections.OrderedDict()
-            for module, value in metadata.items():
-                new = rename_module(module)
-                if new is not None:
-                    renamed[new] = value
-            metadata = renamed
-        result._metadata = metadata  # type: ignore[attr-defined]
-    return result
-
-
-def _check_collisions(pairs: list[tuple[str, str]], what: str) -> None:
-    seen: dict[str, str] = {}
-    for old, new in pairs:
-        if new in seen:
-            raise BadInputError(
-                f"{what} makes {seen[new]!r} and {old!r} both {new!r}", "change the pattern so that names stay distinct"
-            )
-        seen[new] = old
-
-
-def detect_wrapper_prefix(names: Iterable[str]) -> str:
-    """The ``module.``/``_orig_mod.`` prefix (possibly stacked) shared by every name, or ""."""
-    names = list(names)
-    prefix = ""
-    while names:
-        for candidate in WRAPPER_PREFIXES:
-            if all(name.startswith(prefix + candidate) for name in names):
-                prefix += candidate
-                break
-        else:
-            break
-    return prefix
-
-
-def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "auto") -> tuple[collections.OrderedDict[str, Any], str]:
-    """Remove ``prefix`` from the keys that start with it (``auto``: the wrapper prefix shared
-    by every key, see :func:`detect_wrapper_prefix`). Returns the new dict and the prefix removed.
-
-    Raises:
-        BadInputError: stripping makes two keys equal.
-    """
-    if prefix == "auto":
-        prefix = detect_wrapper_prefix(state_dict)
-    if not prefix:
-        return _with_metadata(state_dict.items(), state_dict, None), ""
-    pairs = [(k, k[len(prefix) :] if k.startswith(prefix) else k) for k in state_dict]
-    _check_collisions(pairs, f"`strip` {prefix!r}")
-    module = prefix.rstrip(".")
-
-    def rename_module(name: str) -> str:
-        if name == module:
-            return ""
-        return name[len(prefix) :] if name.startswith(prefix) else name
-
-    return _with_metadata(((new, state_dict[old]) for old, new in pairs), state_dict, rename_module), prefix
-
-
-def add_prefix(state_dict: Mapping[str, Any], prefix: str) -> collections.OrderedDict[str, Any]:
-    """Put ``prefix`` in front of every key (e.g. ``module.`` to load into a DDP-wrapped model)."""
-    module = prefix.rstrip(".")
-    return _with_metadata(
-        ((prefix + k, v) for k, v in state_dict.items()),
-        state_dict,
-        lambda name: module if name == "" else prefix + name,
-    )
-
-
-def parse_rename(rule: str) -> tuple[re.Pattern[str], str]:
-    """``'REGEX=REPLACEMENT'`` (split at the first ``=``) -> compiled rule.
-
-    Raises:
-        BadInputError: no ``=``, or an invalid regular expression.
-    """
-    pattern, sep, replacement = rule.partition("=")
-    if not sep or not pattern:
-        raise BadInputError(f"`rename` {rule!r} is not REGEX=REPLACEMENT")
-    try:
-        return re.compile(pattern), replacement
-    except re.error as failure:
-        raise BadInputError(f"`rename` {rule!r}: invalid regular expression ({failure})") from None
-
-
-def rename_keys(
-    state_dict: Mapping[str, Any], rules: Iterable[str | tuple[re.Pattern[str], str]]
-) -> collections.OrderedDict[str, Any]:
-    """Apply ``re.sub`` rules to every key, in order.
-
-    Raises:
-        BadInputError: a rule is malformed, or two keys end up equal (both are named).
-    """
-    compiled = [parse_rename(r) if isinstance(r, str) else r for r in rules]
-
-    def apply(name: str) -> str:
-        for pattern, replacement in compiled:
-            try:
-                name = pattern.sub(replacement, name)
-            except (re.error, IndexError) as failure:
-                raise BadInputError(f"`rename` {pattern.pattern!r}: bad replacement ({failure})") from None
-        return name
-
-    pairs = [(k, apply(k)) for k in state_dict]
-    _check_collisions(pairs, "`rename`")
-    return _with_metadata(((new, state_dict[old]) for old, new in pairs), state_dict, apply)
-
-
-def select_keys(
-    state_dict: Mapping[str, Any], keep: str | None = None, drop: str | None = None
-) -> collections.OrderedDict[str, Any]:
-    """Keep the keys matching ``keep`` (searched), then remove those matching ``drop``."""
-
-    def compiled(flag: str, text: str | None) -> re.Pattern[str] | None:
-        try:
-            return re.compile(text) if text is not None else None
-        except re.error as failure:
-            raise BadInputError(f"{flag} {text!r}: invalid regular expression ({failure})") from None
-
-    keep_re, drop_re = compiled("`keep`", keep), compiled("`drop`", drop)
-    items = [
-        (k, v)
-        for k, v in state_dict.items()
-        if (keep_re is None or keep_re.search(k)) and not (drop_re is not None and drop_re.search(k))
-    ]
-    return _with_metadata(items, state_dict, None)
-
-
-def parse_dtype(text: str) -> str:
-    """``fp16|bf16|fp32`` (and their torch names) -> dtype name."""
-    if text not in DTYPES:
-        raise BadInputError(f"unknown `dtype` {text!r}; choose one of: fp16, bf16, fp32")
-    return DTYPES[text]
-
-
-def cast_floating(
-    state_dict: Mapping[str, Any], dtype: Any, keep_dtype: str | None = None
-) -> collections.OrderedDict[str, Any]:
-    """Cast the floating-point torch tensors of a state dict to ``dtype``; integers, booleans
-    (``num_batches_tracked``, masks) and keys matching ``keep_dtype`` stay as they are."""
-    import torch
-
-    target = getattr(torch, parse_dtype(dtype)) if isinstance(dtype, str) else dtype
-    keep_re = re.compile(keep_dtype) if keep_dtype else None
-    items = []
-    for name, value in state_dict.items():
-        if (
-            isinstance(value, torch.Tensor)
-            and value.is_floating_point()
-            and value.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-            and not (keep_re is not None and keep_re.search(name))
-        ):
-            value = value.to(target)
-        items.append((name, value))
-    return _with_metadata(items, state_dict, None)
-
-
-def parse_map_location(text: str) -> Callable[[str], str]:
-    """torch's ``map_location`` as a function of device tags: ``cpu``, ``cuda``, ``cuda:N``, or
-    ``'cuda:1=cuda:0,cuda:2=cuda:0'`` (tags not listed stay).
-
-    Raises:
-        BadInputError: a device is not of the form ``type`` or ``type:index``.
-    """
-
-    def device(value: str) -> str:
-        value = value.strip()
-        if not _DEVICE_RE.match(value):
-            raise BadInputError(f"`map_location`: {value!r} is not a device (cpu, cuda, cuda:1, …)")
-        return value
-
-    if "=" not in text:
-        target = device(text)
-        return lambda _location: target
-    mapping = {}
-    for pair in text.split(","):
-        source, sep, target = pair.partition("=")
-        if not sep:
-            raise BadInputError(f"`map_location`: {pair!r} is not FROM=TO")
-        mapping[device(source)] = device(target)
-    return lambda location: mapping.get(location, location)
 
 
 # --------------------------------------------------------------------------- the conversion
@@ -338,21 +141,12 @@ def _input_files(checkpoint: Checkpoint) -> set[str]:
     return {os.path.realpath(f) for f in files}
 
 
-def _is_input(path: str, inputs: set[str]) -> bool:
-    real = os.path.realpath(path)
-    if real in inputs:
-        return True
-    if not os.path.exists(path):
-        return False
-    return any(os.path.exists(other) and os.path.samefile(path, other) for other in inputs)  # hard links
-
-
 def _check_destination(inputs: set[str], destination: str, force: bool, kind: str) -> None:
     """Refuse any destination whose writing could touch the input (``inputs``: real paths of
     its files and folders): the same file (by path, symlink or hard link), or a file inside an
-    input folder. What a sharded OUT folder may lose is decided by :class:`_ShardedTarget`."""
+    input folder. What a sharded OUT folder may lose is decided by :class:`ShardedTarget`."""
     never = "ptools never overwrites its input"
-    if _is_input(destination, inputs) or any(is_within(destination, path) for path in inputs if os.path.isdir(path)):
+    if is_one_of(destination, inputs) or any(is_within(destination, path) for path in inputs if os.path.isdir(path)):
         raise BadInputError(f"{destination} is the input (or part of it); {never}", "write to another path")
     folder = os.path.dirname(os.path.abspath(destination))
     if not os.path.isdir(folder):
@@ -362,7 +156,7 @@ def _check_destination(inputs: set[str], destination: str, force: bool, kind: st
     if kind == "sharded":
         if os.path.lexists(destination) and not os.path.isdir(destination):
             raise BadInputError(f"{destination} exists and is not a folder; `shard_size` writes a folder")
-        return  # what may be replaced inside it is decided by _ShardedTarget
+        return  # what may be replaced inside it is decided by ShardedTarget
     if os.path.isdir(destination):
         raise BadInputError(
             f"{destination} is a folder",
@@ -377,10 +171,6 @@ def _check_destination(inputs: set[str], destination: str, force: bool, kind: st
                 f"{destination} is not a regular file; `force=True` replaces only a file",
                 "remove it yourself or write elsewhere",
             )
-
-
-_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def _drop_training_state(root: Any, state_dict_path: str) -> list[str]:
@@ -463,8 +253,37 @@ def convert_checkpoint(
 ) -> ConversionReport:
     """Convert checkpoint ``src`` into ``dst``; see the module docstring and README.
 
-    ``on_bytes(n)`` is called as output bytes are written, after ``on_total(size)`` announced
-    how many will be (for progress bars).
+    Args:
+        src: any checkpoint :func:`~ptools.core.checkpoint.open_checkpoint` reads (file, index
+            or folder).
+        dst: the output file; a folder when ``shard_size`` is given.
+        map_location: new device tags, as ``torch.load``'s: ``cpu``, ``cuda:N`` or
+            ``"cuda:1=cuda:0,…"`` (torch output only; safetensors stores none).
+        strip: a key prefix to remove; ``"auto"`` removes ``module.``/``_orig_mod.`` when every
+            key has it.
+        add: a prefix to put in front of every key.
+        rename: ``"REGEX=REPLACEMENT"`` rules, ``re.sub`` on every key, in order.
+        keep: keep only the keys this regular expression finds.
+        drop: remove the keys this regular expression finds.
+        extract: write only the state dict at this dotted path; ``"auto"`` finds the model
+            weights. None keeps the whole checkpoint (the key options apply to its state dict).
+        flatten: for safetensors output from nested input: dotted keys, non-tensors left out.
+        drop_optimizer: remove optimizer, scheduler and scaler state from a training checkpoint.
+        dtype: cast floating tensors (``fp16``/``bf16``/``fp32`` or torch names).
+        keep_dtype: keys this regular expression finds keep their dtype.
+        cast_scope: ``weights`` casts the model weights only (the state dict ``extract='auto'``
+            finds); ``all`` every floating tensor.
+        format: ``torch`` or ``safetensors``; default from ``dst``'s extension.
+        shard_size: bytes per shard: sharded safetensors plus an index in the folder ``dst``.
+        force: replace an existing ``dst`` file (or the files of ptools' earlier sharded output).
+        trust: let the reader import globals outside its allowlist (runs code from the file).
+        dry_run: plan only: the report (with ``plan``) is returned, nothing is written.
+        verify: re-read the output before it replaces anything and compare every tensor.
+        on_bytes: called with each count of output bytes written (for progress bars).
+        on_total: called once with the total bytes about to be written.
+
+    Returns:
+        A :class:`ConversionReport`: counts, casts and their losses, notes, the plan.
 
     Raises:
         BadInputError: bad input, options or destination (nothing is written).
@@ -666,7 +485,7 @@ def convert_checkpoint(
             if entry.dtype != entry.tensor.dtype:
                 entry.tally = CastTally([entry.name], entry.tensor.dtype, entry.dtype)
         report.bytes_out = sum(e.nbytes for e in entries)
-        groups = _shards(entries, shard_size) if kind == "sharded" else [entries]
+        groups = pack_shards(entries, shard_size) if kind == "sharded" else [entries]
         report.shards = len(groups) if kind == "sharded" else 0
 
         def write(handle: Any) -> None:
@@ -679,11 +498,23 @@ def convert_checkpoint(
     if on_total is not None:  # for a progress bar: the bytes about to be written
         on_total(report.bytes_out)
     if kind == "sharded":
-        target = _ShardedTarget.plan(dst, len(groups), force, inputs)
-        _write_sharded(target, groups, metadata, on_bytes, verify, report)
+        target = ShardedTarget.plan(dst, len(groups), force, inputs)
+        write_sharded(
+            target,
+            groups,
+            metadata,
+            set(report.aliases),
+            report.bytes_out,
+            on_bytes,
+            verify=functools.partial(_verified, report, verify_shards) if verify else None,
+        )
     else:
         write_atomically(
-            dst, write, (lambda tmp: _verify(tmp, root, checkpoint, dtype_for, report)) if verify else None
+            dst,
+            write,
+            (lambda tmp: _verified(report, verify_file, tmp, root, checkpoint, dtype_for, kind == "torch"))
+            if verify
+            else None,
         )
     tallies = [s.tally for s in storages.values()] if kind == "torch" else [e.tally for e in entries]
     report.cast_losses = [tally.to_dict() for tally in tallies if tally is not None and tally.lossy]
@@ -753,21 +584,6 @@ def _safetensors_entries(
     return entries, metadata
 
 
-def _shards(entries: list[SafetensorsEntry], shard_size: int | None) -> list[list[SafetensorsEntry]]:
-    """Greedy packing in order; a tensor larger than the limit gets a shard of its own."""
-    if not shard_size or shard_size <= 0:
-        raise BadInputError("`shard_size` must be a positive size, e.g. 2GB")
-    groups: list[list[SafetensorsEntry]] = [[]]
-    size = 0
-    for entry in entries:
-        if groups[-1] and size + entry.nbytes > shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += entry.nbytes
-    return groups
-
-
 SPACE_MARGIN = 16 << 20
 
 
@@ -783,163 +599,6 @@ def _check_space(destination: str, needed: int) -> None:
         )
 
 
-@dataclass
-class _ShardedTarget:
-    """Where a sharded output goes, and the only files an existing OUT may lose: the index
-    ptools wrote there before and the shards it names (by ptools' own naming)."""
-
-    folder: str
-    names: list[str]  # the new shards, then the index
-    stale: list[str]  # shards of the old index that the new output no longer has
-
-    @classmethod
-    def plan(cls, folder: str, count: int, force: bool, inputs: set[str]) -> _ShardedTarget:
-        names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)] + [INDEX_NAME]
-        ours = cls._files_of_old_index(folder)
-        replaced = [name for name in names if os.path.lexists(os.path.join(folder, name))]
-        stale = sorted(set(ours) - set(names))
-        for name in replaced:
-            if name not in ours:
-                raise BadInputError(
-                    f"{os.path.join(folder, name)} exists and is not part of a sharded output "
-                    "ptools can recognise; ptools never replaces it",
-                    "write to another folder",
-                )
-        for name in replaced + stale:
-            path = os.path.join(folder, name)
-            if _is_input(path, inputs):
-                raise BadInputError(
-                    f"{folder} holds the input ({name}); writing there would replace it",
-                    "write the shards to another folder",
-                )
-            if os.path.islink(path) or not os.path.isfile(path):
-                raise BadInputError(f"{path} is not a regular file; ptools never replaces it")
-        if (replaced or stale) and not force:
-            raise BadInputError(
-                f"{folder} already holds a sharded output ({len(ours) - 1} shard(s))", "pass `force=True` to replace it"
-            )
-        return cls(folder=folder, names=names, stale=stale)
-
-    @staticmethod
-    def _files_of_old_index(folder: str) -> list[str]:
-        index_path = os.path.join(folder, INDEX_NAME)
-        if not os.path.isfile(index_path):
-            return []
-        try:
-            with open(index_path, "rb") as handle:
-                weight_map = json.loads(handle.read(64 << 20)).get("weight_map")
-        except (OSError, ValueError, RecursionError, AttributeError):
-            return []
-        if not isinstance(weight_map, dict):
-            return []
-        shards = {name for name in weight_map.values() if isinstance(name, str) and _SHARD_NAME.match(name)}
-        return sorted(shards) + [INDEX_NAME]
-
-
-def _write_sharded(
-    target: _ShardedTarget,
-    groups: list[list[SafetensorsEntry]],
-    metadata: dict[str, str],
-    on_bytes: Callable[[int], None] | None,
-    verify: bool,
-    report: ConversionReport,
-) -> None:
-    """Shards and the index into a temporary folder; verified there; then moved into place
-    (the whole folder when OUT is new, file by file with the index last otherwise)."""
-    destination = target.folder
-    exists = os.path.isdir(destination)
-    temporary = temporary_path(os.path.join(destination, "shards") if exists else destination, directory=True)
-    try:
-        weight_map: dict[str, str] = {}
-        for group, shard in zip(groups, target.names):
-            kept = {e.name for e in group}
-            shard_metadata = {k: v for k, v in metadata.items() if k not in report.aliases or v in kept}
-
-            def write_shard(handle: Any, g: list[SafetensorsEntry] = group, m: dict[str, str] = shard_metadata) -> None:
-                write_safetensors(handle, g, m, on_bytes)
-
-            write_file(os.path.join(temporary, shard), write_shard)
-            weight_map.update({e.name: shard for e in group})
-        index = {"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map}
-        write_file(
-            os.path.join(temporary, INDEX_NAME), lambda handle: handle.write(json.dumps(index, indent=2).encode())
-        )
-        if verify:
-            _verify_against(os.path.join(temporary, INDEX_NAME), groups, report)
-        if not exists:
-            os.chmod(temporary, 0o755)
-            os.replace(temporary, destination)
-            fsync_folder(os.path.dirname(os.path.abspath(destination)))
-            return
-        for name in target.names:  # the index last: until then the old index stays whole
-            os.chmod(os.path.join(temporary, name), 0o644)
-            os.replace(os.path.join(temporary, name), os.path.join(destination, name))
-        for name in target.stale:
-            os.unlink(os.path.join(destination, name))
-        fsync_folder(destination)
-        os.rmdir(temporary)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-
-
-def _verify(
-    path: str, root: Any, source: Checkpoint, dtype_for: Callable[[TensorInfo], str], report: ConversionReport
-) -> None:
-    """Re-read the written file and compare every tensor with its source (after any cast)."""
-    written = open_checkpoint(path)
-    expected = collections.OrderedDict(iter_tensors(root))
-    actual_root = written.root
-    if report.output_format == "torch":
-        actual = collections.OrderedDict(iter_tensors(actual_root))
-    else:
-        actual = collections.OrderedDict((k, v) for k, v in actual_root.items())
-    _compare(expected, source, actual, written, dtype_for, report)
-
-
-def _verify_against(index_path: str, groups: list[list[SafetensorsEntry]], report: ConversionReport) -> None:
-    written = open_checkpoint(index_path)
-    expected = collections.OrderedDict((e.name, e.tensor) for g in groups for e in g)
-    if not any(groups):
-        return  # nothing was written to compare
-    source = groups[0][0].checkpoint
-    dtypes = {id(e.tensor): e.dtype for g in groups for e in g}
-    actual = collections.OrderedDict((k, written.root[k]) for k in expected)
-    _compare(expected, source, actual, written, lambda t: dtypes[id(t)], report)
-
-
-def _compare(
-    expected: Mapping[str, TensorInfo],
-    source: Checkpoint,
-    actual: Mapping[str, Any],
-    written: Checkpoint,
-    dtype_for: Callable[[TensorInfo], str],
-    report: ConversionReport,
-) -> None:
-    import numpy as np
-
-    from ptools.core.checkpoint.values import decode, read_tensor
-    from ptools.core.checkpoint.writers import cast_bytes
-
-    missing = [name for name in expected if name not in actual]
-    if missing:
-        raise BadInputError(
-            f"verification failed: {len(missing)} tensor(s) missing from the output, e.g. {missing[0]!r}"
-        )
-    for name, tensor in expected.items():
-        out = actual[name]
-        want_dtype = dtype_for(tensor)
-        if not isinstance(out, TensorInfo) or out.shape != tensor.shape or out.dtype != want_dtype:
-            raise BadInputError(f"verification failed: {name!r} has the wrong shape or dtype in the output")
-        if tensor.storage is None and not tensor.chunks:
-            continue
-        source_values = read_tensor(source, tensor)
-        if want_dtype != tensor.dtype:
-            # bfloat16 reads back widened to float32; cast from what was read.
-            decoded = {"f8": "float64", "f4": "float32", "f2": "float16"}[source_values.dtype.str[1:]]
-            raw = np.ascontiguousarray(source_values).astype(source_values.dtype.newbyteorder("<")).tobytes()
-            source_values = decode(bytes(cast_bytes(raw, decoded, want_dtype)), want_dtype).reshape(tensor.shape)
-        output_values = read_tensor(written, out)
-        if not np.array_equal(source_values, output_values, equal_nan=True):
-            raise BadInputError(f"verification failed: values of {name!r} differ from the input")
+def _verified(report: ConversionReport, check: Callable[..., None], *args: Any) -> None:
+    check(*args)  # raises BadInputError on any difference
     report.verified = True

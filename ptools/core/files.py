@@ -138,3 +138,14 @@ def write_atomically(
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def is_one_of(path: str, files: set[str]) -> bool:
+    """Whether ``path`` is one of ``files`` (real paths): the same path after symlinks, or the
+    same file through a hard link."""
+    real = os.path.realpath(path)
+    if real in files:
+        return True
+    if not os.path.exists(path):
+        return False
+    return any(os.path.exists(other) and os.path.samefile(path, other) for other in files)

@@ -378,7 +378,7 @@ def load_weights(model: Any, path: str, *, strict: bool = False, trust: bool = F
     import torch
 
     from ptools.core.checkpoint import list_checkpoint, open_checkpoint, read_tensor
-    from ptools.core.convert import detect_wrapper_prefix
+    from ptools.core.keys import detect_wrapper_prefix
 
     checkpoint = open_checkpoint(path, trust=trust)
     listing = list_checkpoint(checkpoint)

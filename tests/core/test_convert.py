@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 
 from ptools.core import convert
 from ptools.core.checkpoint import writers
-from ptools.core.convert import (
+from ptools.core import keys
+from ptools.core.convert import convert_checkpoint
+from ptools.core.keys import (
     add_prefix,
     cast_floating,
-    convert_checkpoint,
     detect_wrapper_prefix,
     rename_keys,
     select_keys,
@@ -164,14 +165,14 @@ def test_cuda_tagged_checkpoint_remapped_to_cpu(tmp_path: Path) -> None:
     ("cuda:1=cuda:0,cuda:2=cuda:0", {"cpu": "cpu", "cuda:1": "cuda:0", "cuda:2": "cuda:0"}),
 ])
 def test_map_location_specs(spec: str, expected: dict[str, str]) -> None:
-    relocate = convert.parse_map_location(spec)
+    relocate = keys.parse_map_location(spec)
     assert {k: relocate(k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("spec", ["gpu 0", "cuda:x", "cuda:1=", "=cpu", "cuda:1:cpu,"])
 def test_bad_map_location(spec: str) -> None:
     with pytest.raises(BadInputError, match="`map_location`"):
-        convert.parse_map_location(spec)
+        keys.parse_map_location(spec)
 
 
 def test_remap_to_cuda_on_a_cpu_machine(tmp_path: Path) -> None:

@@ -19,11 +19,17 @@ from ptools.core.checkpoint.values import (
     read_tensor,
     tensors_equal,
 )
+from ptools.core.keys import WRAPPER_PREFIXES
 
 # What a diff compares, from least to most work.
 COMPARE_LEVELS = ("keys", "bytes", "numbers")
 
-KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "module._orig_mod.", "_orig_mod.module.")
+# The wrapper prefixes (both orders when stacked), and Lightning's "model." attribute.
+KNOWN_PREFIXES = (
+    *WRAPPER_PREFIXES,
+    "model.",
+    *(first + second for first in WRAPPER_PREFIXES for second in WRAPPER_PREFIXES if first != second),
+)
 
 
 @dataclass
