@@ -29,6 +29,8 @@ _API = {
     "iter_stats": "ptools.core.checkpoint",
     "diff_state_dicts": "ptools.core.checkpoint",
     "convert_checkpoint": "ptools.core.convert",
+    "plan_conversion": "ptools.core.convert",
+    "execute_conversion": "ptools.core.convert",
     "strip_prefix": "ptools.core.keys",
     "add_prefix": "ptools.core.keys",
     "rename_keys": "ptools.core.keys",
@@ -69,7 +71,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from ptools.core.checkpoint import diff_state_dicts, iter_stats, list_checkpoint, open_checkpoint, read_tensor
-    from ptools.core.convert import convert_checkpoint
+    from ptools.core.convert import convert_checkpoint, execute_conversion, plan_conversion
     from ptools.core.gpu import query_devices, require_devices, select_devices
     from ptools.core.keys import add_prefix, cast_floating, rename_keys, select_keys, strip_prefix
     from ptools.core.models import (

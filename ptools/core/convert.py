@@ -120,11 +120,9 @@ def output_format(path: str, requested: str | None, shard_size: int | None) -> s
         return "sharded"
     if requested is not None:
         return requested
-    lowered = path.lower()
-    if lowered.endswith(".safetensors"):
-        return "safetensors"
-    if lowered.endswith(TORCH_EXTENSIONS):
-        return "torch"
+    for kind, output_kind in OUTPUT_KINDS.items():
+        if output_kind.extensions and path.lower().endswith(output_kind.extensions):
+            return kind
     raise BadInputError(
         f"cannot tell the output format from {path!r}",
         "use .pt/.pth/.bin/.ckpt or .safetensors, or pass `format` torch|safetensors",
@@ -153,15 +151,14 @@ def _check_destination(inputs: set[str], destination: str, force: bool, kind: st
         raise BadInputError(f"folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BadInputError(f"cannot write to folder {folder}")
-    if kind == "sharded":
+    if OUTPUT_KINDS[kind].folder:
         if os.path.lexists(destination) and not os.path.isdir(destination):
             raise BadInputError(f"{destination} exists and is not a folder; `shard_size` writes a folder")
         return  # what may be replaced inside it is decided by ShardedTarget
     if os.path.isdir(destination):
         raise BadInputError(
             f"{destination} is a folder",
-            "name the output file, e.g. "
-            f"{os.path.join(destination, 'model' + ('.safetensors' if kind == 'safetensors' else '.pt'))}",
+            f"name the output file, e.g. {os.path.join(destination, 'model' + OUTPUT_KINDS[kind].extensions[0])}",
         )
     if os.path.lexists(destination):
         if not force:
@@ -289,6 +286,63 @@ def convert_checkpoint(
         BadInputError: bad input, options or destination (nothing is written).
         UnsafeFileError: the input needs code to be read and ``trust`` is off.
     """
+    plan = plan_conversion(
+        src,
+        dst,
+        map_location=map_location,
+        strip=strip,
+        add=add,
+        rename=rename,
+        keep=keep,
+        drop=drop,
+        extract=extract,
+        flatten=flatten,
+        drop_optimizer=drop_optimizer,
+        dtype=dtype,
+        keep_dtype=keep_dtype,
+        cast_scope=cast_scope,
+        format=format,
+        shard_size=shard_size,
+        force=force,
+        trust=trust,
+        dry_run=dry_run,
+    )
+    if dry_run:
+        return plan.report
+    return execute_conversion(plan, verify=verify, on_bytes=on_bytes, on_total=on_total)
+
+
+def plan_conversion(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    map_location: str | None = None,
+    strip: str | None = None,
+    add: str | None = None,
+    rename: Iterable[str] = (),
+    keep: str | None = None,
+    drop: str | None = None,
+    extract: str | None = None,
+    flatten: bool = False,
+    drop_optimizer: bool = False,
+    dtype: CastDtype | None = None,
+    keep_dtype: str | None = None,
+    cast_scope: CastScope = "weights",
+    format: CheckpointOutputFormat | None = None,  # noqa: A002  (the flag's name)
+    shard_size: int | None = None,
+    force: bool = False,
+    trust: bool = False,
+    dry_run: bool = False,
+) -> ConversionPlan:
+    """Decide a conversion without writing anything: read ``src``'s metadata, apply the key
+    transforms, decide every tensor's name, dtype and device, check the destination, and
+    build what will be written. The arguments are :func:`convert_checkpoint`'s;
+    ``dry_run`` also records ``report.plan`` rows and skips the destination checks.
+
+    Raises:
+        BadInputError: bad input, options or destination.
+        UnsafeFileError: the input needs code to be read and ``trust`` is off.
+    """
     started = time.perf_counter()
     src, dst = os.fspath(src), os.fspath(dst)
     kind = output_format(dst, format, shard_size)
@@ -364,7 +418,7 @@ def convert_checkpoint(
             if not report.dropped_entries:
                 report.notes.append("`drop_optimizer`: no optimizer, scheduler or scaler state found")
 
-    if kind != "torch":
+    if OUTPUT_KINDS[kind].flat:
         root = _flat_tensors(root, flatten, report)
 
     # Casting decisions are per storage: tensors sharing one must keep sharing one dtype.
@@ -400,7 +454,7 @@ def convert_checkpoint(
             else:
                 report.kept_dtype.append(name)
         device = tensor.device
-        new_device = relocate(device) if relocate is not None and kind == "torch" else device
+        new_device = relocate(device) if relocate is not None and OUTPUT_KINDS[kind].devices else device
         if new_device != device:
             report.devices[device] = new_device
         if dry_run:
@@ -432,10 +486,98 @@ def convert_checkpoint(
                         "shape": list(value.shape),
                     }
                 )
-    if relocate is not None and kind != "torch":
+    if relocate is not None and not OUTPUT_KINDS[kind].devices:
         report.notes.append("`map_location` has no effect on safetensors output (it stores no devices)")
 
+    context = _Context(
+        src=src,
+        dst=dst,
+        checkpoint=checkpoint,
+        root=root,
+        dtype_for=dtype_for,
+        names_by_storage=names_by_storage,
+        relocate=relocate,
+        report=report,
+        shard_size=shard_size,
+        force=force,
+        inputs=inputs,
+    )
+    prepared = OUTPUT_KINDS[kind].prepare(context)
+    report.bytes_out = prepared.bytes_out
+    report.seconds = time.perf_counter() - started
+    return ConversionPlan(report=report, prepared=prepared, started=started)
+
+
+def execute_conversion(
+    plan: ConversionPlan,
+    *,
+    verify: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> ConversionReport:
+    """Write what ``plan`` decided: into a temporary file (or folder) beside the output,
+    verified if asked, then renamed into place. Returns the plan's report, completed.
+
+    Raises:
+        BadInputError: not enough disk space, or verification failed (nothing is replaced).
+    """
+    report = plan.report
+    if report.dry_run:
+        raise BadInputError("a dry-run plan writes nothing; plan again without `dry_run`")
+    _check_space(report.output, report.bytes_out)
+    if on_total is not None:  # for a progress bar: the bytes about to be written
+        on_total(report.bytes_out)
+    plan.prepared.write(verify, on_bytes)
+    report.cast_losses = [tally.to_dict() for tally in plan.prepared.tallies() if tally is not None and tally.lossy]
+    report.bytes_out = size_on_disk(report.output)
+    report.seconds = time.perf_counter() - plan.started
+    return report
+
+
+# --------------------------------------------------------------------------- output formats
+
+
+@dataclass
+class _Context:
+    """What every output format's preparation needs from the plan."""
+
+    src: str
+    dst: str
+    checkpoint: Checkpoint
+    root: Any
+    dtype_for: Callable[[TensorInfo], str]
+    names_by_storage: dict[Any, list[str]]
+    relocate: Callable[[str], str] | None
+    report: ConversionReport
+    shard_size: int | None
+    force: bool
+    inputs: set[str]
+
+
+@dataclass
+class _Prepared:
+    """An output ready to be written: its size, how to write it (``write(verify, on_bytes)``)
+    and, afterwards, what each cast lost."""
+
+    bytes_out: int
+    write: Callable[[bool, Callable[[int], None] | None], None]
+    tallies: Callable[[], list[CastTally | None]]
+
+
+@dataclass
+class ConversionPlan:
+    """A conversion decided and checked, nothing written: ``report`` (with ``plan`` rows when
+    it was made for a dry run) says what :func:`execute_conversion` will do."""
+
+    report: ConversionReport
+    prepared: _Prepared
+    started: float
+
+
+def _prepare_torch(context: _Context) -> _Prepared:
+    """A PyTorch zip archive: the pickle written by ptools, each storage once."""
     storages: dict[Any, OutputStorage] = {}
+    relocate, dtype_for = context.relocate, context.dtype_for
 
     def storage_for(tensor: TensorInfo) -> OutputStorage | None:
         if tensor.storage is None and not tensor.chunks:
@@ -449,20 +591,20 @@ def convert_checkpoint(
             and (known.tensor.dtype != tensor.dtype or known.tensor.storage.size_bytes != tensor.storage.size_bytes)
         ):
             raise BadInputError(
-                f"{src}: storage {tensor.storage.key} is claimed with different dtypes or sizes "
+                f"{context.src}: storage {tensor.storage.key} is claimed with different dtypes or sizes "
                 "by the tensors sharing it; the file is corrupt"
             )
         if identity not in storages:
             location = tensor.device
             new_dtype = dtype_for(tensor)
             tally = (
-                CastTally(names_by_storage[identity][:16], tensor.dtype, new_dtype)
+                CastTally(context.names_by_storage[identity][:16], tensor.dtype, new_dtype)
                 if new_dtype != tensor.dtype
                 else None
             )
             storages[identity] = OutputStorage(
                 key=str(len(storages)),
-                source_checkpoint=checkpoint,
+                source_checkpoint=context.checkpoint,
                 tensor=tensor,
                 dtype=new_dtype,
                 location=relocate(location) if relocate else location,
@@ -470,57 +612,90 @@ def convert_checkpoint(
             )
         return storages[identity]
 
-    if kind == "torch":
-        pickle_bytes = build_torch_pickle(root, storage_for, dtype_for)
-        report.bytes_out = len(pickle_bytes) + sum(s.nbytes for s in storages.values())
+    pickle_bytes = build_torch_pickle(context.root, storage_for, dtype_for)
+    archive = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(context.dst))[0] or "archive")
 
-        def write(handle: Any) -> None:
-            archive = os.path.splitext(os.path.basename(dst))[0] or "archive"
-            write_torch_zip(
-                handle, re.sub(r"[^A-Za-z0-9_.-]", "_", archive), pickle_bytes, list(storages.values()), on_bytes
-            )
-    else:
-        entries, metadata = _safetensors_entries(root, checkpoint, dtype_for, report)
-        for entry in entries:
-            if entry.dtype != entry.tensor.dtype:
-                entry.tally = CastTally([entry.name], entry.tensor.dtype, entry.dtype)
-        report.bytes_out = sum(e.nbytes for e in entries)
-        groups = pack_shards(entries, shard_size) if kind == "sharded" else [entries]
-        report.shards = len(groups) if kind == "sharded" else 0
+    def write(verify: bool, on_bytes: Callable[[int], None] | None) -> None:
+        def body(handle: Any) -> None:
+            write_torch_zip(handle, archive, pickle_bytes, list(storages.values()), on_bytes)
 
-        def write(handle: Any) -> None:
+        check = (
+            (lambda tmp: _verified(context.report, verify_file, tmp, context.root, context.checkpoint, dtype_for, True))
+            if verify
+            else None
+        )
+        write_atomically(context.dst, body, check)
+
+    return _Prepared(
+        bytes_out=len(pickle_bytes) + sum(s.nbytes for s in storages.values()),
+        write=write,
+        tallies=lambda: [s.tally for s in storages.values()],
+    )
+
+
+def _safetensors_prepared(context: _Context) -> tuple[list[SafetensorsEntry], dict[str, str]]:
+    entries, metadata = _safetensors_entries(context.root, context.checkpoint, context.dtype_for, context.report)
+    for entry in entries:
+        if entry.dtype != entry.tensor.dtype:
+            entry.tally = CastTally([entry.name], entry.tensor.dtype, entry.dtype)
+    return entries, metadata
+
+
+def _prepare_safetensors(context: _Context) -> _Prepared:
+    """One safetensors file."""
+    entries, metadata = _safetensors_prepared(context)
+
+    def write(verify: bool, on_bytes: Callable[[int], None] | None) -> None:
+        def body(handle: Any) -> None:
             write_safetensors(handle, entries, metadata, on_bytes)
 
-    if dry_run:
-        report.seconds = time.perf_counter() - started
-        return report
-    _check_space(dst, report.bytes_out)
-    if on_total is not None:  # for a progress bar: the bytes about to be written
-        on_total(report.bytes_out)
-    if kind == "sharded":
-        target = ShardedTarget.plan(dst, len(groups), force, inputs)
-        write_sharded(
-            target,
-            groups,
-            metadata,
-            set(report.aliases),
-            report.bytes_out,
-            on_bytes,
-            verify=functools.partial(_verified, report, verify_shards) if verify else None,
-        )
-    else:
-        write_atomically(
-            dst,
-            write,
-            (lambda tmp: _verified(report, verify_file, tmp, root, checkpoint, dtype_for, kind == "torch"))
+        check = (
+            (
+                lambda tmp: _verified(
+                    context.report, verify_file, tmp, context.root, context.checkpoint, context.dtype_for, False
+                )
+            )
             if verify
-            else None,
+            else None
         )
-    tallies = [s.tally for s in storages.values()] if kind == "torch" else [e.tally for e in entries]
-    report.cast_losses = [tally.to_dict() for tally in tallies if tally is not None and tally.lossy]
-    report.bytes_out = size_on_disk(dst)
-    report.seconds = time.perf_counter() - started
-    return report
+        write_atomically(context.dst, body, check)
+
+    return _Prepared(bytes_out=sum(e.nbytes for e in entries), write=write, tallies=lambda: [e.tally for e in entries])
+
+
+def _prepare_sharded(context: _Context) -> _Prepared:
+    """Safetensors shards of at most ``shard_size`` bytes and their index, in the folder dst."""
+    entries, metadata = _safetensors_prepared(context)
+    groups = pack_shards(entries, context.shard_size)
+    context.report.shards = len(groups)
+    bytes_out = sum(e.nbytes for e in entries)
+
+    def write(verify: bool, on_bytes: Callable[[int], None] | None) -> None:
+        target = ShardedTarget.plan(context.dst, len(groups), context.force, context.inputs)
+        check = functools.partial(_verified, context.report, verify_shards) if verify else None
+        write_sharded(target, groups, metadata, set(context.report.aliases), bytes_out, on_bytes, verify=check)
+
+    return _Prepared(bytes_out=bytes_out, write=write, tallies=lambda: [e.tally for e in entries])
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One output format: whether it holds only a flat name -> tensor map, and how a plan
+    prepares it. A new format is one entry here (and its name in
+    :data:`ptools.core.choices.CheckpointOutputFormat`, its extensions in :data:`EXTENSIONS`)."""
+
+    extensions: tuple[str, ...]  # of an output path that chooses this format; the first is suggested
+    flat: bool  # holds only a flat name -> tensor map
+    devices: bool  # stores device tags (map_location applies)
+    folder: bool  # the output is a folder
+    prepare: Callable[[_Context], _Prepared]
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {
+    "torch": OutputKind(TORCH_EXTENSIONS, flat=False, devices=True, folder=False, prepare=_prepare_torch),
+    "safetensors": OutputKind((".safetensors",), flat=True, devices=False, folder=False, prepare=_prepare_safetensors),
+    "sharded": OutputKind((), flat=True, devices=False, folder=True, prepare=_prepare_sharded),
+}
 
 
 def _flat_tensors(root: Any, flatten: bool, report: ConversionReport) -> collections.OrderedDict[str, Any]:

@@ -560,3 +560,26 @@ def test_cast_tally_counts_in_either_byte_order(byteorder: str, target: str, tor
     tally = writers.CastTally(["w"], "float32", target)
     writers.cast_bytes(raw, "float32", target, byteorder, tally)
     assert (tally.numel, tally.to_zero, tally.to_inf) == (values.numel(), *_losses(values, torch_dtype))
+
+
+def test_plan_then_execute(tmp_path: Path) -> None:
+    """The plan is a value: printed (its report) before anything is written, then executed."""
+    path = save_zip(tiny_net().state_dict(), tmp_path / "in.pt")
+    out = tmp_path / "out.safetensors"
+    plan = convert.plan_conversion(path, out, dtype="bf16", dry_run=False)
+    assert not out.exists() and plan.report.tensors == 9 and plan.report.bytes_out > 0
+    report = convert.execute_conversion(plan, verify=True)
+    assert out.exists() and report.verified and report is plan.report
+    dry = convert.plan_conversion(path, tmp_path / "other.pt", dry_run=True)
+    assert [row["from"] for row in dry.report.plan][:1] == ["conv.weight"]
+    with pytest.raises(BadInputError, match="dry-run plan writes nothing"):
+        convert.execute_conversion(dry)
+
+
+def test_every_output_format_has_one_table_entry() -> None:
+    from ptools.core.choices import CheckpointOutputFormat, values
+
+    assert set(values(CheckpointOutputFormat)) <= set(convert.OUTPUT_KINDS)
+    assert convert.output_format("x.pth", None, None) == "torch"
+    assert convert.output_format("x.SAFETENSORS", None, None) == "safetensors"
+    assert convert.output_format("out", None, 1 << 30) == "sharded"
