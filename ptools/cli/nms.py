@@ -141,6 +141,9 @@ def command(
         agnostic=agnostic,
         box_format=box_format,
         device=device,
+        # The records were parsed for this run: soft/merge may update them in place, unless
+        # the evaluation still needs them as they were read.
+        keep_input=eval_path is not None,
     )
     if eval_path is not None:
         valid_input = [records[i] for i in detections.index.tolist()]

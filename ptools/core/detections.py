@@ -309,13 +309,19 @@ def run_nms(
     agnostic: bool = False,
     box_format: BoxFormat = "xywh",
     device: NmsDevice = "cpu",
+    keep_input: bool = True,
 ) -> tuple[list[Any], NmsFileReport]:
     """NMS per image (and class unless ``agnostic``) over validated detections.
 
+    Args:
+        keep_input: True (default): the input records are never changed; soft and merge
+            return new dicts. False: the caller gives its records up (a command that parsed
+            them from a file), and soft and merge update the kept ones in place - a million
+            dict copies saved.
+
     Returns:
-        ``(output records, report)``: the kept input dicts, by image then score descending;
-        for soft and merge new dicts with the decayed ``score`` / merged ``bbox`` (the input
-        records are never changed).
+        ``(output records, report)``: the kept records, by image then score descending, with
+        the decayed ``score`` (soft) or merged ``bbox`` (merge).
     """
     started = time.perf_counter()
     name = nms_core.canonical_method(method)
@@ -344,11 +350,16 @@ def run_nms(
     rows = detections.index[kept_rows].tolist()
     output = list(operator.itemgetter(*rows)(records)) if len(rows) > 1 else [records[i] for i in rows]
     # soft and merge change a field of what they keep: new records, the caller's stay as read.
-    if name == "soft":
-        output = [{**record, "score": score} for record, score in zip(output, result.scores[positions].tolist())]
-    elif name == "merge":
-        merged = nms_core.from_xyxy(result.boxes[positions], box_format)
-        output = [{**record, "bbox": box} for record, box in zip(output, merged.tolist())]
+    if name in ("soft", "merge"):
+        field = "score" if name == "soft" else "bbox"
+        changed = (
+            result.scores[positions] if name == "soft" else nms_core.from_xyxy(result.boxes[positions], box_format)
+        ).tolist()
+        if keep_input:
+            output = [{**record, field: value} for record, value in zip(output, changed)]
+        else:
+            for record, value in zip(output, changed):
+                record[field] = value
     counts_in = np.bincount(detections.categories, minlength=len(detections.category_ids))
     counts_out = np.bincount(detections.categories[kept_rows], minlength=len(detections.category_ids))
     report = NmsFileReport(

@@ -360,3 +360,12 @@ def test_library_nms_checks_its_own_parameters_in_python_words(kwargs: dict, mes
     with pytest.raises(BadInputError) as caught:
         nms(boxes, np.array([0.9, 0.8]), **kwargs)
     assert message in str(caught.value) and "--" not in str(caught.value)
+
+
+def test_run_nms_may_update_records_the_caller_gives_up() -> None:
+    from ptools.core import detections
+
+    records = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+               {"image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "score": 0.8}]
+    kept, _ = detections.run_nms(detections.validate(records), method="soft", keep_input=False)
+    assert kept[1] is records[1] and records[1]["score"] < 0.8  # decayed in place, no copy
