@@ -46,19 +46,17 @@ def command(
 ) -> None:
     from ptools.core import models
 
-    is_checkpoint = False
+    checkpoint = None
     if os.path.lexists(target) and not target.endswith((".py", ".pt2")):
         from ptools.core.checkpoint import open_checkpoint
         from ptools.errors import UnsafeFileError
 
-        try:
-            is_checkpoint = open_checkpoint(target, trust=trust).format != "torchscript"
-        except UnsafeFileError as failure:  # a pickled whole model: loaded only with --trust
-            if not trust:
-                raise models.whole_model_refused(target, failure) from None
-            is_checkpoint = False
-    if is_checkpoint:
-        result = models.count_checkpoint(target, key=key, depth=depth, trust=trust)
+        try:  # opened once; with --trust a whole pickled model is read as its state dict
+            checkpoint = open_checkpoint(target, trust=trust)
+        except UnsafeFileError as failure:
+            raise models.whole_model_refused(target, failure) from None
+    if checkpoint is not None and checkpoint.format != "torchscript":
+        result = models.count_checkpoint(checkpoint, key=key, depth=depth)
     else:
         # Library models are built on the meta device: exact counts, no memory, no init time.
         device = "meta" if models.is_library_model(target) else None

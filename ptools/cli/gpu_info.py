@@ -158,17 +158,17 @@ def _run(launch: list[str], environment: dict[str, str]) -> None:
     """Replace this process with ``launch`` (``exec``), its environment updated: signals, the
     exit code and the terminal go straight to the command."""
     import os
-    import shutil
 
     for name, value in environment.items():
         output.info(f"{name}={value}")
         os.environ[name] = value
-    if shutil.which(launch[0]) is None:
-        output.error(f"{launch[0]}: command not found")
-        raise typer.Exit(127)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvp(launch[0], launch)
+    try:
+        os.execvp(launch[0], launch)  # searches PATH itself; returns only on failure
+    except (FileNotFoundError, PermissionError, NotADirectoryError):
+        output.error(f"{launch[0]}: command not found")
+        raise typer.Exit(127) from None
 
 
 def _watch(interval: float, *, use_torch: bool, json_output: bool) -> None:

@@ -122,38 +122,36 @@ def make_table(
 
     specs = [column if isinstance(column, tuple) else (column, "left") for column in columns]
     cells = [["-" if cell is None else str(cell) for cell in row] for row in rows]
-    console = stdout_console()
-
-    def build(shown: list[int]) -> Table:
-        table = Table(title=title, title_justify="left", header_style="bold")
-        for index in shown:
-            name, justify = specs[index]
-            table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-        for row in cells:
-            table.add_row(*(row[index] for index in shown))
-        return table
-
-    # The width each column needs to show its longest word whole (Rich's own measure assumes
-    # words may be folded), plus padding and borders; a word past _FOLDED is folded anyway.
-    needs = [
-        max((min(len(word), _FOLDED) for text in (*(row[index] for row in cells),) for word in text.split()), default=1)
-        for index in range(len(specs))
-    ]
-    needs = [max([need, *(len(word) for word in name.split())]) + 3 for need, (name, _) in zip(needs, specs)]
     shown = list(range(len(specs)))
     dropped: list[str] = []
-    for name in optional:
-        if sum(needs[index] for index in shown) + 1 <= console.width:
-            break
-        if name not in (spec[0] for spec in specs):
-            continue
-        shown = [index for index in shown if specs[index][0] != name]
-        dropped.append(name)
-    table = build(shown)
+    width = stdout_console().width
+    if optional:
+        # The width each column needs to show its longest word whole (Rich's own measure
+        # assumes words may be folded), plus padding and borders; a word past _FOLDED is
+        # folded anyway.
+        needs = [
+            max(
+                [len(word) for word in name.split()]
+                + [min(len(word), _FOLDED) for row in cells for word in row[index].split()]
+                + [1]
+            )
+            + 3
+            for index, (name, _) in enumerate(specs)
+        ]
+        for name in optional:
+            if sum(needs[index] for index in shown) + 1 <= width:
+                break
+            if name in (spec[0] for spec in specs):
+                shown = [index for index in shown if specs[index][0] != name]
+                dropped.append(name)
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for index in shown:
+        name, justify = specs[index]
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for row in cells:
+        table.add_row(*(row[index] for index in shown))
     if dropped:
-        table.caption = (
-            f"not shown at {console.width} columns: {', '.join(dropped)} (a wider terminal or --json shows them)"
-        )
+        table.caption = f"not shown at {width} columns: {', '.join(dropped)} (a wider terminal or --json shows them)"
         table.caption_justify = "left"
     return table
 

@@ -10,7 +10,7 @@ import typer
 from ptools.cli import output
 from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption, usage_check
 from ptools.core.choices import SummaryDtype, SummaryFormat, SummaryMode
-from ptools.core.summary import check_device, parse_input_size
+from ptools.core.summary import ForwardPassError, check_device, parse_input_size
 from ptools.core.units import format_bytes
 from ptools.errors import BadInputError
 
@@ -111,7 +111,7 @@ def command(
     try:
         data = measure(chosen)
     except BadInputError as failure:
-        if not (device == "auto" and chosen == "meta" and "forward pass failed" in failure.message):
+        if not (device == "auto" and chosen == "meta" and isinstance(failure, ForwardPassError)):
             raise
         output.info(
             "note: the model does not run on the meta device (it needs values, e.g. for NMS): "

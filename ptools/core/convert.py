@@ -616,21 +616,28 @@ def _prepare_torch(context: _Context) -> _Prepared:
     archive = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(context.dst))[0] or "archive")
 
     def write(verify: bool, on_bytes: Callable[[int], None] | None) -> None:
-        def body(handle: Any) -> None:
-            write_torch_zip(handle, archive, pickle_bytes, list(storages.values()), on_bytes)
-
-        check = (
-            (lambda tmp: _verified(context.report, verify_file, tmp, context.root, context.checkpoint, dtype_for, True))
-            if verify
-            else None
+        _write_one_file(
+            context,
+            lambda handle: write_torch_zip(handle, archive, pickle_bytes, list(storages.values()), on_bytes),
+            verify,
+            nested=True,
         )
-        write_atomically(context.dst, body, check)
 
     return _Prepared(
         bytes_out=len(pickle_bytes) + sum(s.nbytes for s in storages.values()),
         write=write,
         tallies=lambda: [s.tally for s in storages.values()],
     )
+
+
+def _write_one_file(context: _Context, body: Callable[[Any], None], verify: bool, nested: bool) -> None:
+    """A single-file output: written atomically, re-read and compared first when ``verify``
+    (``nested``: the file keeps the checkpoint's structure, else it is a flat map)."""
+
+    def check(temporary: str) -> None:
+        _verified(context.report, verify_file, temporary, context.root, context.checkpoint, context.dtype_for, nested)
+
+    write_atomically(context.dst, body, check if verify else None)
 
 
 def _safetensors_prepared(context: _Context) -> tuple[list[SafetensorsEntry], dict[str, str]]:
@@ -646,19 +653,9 @@ def _prepare_safetensors(context: _Context) -> _Prepared:
     entries, metadata = _safetensors_prepared(context)
 
     def write(verify: bool, on_bytes: Callable[[int], None] | None) -> None:
-        def body(handle: Any) -> None:
-            write_safetensors(handle, entries, metadata, on_bytes)
-
-        check = (
-            (
-                lambda tmp: _verified(
-                    context.report, verify_file, tmp, context.root, context.checkpoint, context.dtype_for, False
-                )
-            )
-            if verify
-            else None
+        _write_one_file(
+            context, lambda handle: write_safetensors(handle, entries, metadata, on_bytes), verify, nested=False
         )
-        write_atomically(context.dst, body, check)
 
     return _Prepared(bytes_out=sum(e.nbytes for e in entries), write=write, tallies=lambda: [e.tally for e in entries])
 

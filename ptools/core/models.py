@@ -22,10 +22,13 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ptools.core.choices import BatchNormMode, values
 from ptools.errors import BadInputError, UnsafeFileError
+
+if TYPE_CHECKING:
+    from ptools.core.checkpoint.readers import Checkpoint
 
 BN_MODES = values(BatchNormMode)
 
@@ -152,7 +155,7 @@ def _import_user_file(path: str) -> Any:
     stem = os.path.splitext(os.path.basename(path))[0]
     name = stem
     if not stem.isidentifier() or _is_taken(stem, os.path.abspath(path)):
-        name = "_ptools_user_" + re.sub(r"\W", "_", stem)
+        name = _PRIVATE_PREFIX + re.sub(r"\W", "_", stem)
     if folder not in sys.path:
         sys.path.append(folder)
     loader_spec = importlib.util.spec_from_file_location(name, path)
@@ -195,7 +198,7 @@ def user_code_folders(model: Any) -> list[str]:
     folders = []
     for module in model.modules():
         module_name = type(module).__module__
-        if module_name.startswith("_ptools_user_"):
+        if module_name.startswith(_PRIVATE_PREFIX):
             raise BadInputError(
                 f"{type(module).__name__} comes from a file whose module name is taken by another "
                 "module, so a pickled model could not be loaded back",
@@ -208,6 +211,7 @@ def user_code_folders(model: Any) -> list[str]:
 
 
 _USER_FILE_FOLDERS: dict[str, str] = {}  # module name -> folder, for user files imported by name
+_PRIVATE_PREFIX = "_ptools_user_"  # user files whose own module name is taken are imported under this
 
 
 _MODEL_FILE_EXTENSIONS = (".pt2", ".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".jit", ".ts")
@@ -475,14 +479,18 @@ def count_model(model: Any, depth: int = 1) -> ParameterCount:
     )
 
 
-def count_checkpoint(path: str, key: str | None = "auto", depth: int = 1, trust: bool = False) -> ParameterCount:
-    """Count from a checkpoint file without a model and without reading tensor data.
+def count_checkpoint(
+    source: str | Checkpoint, key: str | None = "auto", depth: int = 1, trust: bool = False
+) -> ParameterCount:
+    """Count from a checkpoint (a path, or one already opened) without a model and without
+    reading tensor data.
 
     Parameters vs buffers are inferred from names (BatchNorm statistics are buffers); tensors
     sharing storage (tied weights) are counted once."""
     from ptools.core.checkpoint import list_checkpoint, open_checkpoint
 
-    listing = list_checkpoint(open_checkpoint(path, trust=trust), key=key)
+    checkpoint = open_checkpoint(source, trust=trust) if isinstance(source, str) else source
+    listing = list_checkpoint(checkpoint, key=key)
     seen: set[Any] = set()
     total = buffers = parameter_bytes = buffer_bytes = trainable = 0
     # Pickled nn.Parameters (a whole module, read with trust) record requires_grad; the

@@ -19,6 +19,10 @@ DTYPES = values(SummaryDtype)
 SHAPES_KEPT = 16  # distinct output shapes kept per module (an RNN cell may run thousands of times)
 
 
+class ForwardPassError(BadInputError):
+    """The model's own forward pass failed on the inputs given (its error is in the message)."""
+
+
 def parse_input_size(text: str) -> tuple[int, ...]:
     """``"3,224,224"`` -> ``(3, 224, 224)``."""
     try:
@@ -207,7 +211,7 @@ def summarize(
             both, buffers are restored afterwards, so BatchNorm statistics are untouched.
 
     Raises:
-        BadInputError: the forward pass fails (the model's own error is reported).
+        ForwardPassError: the forward pass fails (the model's own error is reported).
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -260,7 +264,7 @@ def summarize(
         with counter, torch.no_grad():
             result = model(*args, **kwargs)
     except Exception as failure:
-        raise BadInputError(
+        raise ForwardPassError(
             f"the forward pass failed: {type(failure).__name__}: {str(failure)[:300]}",
             "check `input_size` / `input_spec` against what the model expects",
         ) from failure
