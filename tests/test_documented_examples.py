@@ -130,6 +130,11 @@ def make_stand_ins(folder: Path) -> dict[str, str]:
     torch.export.save(torch.export.export(model, (torch.randn(1, 3, 16, 16),)), str(folder / "model.pt2"))
     subprocess.run([sys.executable, "-c", "import torch, models; torch.save(models.Net(), 'net_object.pt')"],
                    cwd=folder, check=True, timeout=120)
+    for epoch in (8, 9, 10):  # the last checkpoints of a run, to average
+        save_zip({name: value + epoch if value.is_floating_point() else value for name, value in state.items()},
+                 folder / f"epoch_{epoch}.pt")
+    shutil.copytree(ROOT / "tests" / "data" / "zero" / "3-bf16", folder / "ds_run")  # real DeepSpeed runs
+    shutil.copytree(ROOT / "tests" / "data" / "zero" / "2-bf16", folder / "ds_zero2")
     shutil.copy(folder / "examples" / "detections.json", folder / "preds.json")
     records = json.loads((folder / "preds.json").read_text())
     (folder / "preds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

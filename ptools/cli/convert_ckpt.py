@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import JsonOption, TrustOption, usage_check
+from ptools.cli.options import JsonOption, TagOption, TrustOption, ZeroWeightsOption, usage_check
 from ptools.cli.wording import cli_words
 from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat
 from ptools.core.units import format_bytes, parse_size
@@ -19,7 +19,7 @@ NAME = "convert-ckpt"
 SHORT_HELP = "Remap devices, strip/rename/select keys, extract, cast and convert checkpoints (torch ⇄ safetensors)."
 HELP = f"""{SHORT_HELP}
 
-Reads any format inspect-state-dict reads, with the same safety rules, and streams tensor data storage by storage. Never overwrites the input; OUT is written to a temporary file beside it and renamed into place only when complete (and verified, with --verify).
+Reads any format inspect-state-dict reads (DeepSpeed ZeRO run folders too: --tag, --weights), with the same safety rules, and streams tensor data storage by storage. Never overwrites the input; OUT is written to a temporary file beside it and renamed into place only when complete (and verified, with --verify).
 
 [bold]Examples[/bold]
 
@@ -32,6 +32,10 @@ Reads any format inspect-state-dict reads, with the same safety rules, and strea
   ptools convert-ckpt model.pt out --shard-size 2GB
 
   ptools convert-ckpt old.pt new.pt --rename '^backbone\\.=encoder.' --drop '^head\\.' --dry-run
+
+  ptools convert-ckpt ds_run/ consolidated.safetensors --verify
+
+  ptools convert-ckpt epoch_8.pt epoch_9.pt epoch_10.pt --average -o soup.safetensors
 """
 
 
@@ -66,12 +70,18 @@ def _progress(expected: int) -> Iterator[tuple[Any, Any]]:
 
 
 def command(
-    source: Annotated[
-        str, typer.Argument(metavar="IN", help="Checkpoint to read (any supported format).", show_default=False)
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="IN OUT",
+            help="Checkpoint to read (any supported format) and the file to write (a folder with --shard-size "
+            "or --format dcp); with --average, the checkpoints to average (OUT given with -o).",
+            show_default=False,
+        ),
     ],
-    destination: Annotated[
-        str, typer.Argument(metavar="OUT", help="File to write (a folder with --shard-size).", show_default=False)
-    ],
+    output_path: Annotated[
+        str | None, typer.Option("-o", "--output", metavar="OUT", help="The output, instead of the last argument.")
+    ] = None,
     map_location: Annotated[
         str | None,
         typer.Option(
@@ -172,18 +182,34 @@ def command(
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (never the input).")] = False,
+    tag: TagOption = None,
+    weights: ZeroWeightsOption = "master",
+    average: Annotated[
+        bool,
+        typer.Option(
+            "--average",
+            help="Write the element-wise average of the inputs' model weights (any formats, same keys): floating "
+            "tensors averaged in float64 and cast back, one tensor at a time.",
+        ),
+    ] = False,
+    take_last: Annotated[
+        bool,
+        typer.Option("--take-last", help="With --average: integer/boolean tensors that differ take the last input's."),
+    ] = False,
     trust: TrustOption = False,
     json_output: JsonOption = False,
 ) -> None:
     from ptools.core.convert import convert_checkpoint
     from ptools.core.files import size_on_disk
 
+    sources, destination = _inputs_and_output(paths, output_path, average)
+
     shard_bytes = parse_size(shard_size) if shard_size is not None else None
     if shard_bytes is not None and shard_bytes <= 0:
         raise BadInputError("--shard-size must be larger than 0")
-    with _progress(size_on_disk(source)) as (on_bytes, on_total):
+    with _progress(sum(size_on_disk(source) for source in sources)) as (on_bytes, on_total):
         report = convert_checkpoint(
-            source,
+            sources if average else sources[0],
             destination,
             map_location=map_location,
             strip=strip_prefix,
@@ -198,6 +224,10 @@ def command(
             keep_dtype=keep_dtype,
             cast_scope=cast_scope,
             format=output_format,
+            tag=tag,
+            weights=weights,
+            average=average,
+            take_last=take_last,
             shard_size=shard_bytes,
             force=force,
             trust=trust,
@@ -229,6 +259,24 @@ def command(
     )
     if not json_output:
         _summary(data)
+
+
+def _inputs_and_output(paths: list[str], output_path: str | None, average: bool) -> tuple[list[str], str]:
+    """IN OUT, IN -o OUT, or (averaging) IN IN… -o OUT. Averaging insists on -o: a last
+    argument taken for OUT would otherwise be a checkpoint meant as an input."""
+    if output_path is None and average:
+        raise typer.BadParameter("--average takes every argument as an input: name the output with -o OUT")
+    if output_path is None:
+        if len(paths) < 2:
+            raise typer.BadParameter("give the output: IN OUT, or -o OUT", param_hint="OUT")
+        paths, output_path = paths[:-1], paths[-1]
+    if average and len(paths) < 2:
+        raise typer.BadParameter("--average needs at least two checkpoints to average", param_hint="IN")
+    if not average and len(paths) > 1:
+        raise typer.BadParameter(
+            f"{len(paths)} inputs: pass --average to average them, or one IN and its OUT", param_hint="IN"
+        )
+    return paths, output_path
 
 
 def _plan_row(row: dict[str, Any]) -> tuple[str, ...]:

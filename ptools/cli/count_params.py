@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import DepthOption, JsonOption, KwargsOption, TrustOption
+from ptools.cli.options import DepthOption, JsonOption, KwargsOption, TagOption, TrustOption
 from ptools.core.units import format_bytes
 
 NAME = "count-params"
@@ -41,6 +41,7 @@ def command(
         str, typer.Option("--key", metavar="KEY", help="Checkpoints: where the state dict is ('auto' finds it).")
     ] = "auto",
     kwargs: KwargsOption = None,
+    tag: TagOption = None,
     trust: TrustOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -52,7 +53,7 @@ def command(
         from ptools.errors import UnsafeFileError
 
         try:  # opened once; with --trust a whole pickled model is read as its state dict
-            checkpoint = open_checkpoint(target, trust=trust)
+            checkpoint = open_checkpoint(target, trust=trust, tag=tag)
         except UnsafeFileError as failure:
             raise models.whole_model_refused(target, failure) from None
     if checkpoint is not None and checkpoint.format != "torchscript":

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import JsonOption, NdjsonOption, TrustOption
+from ptools.cli.options import JsonOption, NdjsonOption, TagOption, TrustOption, ZeroWeightsOption
 from ptools.cli.wording import cli_words
 from ptools.core.units import format_bytes
 from ptools.errors import BadInputError
@@ -83,6 +83,8 @@ def command(
         bool,
         typer.Option("--keys-only", help="With --diff: compare names, shapes and dtypes only; read no tensor data."),
     ] = False,
+    tag: TagOption = None,
+    weights: ZeroWeightsOption = "master",
     trust: TrustOption = False,
     json_output: JsonOption = False,
     ndjson: NdjsonOption = False,
@@ -98,7 +100,7 @@ def command(
     if diff is not None and (stats or check_finite or tree):
         raise BadInputError("--diff cannot be combined with --stats, --check-finite or --tree")
 
-    checkpoint = core.open_checkpoint(file, trust=trust)
+    checkpoint = core.open_checkpoint(file, trust=trust, tag=tag, weights=weights)
     listing = core.list_checkpoint(checkpoint, key=key, name_filter=name_filter)
     output.info(f"state dict: {listing.state_dict_key or '(top level)'} — {listing.state_dict_how}")
     listing.notes = [cli_words(note, NAME) for note in listing.notes]
@@ -177,6 +179,12 @@ def render(data: dict[str, Any], *, tree: bool, stats: bool) -> list[Any]:
     """Rich renderables for the listing dict (the same data ``--json`` prints)."""
     renderables: list[Any] = []
     renderables.append(f"[bold]{data['file']}[/bold]  {data['format']}, {format_bytes(data['size_bytes'])}")
+    run = data.get("deepspeed")
+    if run:
+        renderables.append(
+            f"DeepSpeed ZeRO-{run['zero_stage']} · world size {run['world_size']} · step {run['tag']} · "
+            f"trained in {run['training_dtype']} · showing the {run['weights']} weights"
+        )
     if data["structure"]:
         renderables.append(
             output.make_table(

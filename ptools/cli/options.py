@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ptools.core.choices import ZeroWeights
 from ptools.errors import BadInputError
 
 
@@ -90,3 +91,21 @@ WeightsOption = Annotated[
 StrictOption = Annotated[bool, typer.Option("--strict", help="With --weights: any mismatch is an error.")]
 
 DepthOption = Annotated[int, typer.Option("--depth", min=0, metavar="N", help="Module levels to list.")]
+
+TagOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tag",
+        metavar="STEP",
+        help="DeepSpeed run folder: the step folder to read (e.g. global_step1000) instead of the one `latest` names.",
+    ),
+]
+
+ZeroWeightsOption = Annotated[
+    ZeroWeights,
+    typer.Option(
+        "--weights",
+        help="DeepSpeed ZeRO folder: master = the fp32 master weights, assembled from the rank partitions; "
+        "module = the module's own (16-bit) weights, ZeRO stages 1 and 2.",
+    ),
+]

@@ -52,6 +52,10 @@ FLAGS = {
     "layers": "--layers",
     "trainable_out": "--trainable-out",
     "output_format": "--format",
+    "tag": "--tag",
+    "take_last=True": "--take-last",
+    "take_last": "--take-last",
+    "average": "--average",
 }
 
 # Where one parameter is another flag in one command.

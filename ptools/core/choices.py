@@ -26,7 +26,8 @@ SummaryFormat = Literal["table", "torchsummary"]
 
 CastDtype = Literal["fp16", "bf16", "fp32", "float16", "bfloat16", "float32", "half", "float"]
 CastScope = Literal["weights", "all"]
-CheckpointOutputFormat = Literal["torch", "safetensors"]
+CheckpointOutputFormat = Literal["torch", "safetensors", "dcp"]
+ZeroWeights = Literal["master", "module"]
 
 
 def values(choice: Any) -> tuple[str, ...]:

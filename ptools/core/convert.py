@@ -14,10 +14,11 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ptools.core.average import AVERAGE_FILE, open_average
 from ptools.core.checkpoint.readers import Checkpoint, DcpBytes, open_checkpoint
 from ptools.core.checkpoint.sharded import ShardedTarget, pack_shards, write_sharded
 from ptools.core.checkpoint.structure import find_state_dict, is_state_dict, iter_tensors
@@ -31,12 +32,14 @@ from ptools.core.checkpoint.writers import (
     write_safetensors,
     write_torch_zip,
 )
-from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat, values
+from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat, ZeroWeights, values
 from ptools.core.files import (
+    fsync_folder,
     is_one_of,
     is_within,
     size_on_disk,
     stale_temporaries,
+    temporary_path,
     write_atomically,
 )
 from ptools.core.keys import (
@@ -115,8 +118,8 @@ def output_format(path: str, requested: str | None, shard_size: int | None) -> s
     if requested is not None and requested not in OUTPUT_FORMATS:
         raise BadInputError(f"unknown `format` {requested!r}; choose one of: {', '.join(OUTPUT_FORMATS)}")
     if shard_size is not None:
-        if requested == "torch":
-            raise BadInputError("`shard_size` writes sharded safetensors; it cannot go with `format` torch")
+        if requested in ("torch", "dcp"):
+            raise BadInputError(f"`shard_size` writes sharded safetensors; it cannot go with `format` {requested}")
         return "sharded"
     if requested is not None:
         return requested
@@ -125,18 +128,19 @@ def output_format(path: str, requested: str | None, shard_size: int | None) -> s
             return kind
     raise BadInputError(
         f"cannot tell the output format from {path!r}",
-        "use .pt/.pth/.bin/.ckpt or .safetensors, or pass `format` torch|safetensors",
+        "use .pt/.pth/.bin/.ckpt or .safetensors, or pass `format` torch|safetensors|dcp",
     )
 
 
 def _input_files(checkpoint: Checkpoint) -> set[str]:
     """Real paths of everything the checkpoint was read from (its path, shards, chunk files)."""
-    files = {checkpoint.path}
+    files = {checkpoint.path, *checkpoint.sources}
     for _, tensor in iter_tensors(checkpoint.root):
         if tensor.storage is not None:
             files.add(tensor.storage.file)
         files.update(ref.file for _, _, ref in tensor.chunks)
-    return {os.path.realpath(f) for f in files}
+        files.update(ref.file for ref, _, _ in tensor.pieces)
+    return {os.path.realpath(f) for f in files if f != AVERAGE_FILE}
 
 
 def _check_destination(inputs: set[str], destination: str, force: bool, kind: str) -> None:
@@ -151,6 +155,15 @@ def _check_destination(inputs: set[str], destination: str, force: bool, kind: st
         raise BadInputError(f"folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BadInputError(f"cannot write to folder {folder}")
+    if kind == "dcp" and os.path.lexists(destination):
+        if os.path.islink(destination) or not os.path.isdir(destination) or not _is_dcp_output(destination):
+            raise BadInputError(
+                f"{destination} exists and is not a DCP checkpoint folder; ptools never replaces it",
+                "name a new folder",
+            )
+        if not force:
+            raise BadInputError(f"{destination} already holds a DCP checkpoint", "pass `force=True` to replace it")
+        return
     if OUTPUT_KINDS[kind].folder:
         if os.path.lexists(destination) and not os.path.isdir(destination):
             raise BadInputError(f"{destination} exists and is not a folder; `shard_size` writes a folder")
@@ -217,6 +230,25 @@ def _replace_at(root: Any, path: str, value: Any) -> Any:
     return root
 
 
+def _without_dcp_objects(node: Any) -> tuple[Any, int]:
+    """``node`` without the DCP entries that are pickled objects, and how many were left out."""
+    if isinstance(node, DcpBytes):
+        return None, 1
+    if isinstance(node, dict):
+        kept: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        count = 0
+        for key, value in node.items():
+            value, dropped = _without_dcp_objects(value)
+            count += dropped
+            if not isinstance(value, DcpBytes) and not (value is None and dropped):
+                kept[key] = value
+        return kept, count
+    if isinstance(node, list):
+        parts = [_without_dcp_objects(value) for value in node]
+        return [value for value, dropped in parts if not (value is None and dropped)], sum(d for _, d in parts)
+    return node, 0
+
+
 def _storage_identity(tensor: TensorInfo) -> tuple[str, str] | None:
     if tensor.storage is not None:
         return tensor.storage.file, tensor.storage.key
@@ -224,7 +256,7 @@ def _storage_identity(tensor: TensorInfo) -> tuple[str, str] | None:
 
 
 def convert_checkpoint(
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     dst: str | os.PathLike[str],
     *,
     map_location: str | None = None,
@@ -240,6 +272,10 @@ def convert_checkpoint(
     keep_dtype: str | None = None,
     cast_scope: CastScope = "weights",
     format: CheckpointOutputFormat | None = None,  # noqa: A002  (the flag's name)
+    tag: str | None = None,
+    weights: ZeroWeights = "master",
+    average: bool = False,
+    take_last: bool = False,
     shard_size: int | None = None,
     force: bool = False,
     trust: bool = False,
@@ -270,7 +306,15 @@ def convert_checkpoint(
         keep_dtype: keys this regular expression finds keep their dtype.
         cast_scope: ``weights`` casts the model weights only (the state dict ``extract='auto'``
             finds); ``all`` every floating tensor.
-        format: ``torch`` or ``safetensors``; default from ``dst``'s extension.
+        format: ``torch``, ``safetensors`` or ``dcp`` (a torch.distributed.checkpoint folder,
+            written by torch's own writer, that FSDP runs load); default from ``dst``'s extension.
+        tag: DeepSpeed ZeRO input: the step folder to read instead of the one ``latest`` names.
+        weights: DeepSpeed ZeRO input: ``master`` (fp32, assembled from the rank partitions,
+            streamed parameter by parameter) or ``module`` (the 16-bit module weights).
+        average: ``src`` is several checkpoints (any formats, same keys): write the average
+            of their model weights (see :func:`ptools.core.average.open_average`).
+        take_last: when averaging, integer and boolean tensors that differ between the inputs
+            take the last input's (else they are an error).
         shard_size: bytes per shard: sharded safetensors plus an index in the folder ``dst``.
         force: replace an existing ``dst`` file (or the files of ptools' earlier sharded output).
         trust: let the reader import globals outside its allowlist (runs code from the file).
@@ -302,6 +346,10 @@ def convert_checkpoint(
         keep_dtype=keep_dtype,
         cast_scope=cast_scope,
         format=format,
+        tag=tag,
+        weights=weights,
+        average=average,
+        take_last=take_last,
         shard_size=shard_size,
         force=force,
         trust=trust,
@@ -313,7 +361,7 @@ def convert_checkpoint(
 
 
 def plan_conversion(
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     dst: str | os.PathLike[str],
     *,
     map_location: str | None = None,
@@ -329,6 +377,10 @@ def plan_conversion(
     keep_dtype: str | None = None,
     cast_scope: CastScope = "weights",
     format: CheckpointOutputFormat | None = None,  # noqa: A002  (the flag's name)
+    tag: str | None = None,
+    weights: ZeroWeights = "master",
+    average: bool = False,
+    take_last: bool = False,
     shard_size: int | None = None,
     force: bool = False,
     trust: bool = False,
@@ -344,7 +396,12 @@ def plan_conversion(
         UnsafeFileError: the input needs code to be read and ``trust`` is off.
     """
     started = time.perf_counter()
-    src, dst = os.fspath(src), os.fspath(dst)
+    dst = os.fspath(dst)
+    sources = [os.fspath(src)] if isinstance(src, (str, os.PathLike)) else [os.fspath(s) for s in src]
+    if len(sources) > 1 and not average:
+        raise BadInputError(f"{len(sources)} inputs: several checkpoints are only read to be averaged (`average`)")
+    if take_last and not average:
+        raise BadInputError("`take_last` applies to averaging (`average`)")
     kind = output_format(dst, format, shard_size)
     target_dtype = parse_dtype(dtype) if dtype is not None else None
     if cast_scope not in values(CastScope):
@@ -355,7 +412,14 @@ def plan_conversion(
     except re.error as failure:
         raise BadInputError(f"`keep_dtype` {keep_dtype!r}: invalid regular expression ({failure})") from None
     rename_rules = [parse_rename(rule) for rule in rename]
-    checkpoint = open_checkpoint(src, trust=trust)
+    if average:
+        if tag is not None or weights != "master":
+            raise BadInputError("`tag` and `weights` do not apply to averaging; average converted checkpoints")
+        checkpoint = open_average(sources, extract=extract, take_last=take_last, trust=trust)
+        src, extract = " + ".join(sources), None  # the averaged weights are the state dict now
+    else:
+        src = sources[0]
+        checkpoint = open_checkpoint(src, trust=trust, tag=tag, weights=weights)
     inputs = _input_files(checkpoint)
     notes_for_report: list[str] = []
     if not dry_run:
@@ -364,10 +428,9 @@ def plan_conversion(
     root = checkpoint.root
     if checkpoint.format == "dcp":
         # Non-tensor DCP entries are pickles of their own that ptools does not read: left out.
-        kept = collections.OrderedDict((k, v) for k, v in root.items() if not isinstance(v, DcpBytes))
-        if len(kept) != len(root):
-            notes_for_report = [f"{len(root) - len(kept)} non-tensor DCP entr(ies) (pickled objects) left out"]
-            root = kept
+        root, left_out = _without_dcp_objects(root)
+        if left_out:
+            notes_for_report = [f"{left_out} non-tensor DCP entr(ies) (pickled objects) left out"]
     path, node, how = find_state_dict(root, extract if extract is not None else "auto")
     if extract is None and not isinstance(node, Mapping):
         raise BadInputError("the model weights are not a dict of tensors; pass `extract` KEY")
@@ -458,10 +521,10 @@ def plan_conversion(
         if new_device != device:
             report.devices[device] = new_device
         if dry_run:
-            sources = original_paths.get(id(tensor))
+            origins = original_paths.get(id(tensor))
             report.plan.append(
                 {
-                    "from": sources.popleft() if sources else name,
+                    "from": origins.popleft() if origins else name,
                     "to": name,
                     "dtype": tensor.dtype,
                     "new_dtype": new_dtype,
@@ -580,7 +643,7 @@ def _prepare_torch(context: _Context) -> _Prepared:
     relocate, dtype_for = context.relocate, context.dtype_for
 
     def storage_for(tensor: TensorInfo) -> OutputStorage | None:
-        if tensor.storage is None and not tensor.chunks:
+        if not tensor.has_data:
             return None  # a meta tensor
         identity = _storage_identity(tensor) or id(tensor)
         known = storages.get(identity)
@@ -675,6 +738,105 @@ def _prepare_sharded(context: _Context) -> _Prepared:
     return _Prepared(bytes_out=bytes_out, write=write, tallies=lambda: [e.tally for e in entries])
 
 
+_DCP_FILE = re.compile(r"^(\.metadata|__\d+_\d+\.distcp)$")
+_PLAIN_VALUES = (bool, int, float, str, type(None))
+
+
+def _is_dcp_output(folder: str) -> bool:
+    """Whether ``folder`` holds a DCP checkpoint and nothing else (what `force` may replace)."""
+    names = os.listdir(folder)
+    return ".metadata" in names and all(_DCP_FILE.match(name) for name in names)
+
+
+def _prepare_dcp(context: _Context) -> _Prepared:
+    """A torch.distributed.checkpoint folder, written by torch's own DCP writer in this one
+    process (no process group), so that an FSDP or DTensor run can load it with ``dcp.load``.
+    torch's writer takes the whole state dict at once: the tensors are in memory while it writes."""
+    entries: dict[int, SafetensorsEntry] = {}
+
+    def check(node: Any, path: str) -> None:
+        if isinstance(node, TensorInfo):
+            if not node.has_data:
+                raise BadInputError(f"{path} is a meta tensor (no data); DCP cannot hold it", "`drop` it")
+            if id(node) not in entries:
+                entries[id(node)] = SafetensorsEntry(path, context.checkpoint, node, context.dtype_for(node))
+        elif isinstance(node, Mapping):
+            for key, value in node.items():
+                if not isinstance(key, (str, int)) or isinstance(key, bool):
+                    raise BadInputError(f"DCP output needs text or integer keys; {path or 'the top level'} has {key!r}")
+                check(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, (list, tuple)):
+            for index, value in enumerate(node):
+                check(value, f"{path}.{index}")
+        elif not isinstance(node, _PLAIN_VALUES):
+            raise BadInputError(
+                f"DCP output holds tensors and plain values (numbers, text, lists, dicts); {path} is a "
+                f"{type(node).__name__}",
+                "`drop` it, or pass `extract='auto'` for the model weights alone",
+            )
+
+    if not isinstance(context.root, Mapping):
+        raise BadInputError("DCP output needs a dict at the top level", "pass `extract='auto'`")
+    check(context.root, "")
+    for entry in entries.values():
+        if entry.dtype != entry.tensor.dtype:
+            entry.tally = CastTally([entry.name], entry.tensor.dtype, entry.dtype)
+    bytes_out = sum(entry.nbytes for entry in entries.values())
+
+    def build(node: Any, built: dict[int, Any], on_bytes: Callable[[int], None] | None) -> Any:
+        import torch
+
+        if isinstance(node, TensorInfo):
+            if id(node) not in built:  # a tied tensor stays one tensor under each name
+                entry = entries[id(node)]
+                data = bytearray()
+                for piece in entry.chunks():
+                    data += piece
+                    if on_bytes is not None:
+                        on_bytes(len(piece))
+                dtype = getattr(torch, entry.dtype)
+                flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                built[id(node)] = flat.reshape(node.shape)
+            return built[id(node)]
+        if isinstance(node, Mapping):
+            return {key: build(value, built, on_bytes) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(build(value, built, on_bytes) for value in node)
+        return node
+
+    def write(verify: bool, on_bytes: Callable[[int], None] | None) -> None:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        destination = context.dst
+        temporary = temporary_path(destination, directory=True)
+        try:
+            state = build(context.root, {}, on_bytes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no process group": one process is what is meant
+                dcp.save(state, checkpoint_id=temporary)
+            del state
+            if verify:
+                _verified(
+                    context.report, verify_file, temporary, context.root, context.checkpoint, context.dtype_for, True
+                )
+            os.chmod(temporary, 0o755)
+            if os.path.isdir(destination):  # an earlier DCP output, checked when planned; `force` given
+                previous = temporary_path(destination, directory=True)
+                os.replace(destination, previous)
+                os.replace(temporary, destination)
+                shutil.rmtree(previous)
+            else:
+                os.replace(temporary, destination)
+            fsync_folder(os.path.dirname(os.path.abspath(destination)))
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+
+    return _Prepared(bytes_out=bytes_out, write=write, tallies=lambda: [e.tally for e in entries.values()])
+
+
 @dataclass(frozen=True)
 class OutputKind:
     """One output format: whether it holds only a flat name -> tensor map, and how a plan
@@ -692,6 +854,7 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
     "torch": OutputKind(TORCH_EXTENSIONS, flat=False, devices=True, folder=False, prepare=_prepare_torch),
     "safetensors": OutputKind((".safetensors",), flat=True, devices=False, folder=False, prepare=_prepare_safetensors),
     "sharded": OutputKind((), flat=True, devices=False, folder=True, prepare=_prepare_sharded),
+    "dcp": OutputKind((), flat=False, devices=False, folder=True, prepare=_prepare_dcp),
 }
 
 
@@ -738,7 +901,7 @@ def _safetensors_entries(
     metadata = {k: v for k, v in checkpoint.metadata.items() if not (k in root and v in root)}
     metadata.setdefault("format", "pt")
     for name, tensor in root.items():
-        if tensor.storage is None and not tensor.chunks:
+        if not tensor.has_data:
             raise BadInputError(f"{name} is a meta tensor (no data); safetensors cannot hold it", "`drop` it")
         view = (
             _storage_identity(tensor) or id(tensor),

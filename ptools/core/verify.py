@@ -75,7 +75,7 @@ def compare(
         want_dtype = dtype_for(tensor)
         if not isinstance(out, TensorInfo) or out.shape != tensor.shape or out.dtype != want_dtype:
             raise BadInputError(f"verification failed: {name!r} has the wrong shape or dtype in the output")
-        if tensor.storage is None and not tensor.chunks:
+        if not tensor.has_data:
             continue
         source_values = read_tensor(source, tensor)
         if want_dtype != tensor.dtype:

@@ -298,17 +298,39 @@ def test_sharded_checkpoints(tmp_path: Path, saver, open_folder: bool) -> None:
 # ---------------------------------------------------------------- DCP
 
 
-def test_dcp_folder(tmp_path: Path) -> None:
+def test_dcp_folder_keeps_the_nesting_the_run_saved(tmp_path: Path) -> None:
     model = tiny_net()
-    state = {"model": model.state_dict(), "step": 12}
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": 12,
+             "ema": [model.state_dict()["conv.weight"] * 2]}
     folder = save_dcp(state, tmp_path / "dcp")
     checkpoint = open_checkpoint(folder)
     assert checkpoint.format == "dcp"
+    assert list(checkpoint.root) == ["model", "optim", "step", "ema"]
+    assert list(checkpoint.root["model"]) == list(model.state_dict())  # the model's own names
+    assert isinstance(checkpoint.root["ema"], list)
     listing = list_checkpoint(checkpoint)
-    expected = {f"model.{k}": v for k, v in model.state_dict().items()}
-    assert {row.name for row in listing.rows} == set(expected)
+    assert listing.state_dict_key == "model"
+    assert [row.name for row in listing.rows] == list(model.state_dict())
     for row in listing.rows:
-        np.testing.assert_array_equal(read_tensor(checkpoint, row.tensor), as_numpy(expected[row.name]))
+        np.testing.assert_array_equal(read_tensor(checkpoint, row.tensor), as_numpy(model.state_dict()[row.name]))
+    moments = list_checkpoint(checkpoint, key="optim.state.0")
+    assert {row.name for row in moments.rows} == {"exp_avg", "exp_avg_sq", "step"}
+    np.testing.assert_array_equal(read_tensor(checkpoint, checkpoint.root["ema"][0]), as_numpy(state["ema"][0]))
+
+
+def test_dcp_folder_without_planner_paths_stays_flat(tmp_path: Path) -> None:
+    from ptools.core.checkpoint.readers import _dcp_nesting
+
+    flat = {"model.w": 1, "model.b": 2}
+    assert _dcp_nesting(flat, None) is None
+    assert _dcp_nesting(flat, {"model.w": ("model", "w")}) is None  # a path missing
+    assert _dcp_nesting(flat, {"model.w": ("model",), "model.b": ("model", "b")}) is None  # a leaf, then a container
+    assert _dcp_nesting(flat, {"model.w": ("m", 2**40), "model.b": ("m", 0)}) is None  # an absurd index
+    assert _dcp_nesting(flat, {"model.w": ("m", 1), "model.b": ("m", 0)}) == {"m": [2, 1]}
+    assert _dcp_nesting(flat, {"model.w": ("m",) * 100_000, "model.b": ("m", "b")}) is None  # deeper than the limit
 
 
 # ---------------------------------------------------------------- values and statistics

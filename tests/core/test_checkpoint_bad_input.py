@@ -50,7 +50,7 @@ def test_not_a_checkpoint(tmp_path: Path, name: str, content: bytes, pattern: st
 
 def test_missing_path_and_plain_folder(tmp_path: Path) -> None:
     expect_error(tmp_path / "nope.pt", "no such file")
-    expect_error(tmp_path, "neither a DCP checkpoint")
+    expect_error(tmp_path, "folder is not a checkpoint: no DCP .metadata")
 
 
 def test_zip_that_is_not_a_checkpoint(tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def case(attack: str, commands: tuple[str, ...] | None = None, expect: str = "")
 
 CHECKPOINT_AND_WEIGHTS = ("inspect", "inspect-stats", "inspect-json", "count", "convert-pt", "convert-st",
                           "convert-shards", "diff")
-PICKLE_PAYLOAD = ("inspect", "inspect-json", "count", "convert-pt", "convert-st", "convert-shards")
+PICKLE_PAYLOAD = ("inspect", "inspect-json", "count", "convert-pt", "convert-st", "convert-shards", "average")
 
 # --- code execution through pickles
 
@@ -815,3 +815,133 @@ def nms_fifo(folder: Path, marker: Path) -> Path:
     path = folder / "pipe.json"
     os.mkfifo(path)
     return path
+
+
+# --- DeepSpeed ZeRO folders (the real layout is in tests/data/zero; these are built by hand)
+
+_ZERO_STAGE = G("deepspeed.runtime.zero.config", "ZeroStageEnum")
+_LOSS_SCALER = G("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
+
+
+def zero_run(folder: Path, *, stage: int = 2, shapes: dict[str, tuple[Any, ...]] | None = None,
+             partitions: list[int] | None = None, partition_count: Any = 2, ranks: tuple[int, ...] = (0, 1),
+             latest: str = "global_step1", loss_scaler: Any = None, groups: Any = None) -> Path:
+    """A ZeRO run folder with DeepSpeed's layout: ``latest``, a step folder, a model-states file
+    (one per rank for stage 3) and one optimizer file per rank. The defaults make a valid
+    checkpoint of one 6-element parameter ``w`` over 2 ranks; each argument bends one part."""
+    shapes = {"w": (6,)} if shapes is None else shapes
+    partitions = [3, 3] if partitions is None else partitions
+    run = folder / "run"
+    step = run / "global_step1"
+    step.mkdir(parents=True, exist_ok=True)
+    (run / "latest").write_text(latest)
+    shape_map = Call(G("collections", "OrderedDict"), [[name, shape] for name, shape in shapes.items()])
+    model = {"module": Call(G("collections", "OrderedDict"), []), "buffer_names": [], "param_shapes": [shape_map],
+             "shared_params": {}, "frozen_param_shapes": None, "frozen_param_fragments": None, "ds_version": "0.19.8"}
+    model_files = [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in ranks] if stage == 3 else [
+        "mp_rank_00_model_states.pt"]
+    for name in model_files:
+        state_zip(step / name, model, storages={})
+    key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
+    for rank in ranks:
+        numel = partitions[rank] if rank < len(partitions) else partitions[-1]
+        flat = [tensor(storage("0", numel), (numel,), (1,))] if groups is None else groups
+        optimizer = {"zero_stage": Call(_ZERO_STAGE, stage), "partition_count": partition_count, key: flat,
+                     "loss_scaler": loss_scaler if loss_scaler is not None else Call(_LOSS_SCALER,
+                                                                                     state={"cur_scale": 1.0})}
+        state_zip(step / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", {"optimizer_state_dict": optimizer},
+                  storages={"0": b"\0" * 4 * numel})
+    return run
+
+
+ZERO = ("inspect", "inspect-stats", "inspect-json", "count", "convert-pt", "convert-st", "diff", "convert-dcp",
+        "average")
+
+
+@case("code", ZERO, expect="--trust")
+def zero_payload_in_optimizer_file(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, loss_scaler=system(marker))
+
+
+@case("zero", ZERO, expect="short or missing")
+def zero_partition_shorter_than_param_shapes(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, partitions=[3, 1])
+
+
+@case("zero", ZERO, expect="short or missing")
+def zero_stage3_partition_shorter(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, stage=3, shapes={"w": (6,), "v": (4,)}, partitions=[3, 3])
+
+
+@case("zero", ZERO, expect="short or missing")
+def zero_param_shape_2_to_40(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, shapes={"w": (2**40,)})
+
+
+@case("zero", ZERO, expect="different sizes")
+def zero_stage3_ranks_hold_different_sizes(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, stage=3, partitions=[3, 4])
+
+
+@case("zero", ZERO, expect="missing")
+def zero_rank_file_missing(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, ranks=(0,))
+
+
+@case("zero", ZERO, expect="missing")
+def zero_world_size_a_million(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, partition_count=[1_000_000], ranks=(0, 1))
+
+
+@case("zero", ZERO, expect="holds")
+def zero_partition_past_its_record(folder: Path, marker: Path) -> Path:
+    flat = [tensor(storage("0", 2**30), (2**30,), (1,))]
+    return zero_run(folder, groups=flat)
+
+
+@case("zero", ZERO, expect="flat tensors")
+def zero_partition_is_a_number(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, groups=[5])
+
+
+@case("zero", ZERO, expect="zero_stage")
+def zero_stage_99(folder: Path, marker: Path) -> Path:
+    run = zero_run(folder)
+    optimizer = {"zero_stage": Call(_ZERO_STAGE, 99), "partition_count": 2}
+    for rank in (0, 1):
+        state_zip(run / "global_step1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                  {"optimizer_state_dict": optimizer}, storages={})
+    return run
+
+
+@case("containment", ZERO, expect="step folder")
+def zero_latest_names_a_parent(folder: Path, marker: Path) -> Path:
+    return zero_run(folder, latest="../../../etc")
+
+
+@case("containment", ZERO, expect="outside")
+def zero_step_folder_symlink_out(folder: Path, marker: Path) -> Path:
+    elsewhere = zero_run(folder / "elsewhere")
+    run = folder / "run"
+    run.mkdir()
+    (run / "latest").write_text("global_step1")
+    os.symlink(elsewhere / "global_step1", run / "global_step1")
+    return run
+
+
+@case("containment", ZERO, expect="outside")
+def zero_rank_file_symlink_out(folder: Path, marker: Path) -> Path:
+    run = zero_run(folder)
+    victim = run / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    outside = folder / "outside.pt"
+    victim.rename(outside)
+    os.symlink(outside, victim)
+    return run
+
+
+@case("zero", ZERO, expect="FIFO")
+def zero_latest_is_a_fifo(folder: Path, marker: Path) -> Path:
+    run = zero_run(folder)
+    (run / "latest").unlink()
+    os.mkfifo(run / "latest")
+    return run

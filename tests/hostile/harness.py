@@ -31,6 +31,8 @@ def command_line(command: str, target: Path, out: Path) -> list[str]:
         "convert-pt": ["convert-ckpt", path, str(out / "out.pt")],
         "convert-st": ["convert-ckpt", path, str(out / "out.safetensors"), "--extract", "auto"],
         "convert-shards": ["convert-ckpt", path, str(out / "shards"), "--shard-size", "1MB", "--extract", "auto"],
+        "convert-dcp": ["convert-ckpt", path, str(out / "dcp"), "--format", "dcp"],
+        "average": ["convert-ckpt", path, path, "--average", "-o", str(out / "average.safetensors")],
         "summary": ["summary", path, "--input-size", "3"],
         "freeze-pt2": ["freeze", path, "--layers", "*", "--dry-run"],
         "nms": ["nms", path, "-o", str(out / "out.json")],

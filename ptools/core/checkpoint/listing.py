@@ -9,7 +9,7 @@ from typing import Any
 
 from ptools.core.checkpoint.readers import Checkpoint
 from ptools.core.checkpoint.structure import describe, find_state_dict, flatten, plain, type_name
-from ptools.core.checkpoint.tensors import TensorInfo, is_buffer_name
+from ptools.core.checkpoint.tensors import TensorInfo, is_buffer_name, storage_identity
 from ptools.core.checkpoint.values import TensorStats, read_tensor, tensor_stats
 from ptools.errors import BadInputError
 
@@ -60,6 +60,7 @@ class Listing:
     non_tensors: list[dict[str, Any]]
     kinds_inferred: bool
     filtered_out: int = 0  # tensors a name filter left out
+    details: dict[str, Any] = field(default_factory=dict)  # what the format says about the run
 
     def totals(self) -> dict[str, Any]:
         return totals(self.rows, self.kinds_inferred)
@@ -70,6 +71,7 @@ class Listing:
             "format": self.format,
             "size_bytes": self.size_bytes,
             "notes": self.notes,
+            **self.details,
             "metadata": self.metadata,
             "structure": self.structure,
             "state_dict": {"key": self.state_dict_key, "how": self.state_dict_how},
@@ -139,6 +141,7 @@ def list_checkpoint(checkpoint: Checkpoint, *, key: str | None = "auto", name_fi
         non_tensors=non_tensors,
         kinds_inferred=inferred,
         filtered_out=filtered_out,
+        details=dict(checkpoint.details),
     )
 
 
@@ -148,10 +151,10 @@ SHARED_NAMES_SHOWN = 16  # a storage shared by 100k tensors must not cost 10^10 
 def _mark_shared_storages(rows: list[TensorRow]) -> None:
     """Name the other tensors on each row's storage: at most :data:`SHARED_NAMES_SHOWN` of them,
     with the full count, so that a storage shared by every tensor stays linear."""
-    groups: dict[tuple[str, str], list[TensorRow]] = {}
+    groups: dict[tuple[str, str | int], list[TensorRow]] = {}
     for row in rows:
-        if row.tensor.storage is not None:
-            key = (row.tensor.storage.file, row.tensor.storage.key)
+        if row.tensor.has_data:
+            key = storage_identity(row.tensor)
             group = groups.get(key)
             if group is None:
                 groups[key] = [row]
@@ -171,7 +174,7 @@ def totals(rows: list[TensorRow], kinds_inferred: bool) -> dict[str, Any]:
     ``storage_bytes`` counts each shared storage once: what the data costs on disk.
     """
     by_dtype: dict[str, dict[str, int]] = {}
-    storages: dict[tuple[str, str], int] = {}
+    storages: dict[tuple[str, str | int], int] = {}
     kinds = {"parameter": {"tensors": 0, "numel": 0}, "buffer": {"tensors": 0, "numel": 0}}
     for row in rows:
         t = row.tensor
@@ -181,10 +184,7 @@ def totals(rows: list[TensorRow], kinds_inferred: bool) -> dict[str, Any]:
         entry["bytes"] += t.nbytes
         kinds[row.kind]["tensors"] += 1
         kinds[row.kind]["numel"] += t.numel
-        if t.storage is not None:
-            storages[(t.storage.file, t.storage.key)] = t.storage.size_bytes
-        else:
-            storages[("", row.name)] = t.nbytes
+        storages[storage_identity(t)] = t.storage.size_bytes if t.storage is not None else t.nbytes
     return {
         "tensors": len(rows),
         "numel": sum(row.tensor.numel for row in rows),
@@ -216,7 +216,7 @@ def group_by_prefix(rows: list[TensorRow], depth: int) -> list[dict[str, Any]]:
 def iter_stats(checkpoint: Checkpoint, rows: list[TensorRow]) -> Iterator[tuple[TensorRow, TensorStats | None]]:
     """Statistics per tensor, reading one tensor at a time; None for tensors without values."""
     for row in rows:
-        if row.tensor.storage is None and not row.tensor.chunks:
+        if not row.tensor.has_data:
             yield row, None
             continue
         yield row, tensor_stats(read_tensor(checkpoint, row.tensor), row.tensor.dtype)

@@ -20,6 +20,7 @@ from typing import Any
 from ptools.core import limits
 from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, contiguous_stride, whole_numbers
 from ptools.core.checkpoint.unpickle import Opaque, TorchDType, unpickle
+from ptools.core.choices import ZeroWeights
 from ptools.core.files import is_within, path_kind, require_regular_file, size_on_disk
 from ptools.core.limits import brief, brief_text
 from ptools.errors import BadInputError
@@ -60,7 +61,7 @@ ZIP_ERRORS = (
     IndexError,
     OverflowError,
 )
-FORMATS = ("torch-zip", "torch-legacy", "torchscript", "safetensors", "sharded", "dcp")
+FORMATS = ("torch-zip", "torch-legacy", "torchscript", "safetensors", "sharded", "dcp", "deepspeed", "average")
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Checkpoint:
         metadata: safetensors ``__metadata__`` (merged over shards), else empty.
         parameter_names: names known to be parameters (TorchScript), else None.
         notes: facts about how the file was read, for the user.
+        details: what the format says about the run that wrote it (DeepSpeed: ZeRO stage,
+            world size, step, training dtype), for ``--json``.
     """
 
     path: str
@@ -84,6 +87,8 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     parameter_names: set[str] | None = None
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)  # the inputs of a derived checkpoint (an average)
     # Byte offset of a storage's first byte in ``ref.file``; None for a compressed zip record,
     # which ``read_record`` then reads through zipfile.
     locate: Callable[[StorageRef], int | None] = lambda ref: ref.offset
@@ -110,12 +115,18 @@ class Checkpoint:
         return data
 
 
-def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike[str], *, trust: bool = False, tag: str | None = None, weights: ZeroWeights = "master"
+) -> Checkpoint:
     """Open a checkpoint of any supported format, reading metadata only.
 
     Args:
-        path: a file, a ``*.index.json``, a folder holding one, or a DCP folder.
+        path: a file, a ``*.index.json``, a folder holding one, a DCP folder, or a DeepSpeed
+            ZeRO run folder (or one of its step folders).
         trust: allow pickled globals outside the allowlist (runs code from the file).
+        tag: DeepSpeed only: the step folder to read instead of the one ``latest`` names.
+        weights: DeepSpeed only: ``master`` (fp32, assembled from the rank partitions) or
+            ``module`` (the module's own weights; ZeRO stages 1 and 2).
 
     Raises:
         BadInputError: unreadable, unknown, corrupt or inconsistent input.
@@ -123,7 +134,11 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        return _open_folder(path, trust)
+        checkpoint = _open_folder(path, trust, tag, weights)
+        if checkpoint.format != "deepspeed":
+            _refuse_zero_options(path, tag, weights)
+        return checkpoint
+    _refuse_zero_options(path, tag, weights)
     require_regular_file(path, "checkpoint file", "name a checkpoint file or folder")
     head = _read_head(path, 64)
     if not head:
@@ -189,7 +204,15 @@ def _check_inflation(path: str, info: zipfile.ZipInfo) -> None:
         )
 
 
-def _open_folder(path: str, trust: bool) -> Checkpoint:
+def _refuse_zero_options(path: str, tag: str | None, weights: str) -> None:
+    if tag is not None or weights != "master":
+        option = "`tag`" if tag is not None else "`weights`"
+        raise BadInputError(f"{path}: {option} applies to DeepSpeed ZeRO checkpoint folders only")
+
+
+def _open_folder(path: str, trust: bool, tag: str | None, weights: ZeroWeights) -> Checkpoint:
+    from ptools.core.checkpoint import zero
+
     if os.path.exists(os.path.join(path, ".metadata")):
         return _open_dcp(path)
     indexes = sorted(name for name in os.listdir(path) if name.endswith(".index.json"))
@@ -197,8 +220,11 @@ def _open_folder(path: str, trust: bool) -> Checkpoint:
         # Prefer safetensors when a folder ships both (it needs no pickle).
         indexes.sort(key=lambda name: "safetensors" not in name)
         return _open_index(os.path.join(path, indexes[0]), trust)
+    if zero.is_deepspeed_folder(path):
+        return zero.open_zero(path, trust=trust, tag=tag, weights=weights)
     raise BadInputError(
-        f"{path}: folder is neither a DCP checkpoint (no .metadata) nor a sharded checkpoint (no *.index.json)"
+        f"{path}: folder is not a checkpoint: no DCP .metadata, no *.index.json of a sharded "
+        "checkpoint, no DeepSpeed ZeRO files"
     )
 
 
@@ -231,7 +257,7 @@ def _zip_locator(path: str, zip_file: zipfile.ZipFile, records: dict[str, str]) 
     return locate
 
 
-def _open_zip(path: str, trust: bool) -> Checkpoint:
+def _open_zip(path: str, trust: bool, extra_globals: dict[str, Any] | None = None) -> Checkpoint:
     try:
         zip_file = zipfile.ZipFile(path)
         names = zip_file.namelist()
@@ -262,7 +288,7 @@ def _open_zip(path: str, trust: bool) -> Checkpoint:
         return StorageRef(file=path, key=key, size_bytes=size, location=location, byteorder=byteorder)
 
     data = _zip_member(zip_file, path, pickles[0])
-    extra = _torchscript_globals() if is_script else None
+    extra = _torchscript_globals() if is_script else extra_globals
     root = unpickle(data, storage_ref, what=path, trust=trust, extra_globals=extra)
 
     def read_record(ref: StorageRef, start: int, length: int) -> bytes:
@@ -726,13 +752,49 @@ def _open_dcp(path: str) -> Checkpoint:
             root[fqn] = DcpBytes(fqn)
             continue
         root[fqn] = _dcp_tensor(metadata_path, fqn, entry, chunks, locations)
-    return Checkpoint(
-        path=path,
-        format="dcp",
-        root=root,
-        size_bytes=size_on_disk(path),
-        notes=["torch.distributed.checkpoint folder: tensors assembled from chunks"],
-    )
+    notes = ["torch.distributed.checkpoint folder: tensors assembled from chunks"]
+    nested = _dcp_nesting(root, _record_field(metadata, "planner_data"))
+    if nested is not None:
+        root = nested
+        notes.append("nesting restored from the checkpoint's planner data (as the run saved it)")
+    return Checkpoint(path=path, format="dcp", root=root, size_bytes=size_on_disk(path), notes=notes)
+
+
+def _dcp_nesting(flat: dict[str, Any], planner_data: Any) -> Any:
+    """The state dict as the run saved it (``{"model": {...}, "optim": {...}}``), rebuilt from
+    the planner's ``{fqn: (key, key, index…)}`` paths; None (keep the flat names) when the
+    paths are missing, malformed or collide."""
+    if not isinstance(planner_data, dict) or not flat:
+        return None
+    root: dict[Any, Any] = {}
+    for fqn, value in flat.items():
+        path = planner_data.get(fqn)
+        if not (
+            isinstance(path, tuple)
+            and 0 < len(path) <= limits.DEPTH.value
+            and all(isinstance(k, str) or (type(k) is int and 0 <= k < 1 << 31) for k in path)
+        ):
+            return None
+        node = root
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):  # a leaf where the path needs a container
+                return None
+            node = child
+        if path[-1] in node:
+            return None
+        node[path[-1]] = value
+    return _as_containers(root)
+
+
+def _as_containers(node: Any) -> Any:
+    """Dicts keyed 0..n-1 by ints become lists (DCP flattens lists by index)."""
+    if not isinstance(node, dict):
+        return node
+    items = {key: _as_containers(value) for key, value in node.items()}
+    if items and all(type(key) is int for key in items) and set(items) == set(range(len(items))):
+        return [items[index] for index in range(len(items))]
+    return collections.OrderedDict(items)
 
 
 def _dcp_locations(

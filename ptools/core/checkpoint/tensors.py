@@ -119,6 +119,9 @@ class TensorInfo:
     is_parameter: bool = False
     # For DCP: the chunks (global offsets, sizes, storage) the tensor is assembled from.
     chunks: list[tuple[tuple[int, ...], tuple[int, ...], StorageRef]] = field(default_factory=list)
+    # For DeepSpeed ZeRO: byte runs (storage, first byte, length) whose concatenation is the
+    # tensor's dense bytes, in order (a parameter cut across rank partitions).
+    pieces: list[tuple[StorageRef, int, int]] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -133,9 +136,16 @@ class TensorInfo:
         return self.numel * self.itemsize
 
     @property
+    def has_data(self) -> bool:
+        """False for a meta tensor (shape and dtype only)."""
+        return self.storage is not None or bool(self.chunks) or bool(self.pieces)
+
+    @property
     def device(self) -> str:
         if self.storage is not None:
             return self.storage.location
+        if self.pieces:
+            return self.pieces[0][0].location
         return self.chunks[0][2].location if self.chunks else "meta"
 
     @property
@@ -155,6 +165,14 @@ class TensorInfo:
                 return False
             expected *= size
         return True
+
+
+def storage_identity(tensor: TensorInfo) -> tuple[str, str | int]:
+    """What tensors sharing data have in common: their storage, or (assembled tensors, tied by
+    being one object under several names) the object itself."""
+    if tensor.storage is not None:
+        return tensor.storage.file, tensor.storage.key
+    return "", id(tensor)
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

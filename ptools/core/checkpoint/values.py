@@ -94,6 +94,15 @@ def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
 
     if tensor.chunks:
         return _read_chunked(checkpoint, tensor)
+    if tensor.pieces:
+        parts = [
+            decode(checkpoint.read(ref, start, length), tensor.dtype, ref.byteorder)
+            for ref, start, length in tensor.pieces
+        ]
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if flat.size != tensor.numel:
+            raise BadInputError(f"an assembled tensor of shape {list(tensor.shape)} has {flat.size:,} elements")
+        return flat.reshape(tensor.shape)
     if tensor.storage is None:
         raise BadInputError("a meta tensor has no values")
     itemsize = ITEMSIZE[tensor.dtype]

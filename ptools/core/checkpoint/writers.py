@@ -13,12 +13,12 @@ import json
 import pickle
 import struct
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 from ptools.core.checkpoint.readers import SAFETENSORS_DTYPES, Checkpoint
-from ptools.core.checkpoint.tensors import ITEMSIZE, STORAGE_CLASSES, TensorInfo, contiguous_stride
+from ptools.core.checkpoint.tensors import ITEMSIZE, STORAGE_CLASSES, StorageRef, TensorInfo, contiguous_stride
 from ptools.core.checkpoint.unpickle import _LAYOUTS, _TORCH_MARKERS, TorchDevice, TorchDType, TorchMarker, TorchSize
 from ptools.core.limits import brief
 from ptools.errors import BadInputError
@@ -168,6 +168,26 @@ def _little_endian(raw: bytes, dtype: str, byteorder: str) -> bytes:
     return np.frombuffer(raw, dtype=f">u{size}").byteswap().tobytes()
 
 
+def byte_runs(
+    checkpoint: Checkpoint,
+    runs: Iterable[tuple[StorageRef, int, int]],
+    source: str,
+    dtype: str,
+    tally: CastTally | None,
+) -> Iterator[bytes | memoryview]:
+    """The bytes of ``runs`` (storage, first byte, length) in order, in bounded pieces,
+    little-endian and cast from ``source`` to ``dtype``: one read buffer in memory at a time."""
+    itemsize = ITEMSIZE[source]
+    step = max(itemsize, COPY_CHUNK_BYTES // itemsize * itemsize)
+    for ref, begin, length in runs:
+        for start in range(0, length, step):
+            raw = checkpoint.read(ref, begin + start, min(step, length - start))
+            if dtype != source:
+                yield cast_bytes(raw, source, dtype, ref.byteorder, tally)
+            else:
+                yield _little_endian(raw, source, ref.byteorder)
+
+
 @dataclass
 class OutputStorage:
     """One storage of the output: where its bytes come from and what dtype they become."""
@@ -196,17 +216,14 @@ class OutputStorage:
     def chunks(self) -> Iterator[bytes | memoryview]:
         """The output bytes in bounded pieces."""
         ref = self.tensor.storage
-        if ref is None:
+        if ref is not None:
+            runs = [(ref, 0, ref.size_bytes)]
+        elif self.tensor.pieces:
+            runs = self.tensor.pieces
+        else:
             yield from self._assembled()
             return
-        itemsize = ITEMSIZE[self.source_dtype]
-        step = max(itemsize, COPY_CHUNK_BYTES // itemsize * itemsize)
-        for start in range(0, ref.size_bytes, step):
-            raw = self.source_checkpoint.read(ref, start, min(step, ref.size_bytes - start))
-            if self.dtype != self.source_dtype:
-                yield cast_bytes(raw, self.source_dtype, self.dtype, ref.byteorder, self.tally)
-            else:
-                yield _little_endian(raw, self.source_dtype, ref.byteorder)
+        yield from byte_runs(self.source_checkpoint, runs, self.source_dtype, self.dtype, self.tally)
 
     def _assembled(self) -> Iterator[bytes | memoryview]:
         from ptools.core.checkpoint.values import read_tensor
@@ -523,15 +540,11 @@ class SafetensorsEntry:
         ref = tensor.storage
         if ref is not None and tensor.is_contiguous:
             itemsize = ITEMSIZE[source]
-            begin, length = tensor.storage_offset * itemsize, tensor.numel * itemsize
-            step = max(itemsize, COPY_CHUNK_BYTES // itemsize * itemsize)
-            for start in range(0, length, step):
-                raw = self.checkpoint.read(ref, begin + start, min(step, length - start))
-                yield (
-                    cast_bytes(raw, source, self.dtype, ref.byteorder, self.tally)
-                    if self.dtype != source
-                    else _little_endian(raw, source, ref.byteorder)
-                )
+            runs = [(ref, tensor.storage_offset * itemsize, tensor.numel * itemsize)]
+            yield from byte_runs(self.checkpoint, runs, source, self.dtype, self.tally)
+            return
+        if tensor.pieces:
+            yield from byte_runs(self.checkpoint, tensor.pieces, source, self.dtype, self.tally)
             return
         from ptools.core.checkpoint.values import read_tensor
 
