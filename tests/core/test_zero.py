@@ -21,6 +21,8 @@ from ptools.errors import BadInputError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "zero"
 CONFIGS = ("1-fp32", "2-fp32", "3-fp32", "1-bf16", "2-bf16", "3-bf16")
+# The same model on 3 ranks: other cuts and other padding.
+ALL_CONFIGS = (*CONFIGS, "world3/2-bf16", "world3/3-fp32")
 # The model make_zero.py trains: embed (37x12, tied to head), proj (12->13), norm (13), a frozen
 # Linear(13, 12); buffers scale (13, float) and seen (int64); scratch is not persistent.
 MODEL_PARAMETERS = 37 * 12 + (12 * 13 + 13) + 2 * 13 + (13 * 12 + 12)
@@ -53,7 +55,7 @@ def _module(config: str) -> dict[str, object]:
     return torch.load(DATA / config / "global_step2" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", ALL_CONFIGS)
 def test_master_weights_equal_deepspeeds_consolidation_bit_for_bit(config: str) -> None:
     checkpoint = open_checkpoint(DATA / config)
     expected = _expected(config)
@@ -75,13 +77,13 @@ def test_master_weights_equal_deepspeeds_consolidation_bit_for_bit(config: str) 
         assert not extra
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", ALL_CONFIGS)
 def test_layout_is_read_from_metadata_alone(config: str) -> None:
     checkpoint = open_checkpoint(DATA / config)
     details = checkpoint.details["deepspeed"]
-    stage, dtype = config.split("-")
+    stage, dtype = config.rsplit("/", 1)[-1].split("-")
     assert details["zero_stage"] == int(stage)
-    assert details["world_size"] == 2
+    assert details["world_size"] == (3 if config.startswith("world3/") else 2)
     assert details["tag"] == "global_step2"
     assert details["training_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     assert details["tied"] == {"head.weight": "embed.weight"}
@@ -206,7 +208,7 @@ def test_convert_casts_the_master_weights_like_torch(tmp_path: Path) -> None:
 def test_counts_and_diff_match_the_model(tmp_path: Path) -> None:
     from ptools.core.models import count_checkpoint
 
-    for config in CONFIGS:
+    for config in ALL_CONFIGS:
         counts = count_checkpoint(str(DATA / config)).to_dict()
         assert counts["total"] == MODEL_PARAMETERS, config
         assert counts["trainable"] == MODEL_PARAMETERS - (13 * 12 + 12), config
