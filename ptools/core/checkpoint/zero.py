@@ -23,6 +23,7 @@ import collections
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from ptools.core.checkpoint.readers import ZIP_MAGIC, Checkpoint, _open_zip, _read_head, contained_path
@@ -406,6 +407,237 @@ def _frozen(
     return frozen
 
 
+@dataclass
+class _Run:
+    """One step of a ZeRO run, as its files describe it (pickles read, no tensor data)."""
+
+    step: str
+    tag: str
+    stage: int
+    world: int
+    bf16: bool
+    opened: list[Checkpoint]  # every file read, for reads by file
+    partitions: list[list[TensorInfo]]  # per rank, per parameter group: the flat master weights
+    paddings: Any  # stage 1-2: param_alignment_paddings, when recorded
+    models: list[Checkpoint]  # the model-states file (stage 1-2) or one per rank (stage 3)
+    param_shapes: list[dict[str, tuple[int, ...]]]
+    frozen_shapes: dict[str, tuple[int, ...]]
+    shared: dict[str, str]  # tied name -> the name it is saved under
+    buffer_names: list[Any]
+    module: dict[Any, Any]  # the module's state dict as saved (placeholders in stage 3)
+    ds_version: str | None
+
+    @property
+    def master_dtype(self) -> str:
+        return self.partitions[0][0].dtype
+
+
+def _read_run(step: str, tag: str, trust: bool) -> _Run:
+    """Open the optimizer files, then the model-states file(s), and check they belong together."""
+    real_step = os.path.realpath(step)
+    files = _Files(step)
+    opened: list[Checkpoint] = []
+
+    def open_file(name: str) -> Checkpoint:
+        checkpoint = _open_rank_file(os.path.join(step, name), real_step, trust)
+        opened.append(checkpoint)
+        return checkpoint
+
+    optimizers = {rank: open_file(name) for rank, name in sorted(files.optimizer.items())}
+    first = _optimizer_state(optimizers[min(optimizers)])
+    stage = _zero_stage(first.get("zero_stage"), opened[0].path)
+    world = _world_size(first.get("partition_count"), opened[0].path)
+    _missing_ranks(step, "optimizer", files.optimizer, world)
+    key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
+    partitions = []
+    for rank, checkpoint in optimizers.items():
+        state = _optimizer_state(checkpoint)
+        if _zero_stage(state.get("zero_stage"), checkpoint.path) != stage or (
+            _world_size(state.get("partition_count"), checkpoint.path) != world
+        ):
+            raise BadInputError(
+                f"{step}: rank {rank}'s optimizer file is from another run (ZeRO stage or world size differ)"
+            )
+        partitions.append(_partitions(state, key, checkpoint.path))
+    if len({groups[0].dtype for groups in partitions}) != 1:
+        raise BadInputError(f"{step}: the ranks' master weights have different dtypes")
+
+    if stage == 3:
+        _missing_ranks(step, "model-states", files.stage3_model, world)
+        models = [open_file(files.stage3_model[rank]) for rank in range(world)]
+    elif files.model is None:
+        raise BadInputError(f"{step}: {_MODEL_FILE} is missing", "copy the whole step folder")
+    else:
+        models = [open_file(files.model)]
+    layout, where = models[0].root, models[0].path
+    if not isinstance(layout, dict) or "param_shapes" not in layout:
+        raise BadInputError(f"{where}: not a DeepSpeed model-states file (no param_shapes)")
+    raw_shapes = layout["param_shapes"]
+    raw_shapes = [raw_shapes] if isinstance(raw_shapes, dict) else raw_shapes
+    if not isinstance(raw_shapes, list):
+        raise BadInputError(f"{where}: corrupt ZeRO model file (param_shapes)")
+    shared = layout.get("shared_params") or {}
+    buffer_names = layout.get("buffer_names") or []
+    if not (
+        isinstance(shared, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items())
+        and isinstance(buffer_names, list)
+    ):
+        raise BadInputError(f"{where}: corrupt ZeRO model file (shared_params or buffer_names)")
+    module = layout.get("module")
+    version = layout.get("ds_version")
+    return _Run(
+        step=step,
+        tag=tag,
+        stage=stage,
+        world=world,
+        bf16=files.bf16,
+        opened=opened,
+        partitions=partitions,
+        paddings=first.get("param_alignment_paddings"),
+        models=models,
+        param_shapes=[_shapes(group, where, "param_shapes") for group in raw_shapes],
+        frozen_shapes=_shapes(layout.get("frozen_param_shapes") or {}, where, "frozen_param_shapes"),
+        shared=shared,
+        buffer_names=buffer_names,
+        module=module if isinstance(module, dict) else {},
+        ds_version=version if isinstance(version, str) else None,
+    )
+
+
+@dataclass
+class _Weights:
+    """What a step holds, by kind; ``recovered``: frozen parameters read from the module
+    because the run did not list them (ZeRO-1)."""
+
+    buffers: dict[str, TensorInfo]
+    trainable: dict[str, TensorInfo]
+    frozen: dict[str, TensorInfo]
+    aliases: dict[str, str]
+    recovered: list[str]
+
+    @property
+    def parameters(self) -> dict[str, TensorInfo]:
+        return {**self.trainable, **self.frozen}
+
+
+def _master_weights(run: _Run) -> _Weights:
+    if run.stage == 3:
+        trainable = _stage3_parameters(run.step, run.param_shapes, run.partitions, run.world)
+    else:
+        trainable = _stage12_parameters(run.step, run.param_shapes, run.partitions, run.paddings, run.world)
+    frozen = _frozen(run.step, run.frozen_shapes, run.models, run.stage, run.world)
+    both = set(trainable) & set(frozen)
+    if both:
+        raise BadInputError(f"{run.step}: {brief(sorted(both)[0])} is listed as both trainable and frozen")
+    buffers = {}
+    for name in run.buffer_names:
+        tensor = run.module.get(name) if isinstance(name, str) else None
+        if isinstance(tensor, TensorInfo):
+            buffers[name] = tensor
+    # ZeRO-1 records no frozen parameters (DeepSpeed's zero_to_fp32 drops them); stages 1-2
+    # keep every weight whole in the module, so the unlisted ones are read from there.
+    recovered = []
+    if run.stage < 3:
+        for name, tensor in run.module.items():
+            if (
+                isinstance(name, str)
+                and name not in buffers
+                and name not in trainable
+                and name not in frozen
+                and name not in run.shared
+                and isinstance(tensor, TensorInfo)
+                and tensor.has_data
+            ):
+                frozen[name] = _frozen_copy(tensor)
+                recovered.append(name)
+    parameters = {**trainable, **frozen}
+    aliases = {
+        alias: source for alias, source in run.shared.items() if source in parameters and alias not in parameters
+    }
+    return _Weights(buffers, trainable, frozen, aliases, recovered)
+
+
+def _training_dtype(run: _Run, weights: _Weights) -> str:
+    if run.bf16:
+        return "bfloat16"
+    sample = next((run.module[n] for n in weights.trainable if isinstance(run.module.get(n), TensorInfo)), None)
+    return sample.dtype if sample is not None else run.master_dtype
+
+
+def _module_weights(run: _Run, weights: _Weights, training_dtype: str) -> _Weights:
+    """The module's own saved weights in place of the master weights (ZeRO-1 and 2)."""
+    if run.stage == 3:
+        raise BadInputError(
+            f"{run.step}: ZeRO-3 saves no module weights, only the fp32 master partitions",
+            f"read the master weights and cast them to {training_dtype} (`dtype`): that is what the module held",
+        )
+    parameters = weights.parameters
+    chosen: dict[str, TensorInfo] = {}
+    for name in [*parameters, *weights.aliases]:
+        tensor = run.module.get(name)
+        source = weights.aliases.get(name, name)
+        if not isinstance(tensor, TensorInfo) or tensor.shape != parameters[source].shape:
+            raise BadInputError(f"{run.models[0].path}: the module's weight {brief(name)} is missing or misshapen")
+        tensor.is_parameter, tensor.requires_grad = True, source in weights.trainable
+        chosen[name] = tensor
+    trainable = {name: tensor for name, tensor in chosen.items() if tensor.requires_grad}
+    frozen = {name: tensor for name, tensor in chosen.items() if not tensor.requires_grad}
+    return _Weights(weights.buffers, trainable, frozen, {}, weights.recovered)
+
+
+def _in_module_order(run: _Run, weights: _Weights) -> tuple[collections.OrderedDict[str, Any], list[str]]:
+    """Name -> tensor in the model's own state_dict order (a tied name is the same tensor),
+    and the module entries that are none of them."""
+    parameters = weights.parameters
+    root: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    left_out = []
+    for name in run.module:
+        if name in weights.buffers:
+            root[name] = weights.buffers[name]
+        elif name in parameters:
+            root[name] = parameters[name]
+        elif name in weights.aliases:
+            root[name] = parameters[weights.aliases[name]]
+        elif isinstance(name, str):
+            left_out.append(name)
+    for name in [*weights.buffers, *parameters, *weights.aliases]:  # a model file without a module listing
+        if name not in root:
+            root[name] = weights.buffers.get(name) or parameters.get(name) or parameters[weights.aliases[name]]
+    return root, left_out
+
+
+def _notes(run: _Run, weights: _Weights, chosen: str, training_dtype: str, left_out: list[str]) -> list[str]:
+    what = (
+        f"the {run.master_dtype} master weights, assembled parameter by parameter from the {run.world} rank partitions"
+        if chosen == "master"
+        else f"the module's own weights ({training_dtype}) from {os.path.basename(run.models[0].path)}"
+    )
+    notes = [
+        f"DeepSpeed ZeRO-{run.stage} checkpoint, step {run.tag}, world size {run.world}, "
+        f"trained in {training_dtype}: {what}"
+    ]
+    frozen_dtypes = {tensor.dtype for tensor in weights.frozen.values()} - {run.master_dtype}
+    if chosen == "master" and frozen_dtypes:
+        notes.append(
+            f"{len(weights.frozen)} frozen parameter(s) have no master copy: read as training held them "
+            f"({', '.join(sorted(frozen_dtypes))}), as DeepSpeed's zero_to_fp32 does"
+        )
+    if weights.aliases:
+        shown = ", ".join(f"{alias} = {source}" for alias, source in list(weights.aliases.items())[:4])
+        notes.append(f"{len(weights.aliases)} tied name(s) (shared_params): {shown}")
+    if weights.recovered:
+        notes.append(
+            f"{len(weights.recovered)} frozen parameter(s) the run did not list (ZeRO-{run.stage} records none), "
+            f"read from the module: DeepSpeed's zero_to_fp32 leaves them out ({brief(weights.recovered)})"
+        )
+    if left_out:
+        notes.append(
+            f"{len(left_out)} module entries that are neither parameters nor buffers left out: {brief(left_out)}"
+        )
+    return notes
+
+
 def open_zero(path: str, *, trust: bool = False, tag: str | None = None, weights: ZeroWeights = "master") -> Checkpoint:
     """Open a DeepSpeed ZeRO checkpoint (run folder or step folder): metadata only.
 
@@ -422,184 +654,36 @@ def open_zero(path: str, *, trust: bool = False, tag: str | None = None, weights
     """
     if weights not in ZERO_WEIGHTS:
         raise BadInputError(f"`weights` must be one of {', '.join(ZERO_WEIGHTS)}, not {brief(weights)}")
-    step, tag = _step_folder(path, tag)
-    real_step = os.path.realpath(step)
-    files = _Files(step)
-    opened: list[Checkpoint] = []
-
-    def open_file(name: str) -> Checkpoint:
-        checkpoint = _open_rank_file(os.path.join(step, name), real_step, trust)
-        opened.append(checkpoint)
-        return checkpoint
-
-    optimizers = {rank: open_file(name) for rank, name in sorted(files.optimizer.items())}
-    first = optimizers[min(optimizers)]
-    first_state = _optimizer_state(first)
-    stage = _zero_stage(first_state.get("zero_stage"), first.path)
-    world = _world_size(first_state.get("partition_count"), first.path)
-    _missing_ranks(step, "optimizer", files.optimizer, world)
-    key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
-    ranks = []
-    for rank, checkpoint in optimizers.items():
-        state = _optimizer_state(checkpoint)
-        if _zero_stage(state.get("zero_stage"), checkpoint.path) != stage or (
-            _world_size(state.get("partition_count"), checkpoint.path) != world
-        ):
-            raise BadInputError(
-                f"{step}: rank {rank}'s optimizer file is from another run (ZeRO stage or world size differ)"
-            )
-        ranks.append(_partitions(state, key, checkpoint.path))
-    if len({groups[0].dtype for groups in ranks}) != 1:
-        raise BadInputError(f"{step}: the ranks' master weights have different dtypes")
-
-    if stage == 3:
-        _missing_ranks(step, "model-states", files.stage3_model, world)
-        models = [open_file(files.stage3_model[rank]) for rank in range(world)]
-    else:
-        if files.model is None:
-            raise BadInputError(f"{step}: {_MODEL_FILE} is missing", "copy the whole step folder")
-        models = [open_file(files.model)]
-    layout = models[0].root
-    if not isinstance(layout, dict) or "param_shapes" not in layout:
-        raise BadInputError(f"{models[0].path}: not a DeepSpeed model-states file (no param_shapes)")
-    raw_shapes = layout["param_shapes"]
-    if isinstance(raw_shapes, dict):
-        raw_shapes = [raw_shapes]
-    if not isinstance(raw_shapes, list):
-        raise BadInputError(f"{models[0].path}: corrupt ZeRO model file (param_shapes)")
-    param_shapes = [_shapes(group, models[0].path, "param_shapes") for group in raw_shapes]
-    frozen_shapes = _shapes(layout.get("frozen_param_shapes") or {}, models[0].path, "frozen_param_shapes")
-    shared = layout.get("shared_params") or {}
-    buffer_names = layout.get("buffer_names") or []
-    module = layout.get("module")
-    if not isinstance(module, dict):
-        module = {}
-    if not (
-        isinstance(shared, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items())
-        and isinstance(buffer_names, list)
-    ):
-        raise BadInputError(f"{models[0].path}: corrupt ZeRO model file (shared_params or buffer_names)")
-
-    if stage == 3:
-        trainable = _stage3_parameters(step, param_shapes, ranks, world)
-    else:
-        paddings = _optimizer_state(first).get("param_alignment_paddings")
-        trainable = _stage12_parameters(step, param_shapes, ranks, paddings, world)
-    frozen = _frozen(step, frozen_shapes, models, stage, world)
-    both = set(trainable) & set(frozen)
-    if both:
-        raise BadInputError(f"{step}: {brief(sorted(both)[0])} is listed as both trainable and frozen")
-    buffers = {}
-    for name in buffer_names:
-        tensor = module.get(name) if isinstance(name, str) else None
-        if isinstance(tensor, TensorInfo):
-            buffers[name] = tensor
-    # ZeRO-1 records no frozen parameters (DeepSpeed's zero_to_fp32 drops them); stages 1-2
-    # keep every weight whole in the module, so the unlisted ones are read from there.
-    recovered = []
-    if stage < 3:
-        for name, tensor in module.items():
-            if (
-                isinstance(name, str)
-                and name not in buffers
-                and name not in trainable
-                and name not in frozen
-                and name not in shared
-                and isinstance(tensor, TensorInfo)
-                and tensor.has_data
-            ):
-                frozen[name] = _frozen_copy(tensor)
-                recovered.append(name)
-    parameters = {**trainable, **frozen}
-    aliases: dict[str, str] = {
-        alias: source for alias, source in shared.items() if source in parameters and alias not in parameters
-    }
-
-    training_dtype = "bfloat16" if files.bf16 else None
-    if training_dtype is None:
-        sample = next((module[name] for name in trainable if isinstance(module.get(name), TensorInfo)), None)
-        training_dtype = sample.dtype if sample is not None else ranks[0][0].dtype
-
+    run = _read_run(*_step_folder(path, tag), trust)
+    held = _master_weights(run)
+    training_dtype = _training_dtype(run, held)
     if weights == "module":
-        if stage == 3:
-            raise BadInputError(
-                f"{step}: ZeRO-3 saves no module weights, only the fp32 master partitions",
-                f"read the master weights and cast them to {training_dtype} (`dtype`): that is what the module held",
-            )
-        chosen: dict[str, TensorInfo] = {}
-        for name in [*parameters, *aliases]:
-            tensor = module.get(name)
-            source = aliases.get(name, name)
-            if not isinstance(tensor, TensorInfo) or tensor.shape != parameters[source].shape:
-                raise BadInputError(f"{models[0].path}: the module's weight {brief(name)} is missing or misshapen")
-            tensor.is_parameter, tensor.requires_grad = True, source in trainable
-            chosen[name] = tensor
-        parameters, aliases = chosen, {}
-
-    root: collections.OrderedDict[str, Any] = collections.OrderedDict()
-    left_out = []
-    for name in module:
-        if name in buffers:
-            root[name] = buffers[name]
-        elif name in parameters:
-            root[name] = parameters[name]
-        elif name in aliases:
-            root[name] = parameters[aliases[name]]
-        elif isinstance(name, str):
-            left_out.append(name)
-    for name in [*buffers, *parameters, *aliases]:  # a model file without a module listing
-        if name not in root:
-            root[name] = buffers.get(name) or parameters.get(name) or parameters[aliases[name]]
-
-    by_file = {checkpoint.path: checkpoint for checkpoint in opened}
-    what = (
-        f"the {ranks[0][0].dtype} master weights, assembled parameter by parameter from the {world} rank partitions"
-        if weights == "master"
-        else f"the module's own weights ({training_dtype}) from {os.path.basename(models[0].path)}"
-    )
-    notes = [f"DeepSpeed ZeRO-{stage} checkpoint, step {tag}, world size {world}, trained in {training_dtype}: {what}"]
-    frozen_dtypes = {tensor.dtype for tensor in frozen.values()} - {ranks[0][0].dtype}
-    if weights == "master" and frozen_dtypes:
-        notes.append(
-            f"{len(frozen)} frozen parameter(s) have no master copy: read as training held them "
-            f"({', '.join(sorted(frozen_dtypes))}), as DeepSpeed's zero_to_fp32 does"
-        )
-    if aliases:
-        shown = ", ".join(f"{alias} = {source}" for alias, source in list(aliases.items())[:4])
-        notes.append(f"{len(aliases)} tied name(s) (shared_params): {shown}")
-    if recovered:
-        notes.append(
-            f"{len(recovered)} frozen parameter(s) the run did not list (ZeRO-{stage} records none), read "
-            f"from the module: DeepSpeed's zero_to_fp32 leaves them out ({brief(recovered)})"
-        )
-    if left_out:
-        notes.append(
-            f"{len(left_out)} module entries that are neither parameters nor buffers left out: {brief(left_out)}"
-        )
+        held = _module_weights(run, held, training_dtype)
+    root, left_out = _in_module_order(run, held)
+    by_file = {checkpoint.path: checkpoint for checkpoint in run.opened}
     checkpoint = Checkpoint(
         path=path,
         format="deepspeed",
         root=root,
-        size_bytes=sum(c.size_bytes for c in opened),
-        parameter_names=set(parameters) | set(aliases),
-        notes=notes,
+        size_bytes=sum(c.size_bytes for c in run.opened),
+        parameter_names=set(held.parameters) | set(held.aliases),
+        notes=_notes(run, held, weights, training_dtype, left_out),
         locate=lambda ref: by_file[ref.file].locate(ref),
         read_record=lambda ref, start, length: by_file[ref.file].read(ref, start, length),
     )
     checkpoint.details = {
         "deepspeed": {
-            "zero_stage": stage,
-            "world_size": world,
-            "tag": tag,
-            "step_folder": step,
+            "zero_stage": run.stage,
+            "world_size": run.world,
+            "tag": run.tag,
+            "step_folder": run.step,
             "training_dtype": training_dtype,
-            "master_dtype": ranks[0][0].dtype,
+            "master_dtype": run.master_dtype,
             "weights": weights,
-            "ds_version": layout.get("ds_version") if isinstance(layout.get("ds_version"), str) else None,
-            "tied": aliases,
-            "frozen": sorted(frozen),
-            "buffers": list(buffers),
+            "ds_version": run.ds_version,
+            "tied": held.aliases if weights == "master" else dict(run.shared),
+            "frozen": sorted(held.frozen),
+            "buffers": list(held.buffers),
         }
     }
     return checkpoint
