@@ -20,7 +20,7 @@ from ptools.core.convert import convert_checkpoint
 from ptools.errors import BadInputError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "zero"
-CONFIGS = ("1-fp32", "2-fp32", "3-fp32", "1-bf16", "2-bf16", "3-bf16")
+CONFIGS = ("1-fp32", "2-fp32", "3-fp32", "1-bf16", "2-bf16", "3-bf16", "2-fp16", "3-fp16")
 # The same model on 3 ranks: other cuts and other padding.
 ALL_CONFIGS = (*CONFIGS, "world3/2-bf16", "world3/3-fp32")
 # The model make_zero.py trains: embed (37x12, tied to head), proj (12->13), norm (13), a frozen
@@ -85,7 +85,7 @@ def test_layout_is_read_from_metadata_alone(config: str) -> None:
     assert details["zero_stage"] == int(stage)
     assert details["world_size"] == (3 if config.startswith("world3/") else 2)
     assert details["tag"] == "global_step2"
-    assert details["training_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    assert details["training_dtype"] == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     assert details["tied"] == {"head.weight": "embed.weight"}
     assert details["buffers"] == ["scale", "seen"]
     # The model's own state_dict order; the tied name is the very same tensor.
@@ -121,7 +121,7 @@ def test_run_folder_step_folder_and_tag_open_the_same_step(tmp_path: Path) -> No
         open_checkpoint(DATA / "2-fp32" / "expected.pt", tag="global_step2")
 
 
-@pytest.mark.parametrize("config", ["1-bf16", "2-bf16", "2-fp32"])
+@pytest.mark.parametrize("config", ["1-bf16", "2-bf16", "2-fp16", "2-fp32"])
 def test_module_weights_are_the_saved_16_bit_weights(config: str) -> None:
     checkpoint = open_checkpoint(DATA / config, weights="module")
     module = _module(config)

@@ -38,6 +38,7 @@ from ptools.errors import BadInputError
 DEEPSPEED_GLOBALS = frozenset(
     {
         "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16 runs
         "deepspeed.runtime.zero.config.ZeroStageEnum",
         "deepspeed.utils.tensor_fragment.fragment_address",
     }

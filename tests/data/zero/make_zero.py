@@ -14,7 +14,8 @@ master weights are checked against on every rank before saving).
 
 The model has what makes consolidation go wrong: a tied embedding and head
 (``shared_params``), a frozen layer, sizes that do not divide by the world size (padding),
-two optimizer parameter groups, and float and integer buffers. ``--model 250m`` trains one
+two optimizer parameter groups, and float and integer buffers; configs are STAGE-DTYPE with DTYPE
+fp32, bf16 or fp16. ``--model 250m`` trains one
 step of a ~251M-parameter model of the same shape (benchmarks/bench_zero.py): a tied
 32003 x 1024 embedding (the largest parameter, 131 MB in fp32) and 26 MLP blocks.
 """
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 
-CONFIGS = ("1-fp32", "2-fp32", "3-fp32", "1-bf16", "2-bf16", "3-bf16")
+CONFIGS = ("1-fp32", "2-fp32", "3-fp32", "1-bf16", "2-bf16", "3-bf16", "2-fp16", "3-fp16")
 
 
 def build_model(size: str = "tiny"):  # noqa: ANN201 - torch is imported lazily so --help stays light
@@ -83,8 +84,8 @@ def train_rank(stage: int, dtype: str, out: str, size: str) -> None:
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=0.05
     )
     config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}}
-    if dtype == "bf16":
-        config["bf16"] = {"enabled": True}
+    if dtype in ("bf16", "fp16"):
+        config[dtype] = {"enabled": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     generator = torch.Generator().manual_seed(1 + torch.distributed.get_rank())
     vocab = model.embed.num_embeddings
