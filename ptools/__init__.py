@@ -38,6 +38,7 @@ _API = {
     "cast_floating": "ptools.core.keys",
     # detections
     "nms": "ptools.core.nms",
+    "box_iou": "ptools.core.boxes",
     # models
     "load_model": "ptools.core.models",
     "count_model": "ptools.core.models",
@@ -70,6 +71,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from ptools.core.boxes import box_iou
     from ptools.core.checkpoint import diff_state_dicts, iter_stats, list_checkpoint, open_checkpoint, read_tensor
     from ptools.core.convert import convert_checkpoint, execute_conversion, plan_conversion
     from ptools.core.gpu import query_devices, require_devices, select_devices

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.core.choices import BoxFormat, DetectionsFormat, NmsDevice, NmsMethod, SoftFunction
+from ptools.core.choices import BoxFormat, DetectionsFormat, IouKind, NmsDevice, NmsMethod, SoftFunction
 from ptools.core.files import path_kind, require_regular_file
 from ptools.errors import BadInputError
 
@@ -51,7 +51,8 @@ def command(
             min=0.0,
             max=1.0,
             show_default="0.5",
-            help="Suppress when IoU (DIoU for diou) > this; soft with --soft-fn linear decays above it; "
+            help="Suppress when the overlap (--criterion; DIoU for diou) > this; soft with --soft-fn linear "
+            "decays above it; "
             "gaussian Soft-NMS has no threshold (use --sigma).",
         ),
     ] = None,
@@ -71,6 +72,14 @@ def command(
     agnostic: Annotated[
         bool, typer.Option("--agnostic", help="Ignore classes: any box may suppress any other in its image.")
     ] = False,
+    criterion: Annotated[
+        IouKind,
+        typer.Option(
+            "--criterion",
+            help="The overlap compared with --iou (and decaying soft scores): iou, giou (generalised), "
+            "diou (distance), ciou (complete). --method diou is hard with --criterion diou.",
+        ),
+    ] = "iou",
     soft_fn: Annotated[SoftFunction, typer.Option("--soft-fn", help="Soft-NMS decay.")] = "gaussian",
     sigma: Annotated[float, typer.Option("--sigma", help="Gaussian Soft-NMS: s *= exp(-IoU^2 / sigma).")] = 0.5,
     box_format: Annotated[BoxFormat, typer.Option("--box-format", help="bbox layout (xywh: COCO).")] = "xywh",
@@ -141,6 +150,7 @@ def command(
         agnostic=agnostic,
         box_format=box_format,
         device=device,
+        criterion=criterion,
         # The records were parsed for this run: soft/merge may update them in place, unless
         # the evaluation still needs them as they were read.
         keep_input=eval_path is not None,

@@ -15,6 +15,7 @@ SoftFunction = Literal["gaussian", "linear"]
 BoxFormat = Literal["xywh", "xyxy", "cxcywh"]
 DetectionsFormat = Literal["json", "jsonl"]
 NmsDevice = Literal["cpu", "cuda"]
+IouKind = Literal["iou", "giou", "diou", "ciou"]
 
 SelectOrder = Literal["free-memory", "utilization", "index"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ptools.core import nms as nms_core
-from ptools.core.choices import BoxFormat, DetectionsFormat, NmsDevice, NmsMethod, SoftFunction, values
+from ptools.core.choices import BoxFormat, DetectionsFormat, IouKind, NmsDevice, NmsMethod, SoftFunction, values
 from ptools.core.limits import brief, brief_text
 from ptools.core.memory import gc_paused
 from ptools.errors import BadInputError
@@ -284,17 +284,21 @@ class NmsFileReport:
         return asdict(self)
 
 
-def _rule(method: str, iou: float, soft_fn: str, sigma: float, score_threshold: float | None) -> str:
+_CRITERION_NAMES = {"iou": "IoU", "giou": "GIoU", "diou": "DIoU", "ciou": "CIoU"}
+
+
+def _rule(method: str, kind: str, iou: float, soft_fn: str, sigma: float, score_threshold: float | None) -> str:
     """The suppression rule a method applied, in words: what --iou does (or not) for it."""
+    overlap = _CRITERION_NAMES[kind]
     if method == "soft":
         cut = nms_core.DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold
         decay = (
-            f"gaussian decay s *= exp(-IoU^2 / {sigma:g})"
+            f"gaussian decay s *= exp(-{overlap}^2 / {sigma:g})"
             if soft_fn == "gaussian"
-            else f"linear decay s *= 1 - IoU where IoU > {iou:g}"
+            else f"linear decay s *= 1 - {overlap} where {overlap} > {iou:g}"
         )
         return f"{decay}, kept while s > {cut:g}"
-    return f"{'DIoU' if method == 'diou' else 'IoU'} > {iou:g}"
+    return f"{overlap} > {iou:g}"
 
 
 def run_nms(
@@ -310,6 +314,7 @@ def run_nms(
     box_format: BoxFormat = "xywh",
     device: NmsDevice = "cpu",
     keep_input: bool = True,
+    criterion: IouKind = "iou",
 ) -> tuple[list[Any], NmsFileReport]:
     """NMS per image (and class unless ``agnostic``) over validated detections.
 
@@ -325,11 +330,14 @@ def run_nms(
     """
     started = time.perf_counter()
     name = nms_core.canonical_method(method)
+    _, kind = nms_core.method_and_criterion(name, criterion)
     nms_core.check_parameters(iou_threshold, max_det)
     xyxy = nms_core.to_xyxy(detections.boxes, box_format)
     categories = np.zeros_like(detections.categories) if agnostic else detections.categories
     groups = detections.images * (len(detections.category_ids) or 1) + categories
     if device == "cuda":
+        if kind != "iou":
+            raise BadInputError(f"`device` cuda compares IoU only; `criterion` {kind} runs on the CPU (the default)")
         result = _cuda_hard(name, xyxy, detections.scores, groups, iou_threshold, score_threshold)
     elif device != "cpu":
         raise BadInputError(f"unknown `device` {device!r}; choose one of: cpu, cuda")
@@ -343,6 +351,7 @@ def run_nms(
             soft_fn=soft_fn,
             sigma=sigma,
             score_threshold=score_threshold,
+            criterion=criterion,
         )
     positions = nms_core.limit_per_image(detections.images, result.keep, result.scores, max_det)
     kept_rows = result.keep[positions]
@@ -365,7 +374,7 @@ def run_nms(
     report = NmsFileReport(
         method=name,
         iou_threshold=iou_threshold,
-        rule=_rule(name, iou_threshold, soft_fn, sigma, score_threshold),
+        rule=_rule(name, kind, iou_threshold, soft_fn, sigma, score_threshold),
         images=detections.image_count,
         detections_in=len(records),
         detections_out=len(output),

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from ptools.core.choices import BoxFormat, NmsMethod, SoftFunction, values
+from ptools.core.boxes import IOU_KINDS, overlap
+from ptools.core.choices import BoxFormat, IouKind, NmsMethod, SoftFunction, values
 from ptools.errors import BadInputError, RequirementNotMetError
 
 if TYPE_CHECKING:
@@ -43,6 +44,22 @@ def canonical_method(method: str) -> str:
         names = ", ".join((*METHODS, *ALIASES))
         raise BadInputError(f"unknown method {method!r}; choose one of: {names}")
     return name
+
+
+def method_and_criterion(method: str, criterion: str = "iou") -> tuple[str, str]:
+    """The engine's method and overlap: ``diou`` is hard NMS with the DIoU criterion.
+
+    Raises:
+        BadInputError: an unknown method or criterion, or diou with another criterion.
+    """
+    name = canonical_method(method)
+    if criterion not in IOU_KINDS:
+        raise BadInputError(f"unknown overlap `criterion` {criterion!r}; choose one of: {', '.join(IOU_KINDS)}")
+    if name == "diou":
+        if criterion not in ("iou", "diou"):
+            raise BadInputError(f"method diou compares DIoU; it cannot take `criterion` {criterion}")
+        return "hard", "diou"
+    return name, criterion
 
 
 def check_parameters(iou_threshold: float, max_det: int | None = None) -> None:
@@ -111,15 +128,13 @@ class _Boxes:
         with np.errstate(divide="ignore", invalid="ignore"):
             return inter / (self.area[a] + self.area[b] - inter)
 
-    def diou(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """IoU − ρ²/c² (DIoU, β = 1): ρ the distance of centres, c the enclosing box diagonal."""
-        iou = self.iou(a, b)
-        dx = (self.x1[a] + self.x2[a]) / 2 - (self.x1[b] + self.x2[b]) / 2
-        dy = (self.y1[a] + self.y2[a]) / 2 - (self.y1[b] + self.y2[b]) / 2
-        cw = np.maximum(self.x2[a], self.x2[b]) - np.minimum(self.x1[a], self.x1[b])
-        ch = np.maximum(self.y2[a], self.y2[b]) - np.minimum(self.y1[a], self.y1[b])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return iou - (dx * dx + dy * dy) / (cw * cw + ch * ch)
+    def criterion(self, kind: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The ``kind`` overlap (iou, giou, diou, ciou; see :func:`ptools.core.boxes.overlap`,
+        without eps) of boxes ``a[i]`` and ``b[i]``."""
+        if kind == "iou":
+            return self.iou(a, b)
+        columns = (self.x1, self.y1, self.x2, self.y2)
+        return overlap(tuple(c[a] for c in columns), tuple(c[b] for c in columns), kind)
 
 
 def _segments(groups_of_rem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +146,16 @@ def _segments(groups_of_rem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _greedy(
-    boxes: _Boxes, scores: np.ndarray, groups: np.ndarray, method: str, threshold: float, and_threshold: float
+    boxes: _Boxes,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    method: str,
+    threshold: float,
+    and_threshold: float,
+    kind: str = "iou",
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Hard, and, merge or DIoU NMS. Returns kept indices and, for merge, merged xyxy boxes."""
+    """Hard, and or merge NMS with the ``kind`` overlap. Returns kept indices and, for merge,
+    merged xyxy boxes."""
     order = np.lexsort((np.arange(scores.size), -scores, groups))  # group, score desc, input order
     remaining = order
     kept, merged = [], []
@@ -141,10 +163,7 @@ def _greedy(
         heads, segment = _segments(groups[remaining])
         head_index = remaining[heads]
         against = head_index[segment]
-        if method == "diou":
-            criterion = boxes.diou(remaining, against)
-        else:
-            criterion = boxes.iou(remaining, against)
+        criterion = boxes.criterion(kind, remaining, against)
         suppressed = criterion > threshold
         suppressed |= heads
         if method == "and":
@@ -178,8 +197,10 @@ def _soft(
     threshold: float,
     sigma: float,
     score_threshold: float,
+    kind: str = "iou",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Soft-NMS: re-pick the best *current* score after every decay; drop scores <= threshold."""
+    """Soft-NMS: re-pick the best *current* score after every decay; drop scores <= threshold.
+    The ``kind`` overlap decays the scores (negative GIoU/DIoU/CIoU decay nothing)."""
     current = scores.astype(np.float64, copy=True)
     remaining = np.lexsort((np.arange(scores.size), groups))  # group, then input order for ties
     remaining = remaining[current[remaining] > score_threshold]
@@ -196,8 +217,8 @@ def _soft(
         chosen = remaining[chosen_positions]
         picked.append(chosen)
         picked_scores.append(current[chosen])
-        iou = boxes.iou(remaining, chosen[segment])
-        iou = np.where(iou > 0, iou, 0.0)  # NaN (two empty boxes) decays nothing
+        iou = boxes.criterion(kind, remaining, chosen[segment])
+        iou = np.where(iou > 0, iou, 0.0)  # NaN (two empty boxes) and negative overlaps decay nothing
         if function == "gaussian":
             decay = np.exp(-(iou * iou) / sigma)
         else:
@@ -223,8 +244,10 @@ def nms_groups(
     sigma: float = 0.5,
     score_threshold: float | None = None,
     and_threshold: float = 0.5,
+    criterion: IouKind = "iou",
 ) -> NmsResult:
-    """NMS within each group of ``groups (ndarray[N], int)`` over ``xyxy (ndarray[N, 4])``.
+    """NMS within each group of ``groups (ndarray[N], int)`` over ``xyxy (ndarray[N, 4])``;
+    ``criterion`` is the overlap compared with ``iou_threshold`` (``diou`` for method diou).
 
     Returns:
         NmsResult, unordered.
@@ -232,7 +255,7 @@ def nms_groups(
     Raises:
         BadInputError: unknown method or soft function, sigma <= 0, IoU threshold outside [0, 1].
     """
-    method = canonical_method(method)
+    method, kind = method_and_criterion(method, criterion)
     check_parameters(iou_threshold)
     if soft_fn not in SOFT_FUNCTIONS:
         raise BadInputError(f"unknown soft function `soft_fn` {soft_fn!r}; choose one of: {', '.join(SOFT_FUNCTIONS)}")
@@ -262,10 +285,10 @@ def nms_groups(
         boxes = _Boxes(part_xyxy)
         if method == "soft":
             assert threshold is not None  # soft always has its cut-off
-            local, final_scores = _soft(boxes, part_scores, part_groups, soft_fn, iou_threshold, sigma, threshold)
+            local, final_scores = _soft(boxes, part_scores, part_groups, soft_fn, iou_threshold, sigma, threshold, kind)
             final_boxes = part_xyxy[local]
         else:
-            local, merged = _greedy(boxes, part_scores, part_groups, method, iou_threshold, and_threshold)
+            local, merged = _greedy(boxes, part_scores, part_groups, method, iou_threshold, and_threshold, kind)
             final_scores = part_scores[local]
             final_boxes = merged if merged is not None else part_xyxy[local]
         return (local if part is None else part[local]), final_scores, final_boxes
@@ -335,6 +358,7 @@ def nms(
     box_format: BoxFormat = "xyxy",
     images: np.ndarray | Sequence[Any] | None = None,
     and_threshold: float = 0.5,
+    criterion: IouKind = "iou",
 ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -354,6 +378,7 @@ def nms(
     box_format: BoxFormat = "xyxy",
     images: torch.Tensor | None = None,
     and_threshold: float = 0.5,
+    criterion: IouKind = "iou",
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -372,6 +397,7 @@ def nms(
     box_format: BoxFormat = "xyxy",
     images: Any = None,
     and_threshold: float = 0.5,
+    criterion: IouKind = "iou",
 ) -> tuple[Any, Any]:
     """NMS on numpy arrays or torch tensors (CPU or CUDA).
 
@@ -382,6 +408,8 @@ def nms(
             suppress each other unless ``agnostic``.
         images (ndarray|Tensor[N], optional): image of each box, for a batch of images.
         max_det: at most this many detections per image, highest final scores.
+        criterion: the overlap compared with ``iou_threshold`` (and decaying soft scores):
+            ``iou``, ``giou``, ``diou`` or ``ciou`` (see :func:`ptools.core.boxes.overlap`).
 
     Returns:
         ``(keep, scores)``: indices of kept boxes (int64) and their final scores (decayed for
@@ -399,7 +427,11 @@ def nms(
         import torch
 
         device = boxes.device
-        if device.type == "cuda" and canonical_method(method) == "hard" and box_format == "xyxy":
+        if (
+            device.type == "cuda"
+            and method_and_criterion(method, criterion) == ("hard", "iou")
+            and box_format == "xyxy"
+        ):
             return _torchvision_hard(boxes, scores, labels, images, iou_threshold, score_threshold, max_det, agnostic)
         to_numpy = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
         boxes, scores, labels, images = map(to_numpy, (boxes, scores, labels, images))
@@ -421,6 +453,7 @@ def nms(
         sigma=sigma,
         score_threshold=score_threshold,
         and_threshold=and_threshold,
+        criterion=criterion,
     )
     positions = limit_per_image(image_codes, result.keep, result.scores, max_det)
     keep, final = result.keep[positions], result.scores[positions]

@@ -306,3 +306,26 @@ def test_crowd_example_is_crowded() -> None:
 
     neighbours = [iou(boxes[i], boxes[i + 1]) for boxes in by_group.values() for i in range(len(boxes) - 1)]
     assert len(neighbours) >= 40 and sum(v > 0.5 for v in neighbours) / len(neighbours) > 0.5
+
+
+def test_criterion_names_its_rule_and_matches_the_library(tmp_path: Path, synthetic) -> None:
+    from ptools.core.nms import nms
+
+    records = synthetic[0][:400]
+    path = write(tmp_path / "in.json", records)
+    for kind, rule in [("giou", "GIoU > 0.4"), ("ciou", "CIoU > 0.4")]:
+        result = run(path, "--criterion", kind, "--iou", "0.4")
+        assert result.exit_code == 0 and f"({rule})" in result.stderr, result.stderr
+        import numpy as np
+
+        boxes = np.array([r["bbox"] for r in records], dtype=float)
+        boxes[:, 2:] += boxes[:, :2]
+        keep, _ = nms(boxes, np.array([r["score"] for r in records]), [r["category_id"] for r in records],
+                      images=[r["image_id"] for r in records], criterion=kind, iou_threshold=0.4)
+        kept = json.loads(result.stdout)
+        assert sorted(json.dumps(r, sort_keys=True) for r in kept) == sorted(
+            json.dumps(records[i], sort_keys=True) for i in keep.tolist())
+    soft = run(path, "--method", "soft", "--criterion", "diou")
+    assert "gaussian decay s *= exp(-DIoU^2 / 0.5)" in soft.stderr
+    clash = run(path, "--method", "diou", "--criterion", "ciou")
+    assert clash.exit_code == 1 and "method diou compares DIoU" in clash.stderr
