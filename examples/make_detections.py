@@ -54,8 +54,11 @@ def _crowds(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def generate(images: int, per_image: int, seed: int = 0, cluster: int = 20,
-             crowd: bool = False) -> tuple[list, dict]:
+             crowd: bool = False, model_seed: int | None = None) -> tuple[list, dict]:
+    """``model_seed``: the scenes (objects, ground truth) come from ``seed`` alone and the
+    detections' noise from ``model_seed``: several models' outputs on the same images."""
     rng = np.random.default_rng(seed)
+    noise = rng if model_seed is None else np.random.default_rng([seed, model_seed])
     detections, annotations = [], []
     for image_id in range(1, images + 1):
         if crowd:
@@ -70,20 +73,20 @@ def generate(images: int, per_image: int, seed: int = 0, cluster: int = 20,
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(category),
                                 "bbox": [round(float(x), 2), round(float(y), 2), round(float(w), 2), round(float(h), 2)],
                                 "area": float(w * h), "iscrowd": 0})
-            count = min(budget, cluster + int(rng.integers(-5, 6)))
+            count = min(budget, cluster + int(noise.integers(-5, 6)))
             budget -= count
-            top = rng.uniform(0.6, 0.98)
-            boxes = np.array([x, y, w, h]) + rng.normal(0, 0.08, (count, 4)) * np.array([w, h, w, h])
+            top = noise.uniform(0.6, 0.98)
+            boxes = np.array([x, y, w, h]) + noise.normal(0, 0.08, (count, 4)) * np.array([w, h, w, h])
             boxes[:, 2:] = np.maximum(boxes[:, 2:], 2)
-            wrong = rng.uniform(size=count) < 0.05
-            labels = np.where(wrong, rng.integers(1, CLASSES + 1, count), category)
-            scores = top * 0.9 ** np.arange(count) * rng.uniform(0.9, 1.0, count)
+            wrong = noise.uniform(size=count) < 0.05
+            labels = np.where(wrong, noise.integers(1, CLASSES + 1, count), category)
+            scores = top * 0.9 ** np.arange(count) * noise.uniform(0.9, 1.0, count)
             detections.extend(_records(image_id, labels, boxes, scores))
         background = max(budget, 0)
-        sizes = rng.uniform(8, 200, (background, 2))
-        corners = rng.uniform(0, 1, (background, 2)) * (np.array([WIDTH, HEIGHT]) - sizes)
-        detections.extend(_records(image_id, rng.integers(1, CLASSES + 1, background),
-                                   np.concatenate([corners, sizes], axis=1), rng.uniform(0.001, 0.2, background)))
+        sizes = noise.uniform(8, 200, (background, 2))
+        corners = noise.uniform(0, 1, (background, 2)) * (np.array([WIDTH, HEIGHT]) - sizes)
+        detections.extend(_records(image_id, noise.integers(1, CLASSES + 1, background),
+                                   np.concatenate([corners, sizes], axis=1), noise.uniform(0.001, 0.2, background)))
     ground_truth = {
         "images": [{"id": i, "width": WIDTH, "height": HEIGHT, "file_name": f"{i:06d}.jpg"}
                    for i in range(1, images + 1)],
@@ -100,8 +103,11 @@ def main() -> None:
     parser.add_argument("--per-image", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crowd", action="store_true", help="crowds of overlapping objects (see above)")
+    parser.add_argument("--model-seed", type=int, default=None,
+                        help="one model's detections of the scenes of --seed (several models: several model seeds)")
     args = parser.parse_args()
-    detections, ground_truth = generate(args.images, args.per_image, args.seed, crowd=args.crowd)
+    detections, ground_truth = generate(args.images, args.per_image, args.seed, crowd=args.crowd,
+                                        model_seed=args.model_seed)
     with open(f"{args.prefix}.json", "w") as handle:
         json.dump(detections, handle)
     with open(f"{args.prefix}_gt.json", "w") as handle:

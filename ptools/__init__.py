@@ -39,6 +39,7 @@ _API = {
     # detections
     "nms": "ptools.core.nms",
     "box_iou": "ptools.core.boxes",
+    "fuse_groups": "ptools.core.fusion",
     # models
     "load_model": "ptools.core.models",
     "count_model": "ptools.core.models",
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from ptools.core.boxes import box_iou
     from ptools.core.checkpoint import diff_state_dicts, iter_stats, list_checkpoint, open_checkpoint, read_tensor
     from ptools.core.convert import convert_checkpoint, execute_conversion, plan_conversion
+    from ptools.core.fusion import fuse_groups
     from ptools.core.gpu import query_devices, require_devices, select_devices
     from ptools.core.keys import add_prefix, cast_floating, rename_keys, select_keys, strip_prefix
     from ptools.core.models import (

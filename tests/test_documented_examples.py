@@ -136,6 +136,11 @@ def make_stand_ins(folder: Path) -> dict[str, str]:
     shutil.copytree(ROOT / "tests" / "data" / "zero" / "3-bf16", folder / "ds_run")  # real DeepSpeed runs
     shutil.copytree(ROOT / "tests" / "data" / "zero" / "2-bf16", folder / "ds_zero2")
     shutil.copy(folder / "examples" / "detections.json", folder / "preds.json")
+    for name in ("model_a.json", "model_b.json"):  # three models' outputs, to fuse
+        shutil.copy(folder / "examples" / "detections.json", folder / name)
+    (folder / "model_c.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in json.loads((folder / "examples" / "detections.json").read_text()))
+    )
     records = json.loads((folder / "preds.json").read_text())
     (folder / "preds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     shutil.copy(folder / "examples" / "detections_gt.json", folder / "instances_val.json")

@@ -10,12 +10,16 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.core.choices import BoxFormat, DetectionsFormat, IouKind, NmsDevice, NmsMethod, SoftFunction
+from ptools.cli.options import usage_check
+from ptools.core.choices import BoxFormat, ConfType, DetectionsFormat, IouKind, NmsDevice, NmsMethod, SoftFunction
 from ptools.core.files import path_kind, require_regular_file
 from ptools.errors import BadInputError
 
 NAME = "nms"
-SHORT_HELP = "Offline NMS (hard, and, merge, diou, soft) over COCO-style detection JSON or JSON Lines."
+SHORT_HELP = (
+    "Offline NMS (hard, and, merge, diou, soft) and box fusion of several models (wbf, nmw) over COCO-style "
+    "detection JSON or JSON Lines."
+)
 HELP = f"""{SHORT_HELP}
 
 Per image, and per class unless --agnostic. hard is exactly torchvision's batched_nms keep set; soft re-picks the best decayed score after every decay and returns the decayed scores. Every other field of a record is kept. Output: by image id, then score descending.
@@ -29,13 +33,33 @@ Per image, and per class unless --agnostic. hard is exactly torchvision's batche
   cat preds.jsonl | ptools nms - --method diou --agnostic > out.jsonl
 
   ptools nms examples/detections.json --method soft --eval examples/detections_gt.json -o out.json
+
+  ptools nms model_a.json model_b.json model_c.jsonl --method wbf --model-weights 2,1,1 -o fused.json
 """
 
 
+def _parse_weights(text: str) -> list[float]:
+    """``2,1,1`` -> [2.0, 1.0, 1.0]: positive finite numbers."""
+    import math
+
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise BadInputError(f"--model-weights {text!r}: give numbers separated by commas, e.g. 2,1,1") from None
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise BadInputError(f"--model-weights {text!r}: every weight must be a positive number")
+    return weights
+
+
 def command(
-    source: Annotated[
-        str,
-        typer.Argument(metavar="INPUT", help="Detections (JSON array or JSON Lines); - for stdin.", show_default=False),
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT",
+            help="Detections (JSON array or JSON Lines); - for stdin. Several inputs: wbf/nmw fuse them as "
+            "models; the other methods run over all their records together.",
+            show_default=False,
+        ),
     ],
     destination: Annotated[
         str, typer.Option("--output", "-o", metavar="FILE", help="Where to write the kept detections; - for stdout.")
@@ -80,6 +104,24 @@ def command(
             "diou (distance), ciou (complete). --method diou is hard with --criterion diou.",
         ),
     ] = "iou",
+    model_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--model-weights",
+            metavar="W1,W2,...",
+            callback=usage_check(_parse_weights),
+            help="wbf/nmw: one positive weight per input, in order (default 1 each).",
+        ),
+    ] = None,
+    skip_box_thr: Annotated[
+        float,
+        typer.Option(
+            "--skip-box-thr", min=0.0, metavar="S", help="wbf/nmw: leave out boxes scoring below S (ensemble-boxes')."
+        ),
+    ] = 0.0,
+    conf_type: Annotated[
+        ConfType, typer.Option("--conf-type", help="wbf: how a fused box's score is made (ensemble-boxes' conf_type).")
+    ] = "avg",
     soft_fn: Annotated[SoftFunction, typer.Option("--soft-fn", help="Soft-NMS decay.")] = "gaussian",
     sigma: Annotated[float, typer.Option("--sigma", help="Gaussian Soft-NMS: s *= exp(-IoU^2 / sigma).")] = 0.5,
     box_format: Annotated[BoxFormat, typer.Option("--box-format", help="bbox layout (xywh: COCO).")] = "xywh",
@@ -114,6 +156,8 @@ def command(
         ),
     ] = False,
 ) -> None:
+    import numpy as np
+
     from ptools.core import detections as core
 
     started = time.perf_counter()
@@ -122,10 +166,29 @@ def command(
             "--iou has no effect on gaussian Soft-NMS (every overlap decays the score by exp(-IoU^2 / sigma))",
             "tune --sigma, or use --soft-fn linear, which decays above --iou",
         )
+    fusing = method in ("wbf", "nmw")
+    if not fusing and (model_weights is not None or skip_box_thr or conf_type != "avg"):
+        raise BadInputError("--model-weights, --skip-box-thr and --conf-type apply to --method wbf and nmw")
+    if fusing and score_thr is not None:
+        raise BadInputError("--score-thr is NMS's cut-off; for wbf and nmw use --skip-box-thr (scores below it go)")
+    if fusing and criterion != "iou":
+        raise BadInputError(f"wbf and nmw compare IoU; --criterion {criterion} applies to the NMS methods")
+    weights = _parse_weights(model_weights) if model_weights is not None else None
+    if weights is not None and len(weights) != len(sources):
+        raise BadInputError(f"--model-weights has {len(weights)} weight(s) for {len(sources)} input(s)")
+    if sources.count("-") > 1:
+        raise BadInputError("stdin (-) can be only one of the inputs")
     if json_output and destination == "-":
         raise BadInputError("--json prints the summary on stdout; write the detections with -o FILE")
-    if destination != "-" and source != "-" and os.path.exists(destination) and os.path.samefile(source, destination):
-        raise BadInputError(f"--output {destination} is the input file", "write to another path")
+    for source in sources:
+        if (
+            destination != "-"
+            and source != "-"
+            and os.path.exists(destination)
+            and os.path.exists(source)
+            and os.path.samefile(source, destination)
+        ):
+            raise BadInputError(f"--output {destination} is the input file {source}", "write to another path")
     if destination != "-" and os.path.lexists(destination) and path_kind(destination) != "file":
         raise BadInputError(
             f"--output {destination}: {path_kind(destination)}; -o takes a file path",
@@ -135,14 +198,23 @@ def command(
         raise BadInputError(f"--output {destination} exists", "pass --force to replace it, or choose another path")
     if eval_path is not None:
         require_regular_file(eval_path, "ground-truth file")
-    data = _read(source)
-    records, input_format = core.parse_detections(data, "stdin" if source == "-" else source)
-    del data
+    records: list[Any] = []
+    model_of: list[int] = []
+    input_format = None
+    for number, source in enumerate(sources):
+        data = _read(source)
+        parsed, parsed_format = core.parse_detections(data, "stdin" if source == "-" else source)
+        del data
+        input_format = input_format or parsed_format
+        records.extend(parsed)
+        model_of.extend([number] * len(parsed))
+    assert input_format is not None
     detections = core.validate(records, box_format=box_format, skip_invalid=skip_invalid)
+    models = np.asarray(model_of, dtype=np.int64)[detections.index] if len(sources) > 1 else None
     kept, report = core.run_nms(
         detections,
         method=method,
-        iou_threshold=0.5 if iou is None else iou,
+        iou_threshold=(0.55 if fusing else 0.5) if iou is None else iou,
         score_threshold=score_thr,
         soft_fn=soft_fn,
         sigma=sigma,
@@ -151,14 +223,24 @@ def command(
         box_format=box_format,
         device=device,
         criterion=criterion,
+        models=models,
+        model_weights=weights,
+        skip_box_threshold=skip_box_thr,
+        conf_type=conf_type,
         # The records were parsed for this run: soft/merge may update them in place, unless
         # the evaluation still needs them as they were read.
         keep_input=eval_path is not None,
     )
     if eval_path is not None:
-        valid_input = [records[i] for i in detections.index.tolist()]
-        input_metrics, output_metrics = core.evaluate(eval_path, valid_input, kept)
-        report.evaluation = {"input": input_metrics, "output": output_metrics}
+        valid = detections.index.tolist()
+        if len(sources) == 1:
+            inputs = {"input": [records[i] for i in valid]}
+        else:  # each input on its own, then the output: what fusing them bought
+            number_of = np.asarray(model_of)
+            inputs = {f"input {n + 1} ({source})": [records[i] for i in valid if number_of[i] == n]
+                      for n, source in enumerate(sources)}  # fmt: skip
+        metrics = core.evaluate(eval_path, *inputs.values(), kept)
+        report.evaluation = {**dict(zip(inputs, metrics)), "output": metrics[-1]}
     payload = core.dump_detections(kept, output_format or input_format)
     if destination == "-":
         sys.stdout.buffer.write(payload)
@@ -208,19 +290,21 @@ def _summary(data: dict[str, Any]) -> None:
         output.info("per class (in→out): " + ", ".join(f"{c}: {a}→{b}" for c, (a, b) in data["per_class"].items()))
     evaluation = data["evaluation"]
     if evaluation:
+        columns = [key for key in evaluation if key != "output"]
         rows = [
             (
                 name,
-                f"{evaluation['input'][name]:.4f}",
+                *(f"{evaluation[key][name]:.4f}" for key in columns),
                 f"{evaluation['output'][name]:.4f}",
-                f"{evaluation['output'][name] - evaluation['input'][name]:+.4f}",
+                f"{evaluation['output'][name] - max(evaluation[key][name] for key in columns):+.4f}",
             )
             for name in ("AP", "AP50", "AP75", "AR@100")
         ]
+        change = "change" if len(columns) == 1 else "vs best input"
         output.stderr_console().print(
             output.make_table(
                 "COCO bbox evaluation (pycocotools)",
-                ["metric", ("input", "right"), ("output", "right"), ("change", "right")],
+                ["metric", *((key, "right") for key in columns), ("output", "right"), (change, "right")],
                 rows,
             )
         )

@@ -12,13 +12,24 @@ import itertools
 import math
 import operator
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ptools.core import nms as nms_core
-from ptools.core.choices import BoxFormat, DetectionsFormat, IouKind, NmsDevice, NmsMethod, SoftFunction, values
+from ptools.core.choices import (
+    BoxFormat,
+    ConfType,
+    DetectionsFormat,
+    IouKind,
+    NmsDevice,
+    NmsMethod,
+    SoftFunction,
+    values,
+)
+from ptools.core.fusion import FUSION_METHODS, fuse_groups
 from ptools.core.limits import brief, brief_text
 from ptools.core.memory import gc_paused
 from ptools.errors import BadInputError
@@ -315,6 +326,10 @@ def run_nms(
     device: NmsDevice = "cpu",
     keep_input: bool = True,
     criterion: IouKind = "iou",
+    models: np.ndarray | None = None,
+    model_weights: Sequence[float] | None = None,
+    skip_box_threshold: float = 0.0,
+    conf_type: ConfType = "avg",
 ) -> tuple[list[Any], NmsFileReport]:
     """NMS per image (and class unless ``agnostic``) over validated detections.
 
@@ -324,11 +339,30 @@ def run_nms(
             them from a file), and soft and merge update the kept ones in place - a million
             dict copies saved.
 
+        models: for ``wbf`` and ``nmw``: the input (model) each record comes from, 0 to M-1;
+            ``model_weights`` their weights, ``skip_box_threshold`` and ``conf_type`` as in
+            :func:`ptools.core.fusion.fuse_groups`.
+
     Returns:
         ``(output records, report)``: the kept records, by image then score descending, with
-        the decayed ``score`` (soft) or merged ``bbox`` (merge).
+        the decayed ``score`` (soft) or merged ``bbox`` (merge); for wbf and nmw one new
+        record per cluster: its best box's record with the fused ``bbox`` and ``score``.
     """
     started = time.perf_counter()
+    if method in FUSION_METHODS:
+        return _run_fusion(
+            detections,
+            method=method,
+            iou_threshold=iou_threshold,
+            max_det=max_det,
+            agnostic=agnostic,
+            box_format=box_format,
+            models=models,
+            model_weights=model_weights,
+            skip_box_threshold=skip_box_threshold,
+            conf_type=conf_type,
+            started=started,
+        )
     name = nms_core.canonical_method(method)
     _, kind = nms_core.method_and_criterion(name, criterion)
     nms_core.check_parameters(iou_threshold, max_det)
@@ -375,6 +409,66 @@ def run_nms(
         method=name,
         iou_threshold=iou_threshold,
         rule=_rule(name, kind, iou_threshold, soft_fn, sigma, score_threshold),
+        images=detections.image_count,
+        detections_in=len(records),
+        detections_out=len(output),
+        skipped=detections.skipped,
+        per_class={str(c): [int(a), int(b)] for c, a, b in zip(detections.category_ids, counts_in, counts_out)},
+    )
+    report.seconds = time.perf_counter() - started
+    return output, report
+
+
+def _run_fusion(
+    detections: Detections,
+    *,
+    method: str,
+    iou_threshold: float,
+    max_det: int | None,
+    agnostic: bool,
+    box_format: str,
+    models: np.ndarray | None,
+    model_weights: Sequence[float] | None,
+    skip_box_threshold: float,
+    conf_type: str,
+    started: float,
+) -> tuple[list[Any], NmsFileReport]:
+    """WBF or NMW over the records of several models (see :mod:`ptools.core.fusion`)."""
+    nms_core.check_parameters(iou_threshold, max_det)
+    xyxy = nms_core.to_xyxy(detections.boxes, box_format)
+    categories = np.zeros_like(detections.categories) if agnostic else detections.categories
+    groups = detections.images * (len(detections.category_ids) or 1) + categories
+    model_of = np.zeros(len(detections.scores), dtype=np.int64) if models is None else np.asarray(models)
+    result = fuse_groups(
+        xyxy,
+        detections.scores,
+        groups,
+        model_of,
+        method=method,
+        model_weights=None if model_weights is None else np.asarray(model_weights, dtype=np.float64),
+        iou_threshold=iou_threshold,
+        skip_box_threshold=skip_box_threshold,
+        conf_type=conf_type,
+    )
+    positions = nms_core.limit_per_image(detections.images, result.head, result.scores, max_det)
+    heads = result.head[positions]
+    boxes = nms_core.from_xyxy(result.boxes[positions], box_format).tolist()
+    scores = result.scores[positions].tolist()
+    records = detections.records
+    rows = detections.index[heads].tolist()
+    output = [{**records[row], "bbox": box, "score": score} for row, box, score in zip(rows, boxes, scores)]
+    counts_in = np.bincount(detections.categories, minlength=len(detections.category_ids))
+    counts_out = np.bincount(detections.categories[heads], minlength=len(detections.category_ids))
+    inputs = int(model_of.max(initial=0)) + 1
+    rule = (
+        f"clusters of IoU > {iou_threshold:g} with the fused box, conf {conf_type}, {inputs} input(s)"
+        if method == "wbf"
+        else f"clusters of IoU > {iou_threshold:g} with the best box, weights score x IoU, {inputs} input(s)"
+    )
+    report = NmsFileReport(
+        method=method,
+        iou_threshold=iou_threshold,
+        rule=rule,
         images=detections.image_count,
         detections_in=len(records),
         detections_out=len(output),

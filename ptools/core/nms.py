@@ -40,6 +40,11 @@ def canonical_method(method: str) -> str:
         BadInputError: unknown method, listing the allowed names.
     """
     name = ALIASES.get(method, method)
+    if name in ("wbf", "nmw"):
+        raise BadInputError(
+            f"method {name} fuses the boxes of several models; use ptools.core.fusion.fuse_groups, "
+            "or `ptools nms` with several inputs"
+        )
     if name not in METHODS:
         names = ", ".join((*METHODS, *ALIASES))
         raise BadInputError(f"unknown method {method!r}; choose one of: {names}")
