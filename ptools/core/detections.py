@@ -403,20 +403,27 @@ def run_nms(
         else:
             for record, value in zip(output, changed):
                 record[field] = value
+    rule = _rule(name, kind, iou_threshold, soft_fn, sigma, score_threshold)
+    return output, _report(detections, name, iou_threshold, rule, kept_rows, started)
+
+
+def _report(
+    detections: Detections, method: str, iou_threshold: float, rule: str, kept_rows: np.ndarray, started: float
+) -> NmsFileReport:
+    """The account of a run whose output holds one record per row of ``kept_rows``."""
     counts_in = np.bincount(detections.categories, minlength=len(detections.category_ids))
     counts_out = np.bincount(detections.categories[kept_rows], minlength=len(detections.category_ids))
-    report = NmsFileReport(
-        method=name,
+    return NmsFileReport(
+        method=method,
         iou_threshold=iou_threshold,
-        rule=_rule(name, kind, iou_threshold, soft_fn, sigma, score_threshold),
+        rule=rule,
         images=detections.image_count,
-        detections_in=len(records),
-        detections_out=len(output),
+        detections_in=len(detections.records),
+        detections_out=int(kept_rows.size),
         skipped=detections.skipped,
         per_class={str(c): [int(a), int(b)] for c, a, b in zip(detections.category_ids, counts_in, counts_out)},
+        seconds=time.perf_counter() - started,
     )
-    report.seconds = time.perf_counter() - started
-    return output, report
 
 
 def _run_fusion(
@@ -457,26 +464,13 @@ def _run_fusion(
     records = detections.records
     rows = detections.index[heads].tolist()
     output = [{**records[row], "bbox": box, "score": score} for row, box, score in zip(rows, boxes, scores)]
-    counts_in = np.bincount(detections.categories, minlength=len(detections.category_ids))
-    counts_out = np.bincount(detections.categories[heads], minlength=len(detections.category_ids))
     inputs = int(model_of.max(initial=0)) + 1
     rule = (
         f"clusters of IoU > {iou_threshold:g} with the fused box, conf {conf_type}, {inputs} input(s)"
         if method == "wbf"
         else f"clusters of IoU > {iou_threshold:g} with the best box, weights score x IoU, {inputs} input(s)"
     )
-    report = NmsFileReport(
-        method=method,
-        iou_threshold=iou_threshold,
-        rule=rule,
-        images=detections.image_count,
-        detections_in=len(records),
-        detections_out=len(output),
-        skipped=detections.skipped,
-        per_class={str(c): [int(a), int(b)] for c, a, b in zip(detections.category_ids, counts_in, counts_out)},
-    )
-    report.seconds = time.perf_counter() - started
-    return output, report
+    return output, _report(detections, method, iou_threshold, rule, heads, started)
 
 
 def _cuda_hard(
