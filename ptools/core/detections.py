@@ -362,6 +362,7 @@ def run_nms(
             skip_box_threshold=skip_box_threshold,
             conf_type=conf_type,
             started=started,
+            keep_input=keep_input,
         )
     name = nms_core.canonical_method(method)
     _, kind = nms_core.method_and_criterion(name, criterion)
@@ -439,6 +440,7 @@ def _run_fusion(
     skip_box_threshold: float,
     conf_type: str,
     started: float,
+    keep_input: bool,
 ) -> tuple[list[Any], NmsFileReport]:
     """WBF or NMW over the records of several models (see :mod:`ptools.core.fusion`)."""
     nms_core.check_parameters(iou_threshold, max_det)
@@ -463,7 +465,13 @@ def _run_fusion(
     scores = result.scores[positions].tolist()
     records = detections.records
     rows = detections.index[heads].tolist()
-    output = [{**records[row], "bbox": box, "score": score} for row, box, score in zip(rows, boxes, scores)]
+    if keep_input:
+        output = [{**records[row], "bbox": box, "score": score} for row, box, score in zip(rows, boxes, scores)]
+    else:  # the caller gave its records up: each cluster's head record becomes the fused one
+        output = [records[row] for row in rows]
+        for record, box, score in zip(output, boxes, scores):
+            record["bbox"] = box
+            record["score"] = score
     inputs = int(model_of.max(initial=0)) + 1
     rule = (
         f"clusters of IoU > {iou_threshold:g} with the fused box, conf {conf_type}, {inputs} input(s)"

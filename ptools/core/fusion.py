@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ptools.core.choices import ConfType, values
+from ptools.core.nms import split_groups
 from ptools.errors import BadInputError
 
 CONF_TYPES = values(ConfType)
@@ -114,6 +115,40 @@ def fuse_groups(
         raise BadInputError(f"at most {MAX_MODELS} models can be fused at once, not {weights.size}")
     if method == "nmw":
         weights = weights / weights.max()
+    parts = split_groups(groups)
+    if len(parts) == 1:
+        return _fuse(xyxy, scores, groups, models, weights, method, iou_threshold, skip_box_threshold, conf_type)
+    # Groups never interact, and numpy releases the GIL: one thread per part of whole groups.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(part: np.ndarray) -> FusionResult:
+        result = _fuse(
+            xyxy[part], scores[part], groups[part], models[part], weights, method, iou_threshold,
+            skip_box_threshold, conf_type,
+        )  # fmt: skip
+        return FusionResult(part[result.head], result.boxes, result.scores)
+
+    with ThreadPoolExecutor(len(parts)) as pool:
+        results = list(pool.map(run, parts))
+    return FusionResult(
+        np.concatenate([r.head for r in results]),
+        np.concatenate([r.boxes for r in results]),
+        np.concatenate([r.scores for r in results]),
+    )
+
+
+def _fuse(
+    xyxy: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    models: np.ndarray,
+    weights: np.ndarray,
+    method: str,
+    iou_threshold: float,
+    skip_box_threshold: float,
+    conf_type: str,
+) -> FusionResult:
+    """:func:`fuse_groups` on checked arrays (``weights`` already normalised for NMW)."""
     weight_of = weights[models]
     weighted = scores * weight_of
     area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])

@@ -298,7 +298,7 @@ def nms_groups(
             final_boxes = merged if merged is not None else part_xyxy[local]
         return (local if part is None else part[local]), final_scores, final_boxes
 
-    parts = _split_groups(sub_groups)
+    parts = split_groups(sub_groups)
     if len(parts) == 1:
         local, final_scores, final_boxes = run(None)
     else:  # groups never interact, and numpy releases the GIL: one thread per part
@@ -316,7 +316,7 @@ def nms_groups(
 PARALLEL_MIN_BOXES = 100_000
 
 
-def _split_groups(groups: np.ndarray) -> list[np.ndarray]:
+def split_groups(groups: np.ndarray) -> list[np.ndarray]:
     """Positions split into up to one part per CPU by whole groups, each with about as many
     boxes; a single part (no threads) for small inputs or one CPU."""
     import os

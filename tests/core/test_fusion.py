@@ -186,3 +186,21 @@ def test_cli_several_inputs_options_and_errors(tmp_path: Path) -> None:
         assert run.returncode == 1 and message in run.stderr, (args, run.stderr)
     bad = _run("a.json", "--method", "wbf", "--model-weights", "1,x", cwd=tmp_path)
     assert bad.returncode == 2
+
+
+def test_fusion_split_into_threads_gives_the_same_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ptools.core import nms as nms_core
+
+    generator = np.random.default_rng(9)
+    count = 3000
+    corner = generator.uniform(0, 500, (count, 2))
+    xyxy = np.concatenate([corner, corner + generator.uniform(5, 80, (count, 2))], 1)
+    scores, groups, models = generator.random(count), generator.integers(0, 40, count), generator.integers(0, 3, count)
+    whole = fuse_groups(xyxy, scores, groups, models, model_weights=np.array([2.0, 1, 1]))
+    monkeypatch.setattr(nms_core, "PARALLEL_MIN_BOXES", 10)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    split = fuse_groups(xyxy, scores, groups, models, model_weights=np.array([2.0, 1, 1]))
+    order_whole, order_split = np.argsort(whole.head), np.argsort(split.head)
+    np.testing.assert_array_equal(whole.head[order_whole], split.head[order_split])
+    np.testing.assert_array_equal(whole.boxes[order_whole], split.boxes[order_split])
+    np.testing.assert_array_equal(whole.scores[order_whole], split.scores[order_split])

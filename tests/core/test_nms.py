@@ -329,7 +329,7 @@ def test_parallel_parts_give_the_same_result(monkeypatch: pytest.MonkeyPatch) ->
     expected = {m: nms(boxes, scores, labels, images=images, method=m) for m in ("hard", "soft", "merge")}
     monkeypatch.setattr(engine, "PARALLEL_MIN_BOXES", 10)
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
-    assert len(engine._split_groups(images * 7 + labels)) == 3
+    assert len(engine.split_groups(images * 7 + labels)) == 3
     for method, (keep, kept_scores) in expected.items():
         got_keep, got_scores = nms(boxes, scores, labels, images=images, method=method)
         assert got_keep.tolist() == keep.tolist()
