@@ -104,6 +104,23 @@ def command(
             "diou (distance), ciou (complete). --method diou is hard with --criterion diou.",
         ),
     ] = "iou",
+    class_iou: Annotated[
+        str | None,
+        typer.Option(
+            "--class-iou",
+            metavar="FILE|JSON",
+            help='Per-class --iou, e.g. \'{"1": 0.6, "person": 0.4}\': keys are category ids, or names from '
+            "the --eval ground truth; other classes use --iou.",
+        ),
+    ] = None,
+    class_score_thr: Annotated[
+        str | None,
+        typer.Option(
+            "--class-score-thr",
+            metavar="FILE|JSON",
+            help="Per-class --score-thr, keyed like --class-iou; other classes use --score-thr.",
+        ),
+    ] = None,
     model_weights: Annotated[
         str | None,
         typer.Option(
@@ -210,6 +227,13 @@ def command(
         model_of.extend([number] * len(parsed))
     assert input_format is not None
     detections = core.validate(records, box_format=box_format, skip_invalid=skip_invalid)
+    names = _category_names(eval_path) if eval_path is not None and (class_iou or class_score_thr) else None
+    tables = [
+        None
+        if text is None
+        else core.resolve_class_table(_load_table(text, flag), detections.category_ids, names, flag)
+        for text, flag in ((class_iou, "--class-iou"), (class_score_thr, "--class-score-thr"))
+    ]
     models = np.asarray(model_of, dtype=np.int64)[detections.index] if len(sources) > 1 else None
     kept, report = core.run_nms(
         detections,
@@ -227,6 +251,8 @@ def command(
         model_weights=weights,
         skip_box_threshold=skip_box_thr,
         conf_type=conf_type,
+        class_iou=tables[0],
+        class_score_threshold=tables[1],
         # The records were parsed for this run: soft/merge may update them in place, unless
         # the evaluation still needs them as they were read.
         keep_input=eval_path is not None,
@@ -255,6 +281,36 @@ def command(
     output.emit(report.to_dict(), json_output, lambda data: [])
     if not json_output:
         _summary(report.to_dict())
+
+
+def _load_table(text: str, flag: str) -> dict[str, Any]:
+    """A per-class table given inline as JSON or as a JSON file."""
+    import orjson
+
+    raw = text.encode() if text.lstrip().startswith("{") else None
+    if raw is None:
+        require_regular_file(text, f"{flag} file", "give a JSON object inline or a JSON file")
+        with open(text, "rb") as handle:
+            raw = handle.read(1 << 20)
+    try:
+        table = orjson.loads(raw)
+    except orjson.JSONDecodeError as failure:
+        raise BadInputError(f"{flag}: not valid JSON ({failure})") from None
+    if not isinstance(table, dict):
+        raise BadInputError(f"{flag}: expected a JSON object of class -> value")
+    return table
+
+
+def _category_names(ground_truth: str) -> dict[str, Any]:
+    """Category name -> id from COCO ground truth, for per-class tables keyed by name."""
+    import orjson
+
+    try:
+        with open(ground_truth, "rb") as handle:
+            categories = orjson.loads(handle.read()).get("categories") or []
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return {}
+    return {c["name"]: c["id"] for c in categories if isinstance(c, dict) and "name" in c and "id" in c}
 
 
 def _read(source: str) -> bytes:

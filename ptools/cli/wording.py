@@ -56,6 +56,13 @@ FLAGS = {
     "take_last=True": "--take-last",
     "take_last": "--take-last",
     "average": "--average",
+    "agnostic": "--agnostic",
+    "skip_box_threshold": "--skip-box-thr",
+    "conf_type": "--conf-type",
+    "model_weights": "--model-weights",
+    "class_iou": "--class-iou",
+    "class_score_threshold": "--class-score-thr",
+    "criterion": "--criterion",
 }
 
 # Where one parameter is another flag in one command.

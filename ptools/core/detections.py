@@ -12,7 +12,7 @@ import itertools
 import math
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -330,6 +330,8 @@ def run_nms(
     model_weights: Sequence[float] | None = None,
     skip_box_threshold: float = 0.0,
     conf_type: ConfType = "avg",
+    class_iou: Mapping[Any, float] | None = None,
+    class_score_threshold: Mapping[Any, float] | None = None,
 ) -> tuple[list[Any], NmsFileReport]:
     """NMS per image (and class unless ``agnostic``) over validated detections.
 
@@ -339,6 +341,9 @@ def run_nms(
             them from a file), and soft and merge update the kept ones in place - a million
             dict copies saved.
 
+        class_iou, class_score_threshold: per category id (as the records spell it), in place
+            of ``iou_threshold`` / ``score_threshold`` for that class; other classes keep
+            the single values (see :func:`resolve_class_table` for names and text keys).
         models: for ``wbf`` and ``nmw``: the input (model) each record comes from, 0 to M-1;
             ``model_weights`` their weights, ``skip_box_threshold`` and ``conf_type`` as in
             :func:`ptools.core.fusion.fuse_groups`.
@@ -349,8 +354,13 @@ def run_nms(
         record per cluster: its best box's record with the fused ``bbox`` and ``score``.
     """
     started = time.perf_counter()
+    if (class_iou or class_score_threshold) and agnostic:
+        raise BadInputError("per-class settings need classes; they cannot go with `agnostic`")
+    iou_per_box = _per_box(detections, class_iou)
+    if method in FUSION_METHODS and class_score_threshold:
+        raise BadInputError("wbf and nmw take `skip_box_threshold`, not per-class score thresholds")
     if method in FUSION_METHODS:
-        return _run_fusion(
+        output, report = _run_fusion(
             detections,
             method=method,
             iou_threshold=iou_threshold,
@@ -363,7 +373,10 @@ def run_nms(
             conf_type=conf_type,
             started=started,
             keep_input=keep_input,
+            iou_per_box=iou_per_box,
         )
+        report.rule += _per_class_rule(class_iou, None)
+        return output, report
     name = nms_core.canonical_method(method)
     _, kind = nms_core.method_and_criterion(name, criterion)
     nms_core.check_parameters(iou_threshold, max_det)
@@ -387,6 +400,8 @@ def run_nms(
             sigma=sigma,
             score_threshold=score_threshold,
             criterion=criterion,
+            iou_thresholds=iou_per_box,
+            score_thresholds=_per_box(detections, class_score_threshold),
         )
     positions = nms_core.limit_per_image(detections.images, result.keep, result.scores, max_det)
     kept_rows = result.keep[positions]
@@ -404,8 +419,65 @@ def run_nms(
         else:
             for record, value in zip(output, changed):
                 record[field] = value
-    rule = _rule(name, kind, iou_threshold, soft_fn, sigma, score_threshold)
+    rule = _rule(name, kind, iou_threshold, soft_fn, sigma, score_threshold) + _per_class_rule(
+        class_iou, class_score_threshold
+    )
     return output, _report(detections, name, iou_threshold, rule, kept_rows, started)
+
+
+def _per_box(detections: Detections, table: Mapping[Any, float] | None) -> np.ndarray | None:
+    """A per-class table as one value per record (NaN for classes it does not list); classes
+    the input does not hold are ignored (a table may cover every class of a dataset)."""
+    if not table:
+        return None
+    code_of = {category: code for code, category in enumerate(detections.category_ids)}
+    per_class = np.full(len(detections.category_ids), np.nan)
+    for category, value in table.items():
+        if category in code_of:
+            per_class[code_of[category]] = value
+    per_box = per_class[detections.categories]
+    return per_box
+
+
+def resolve_class_table(
+    table: Mapping[str, Any], category_ids: Sequence[Any], names: Mapping[str, Any] | None = None, what: str = "table"
+) -> dict[Any, float]:
+    """Keys of a per-class table (JSON keys are text) as the records spell their category ids:
+    ``"3"`` -> 3 when the input's ids are numbers, a text id as it is, or a class name through
+    ``names`` (name -> id, from COCO ground truth). Values must be numbers.
+
+    Raises:
+        BadInputError: a key that is neither an id of the input nor a known name (a typo would
+            otherwise go unnoticed), or a value that is not a number.
+    """
+    known = set(category_ids)
+    resolved: dict[Any, float] = {}
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadInputError(f"{what}: the value for class {key!r} must be a number, not {_shown(value)}")
+        category: Any = key
+        if isinstance(key, str) and key.lstrip("-").isdigit() and int(key) in known:
+            category = int(key)
+        elif key in known:
+            category = key
+        elif names is not None and key in names:
+            category = names[key]
+        elif isinstance(key, str) and key.lstrip("-").isdigit():
+            category = int(key)  # an id this input happens not to hold: ignored
+        else:
+            hint = "a category id of the input" + (" or a category name of the ground truth" if names else "")
+            raise BadInputError(f"{what}: class {key!r} is not {hint}")
+        resolved[category] = float(value)
+    return resolved
+
+
+def _per_class_rule(class_iou: Mapping[Any, float] | None, class_score: Mapping[Any, float] | None) -> str:
+    parts = []
+    if class_iou:
+        parts.append(f"per-class IoU for {len(class_iou)} class(es)")
+    if class_score:
+        parts.append(f"per-class score cut-off for {len(class_score)} class(es)")
+    return f"; {', '.join(parts)}" if parts else ""
 
 
 def _report(
@@ -441,6 +513,7 @@ def _run_fusion(
     conf_type: str,
     started: float,
     keep_input: bool,
+    iou_per_box: np.ndarray | None,
 ) -> tuple[list[Any], NmsFileReport]:
     """WBF or NMW over the records of several models (see :mod:`ptools.core.fusion`)."""
     nms_core.check_parameters(iou_threshold, max_det)
@@ -458,6 +531,7 @@ def _run_fusion(
         iou_threshold=iou_threshold,
         skip_box_threshold=skip_box_threshold,
         conf_type=conf_type,
+        iou_thresholds=iou_per_box,
     )
     positions = nms_core.limit_per_image(detections.images, result.head, result.scores, max_det)
     heads = result.head[positions]

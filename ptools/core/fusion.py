@@ -83,6 +83,7 @@ def fuse_groups(
     iou_threshold: float = 0.55,
     skip_box_threshold: float = 0.0,
     conf_type: str = "avg",
+    iou_thresholds: np.ndarray | None = None,
 ) -> FusionResult:
     """Fuse the boxes of several models within each group (image × class).
 
@@ -93,6 +94,8 @@ def fuse_groups(
         iou_threshold: a box joins a cluster when IoU > this.
         skip_box_threshold: boxes scoring below this are left out.
         conf_type (WBF): ``avg``, ``max``, ``box_and_model_avg``, ``absent_model_aware_avg``.
+        iou_thresholds (ndarray[N], optional): per box (per-class settings), in place of
+            ``iou_threshold``; NaN where the single value applies.
 
     Raises:
         BadInputError: an unknown method or conf type, weights not matching the models.
@@ -115,15 +118,21 @@ def fuse_groups(
         raise BadInputError(f"at most {MAX_MODELS} models can be fused at once, not {weights.size}")
     if method == "nmw":
         weights = weights / weights.max()
+    limits = np.full(scores.size, float(iou_threshold))
+    if iou_thresholds is not None:  # NaN: the single value applies to that box
+        given = np.asarray(iou_thresholds, dtype=np.float64)
+        limits = np.where(np.isnan(given), limits, given)
+    if limits.shape != scores.shape or not ((limits >= 0) & (limits <= 1)).all():
+        raise BadInputError("per-box IoU thresholds must be one per box, between 0 and 1")
     parts = split_groups(groups)
     if len(parts) == 1:
-        return _fuse(xyxy, scores, groups, models, weights, method, iou_threshold, skip_box_threshold, conf_type)
+        return _fuse(xyxy, scores, groups, models, weights, method, limits, skip_box_threshold, conf_type)
     # Groups never interact, and numpy releases the GIL: one thread per part of whole groups.
     from concurrent.futures import ThreadPoolExecutor
 
     def run(part: np.ndarray) -> FusionResult:
         result = _fuse(
-            xyxy[part], scores[part], groups[part], models[part], weights, method, iou_threshold,
+            xyxy[part], scores[part], groups[part], models[part], weights, method, limits[part],
             skip_box_threshold, conf_type,
         )  # fmt: skip
         return FusionResult(part[result.head], result.boxes, result.scores)
@@ -144,7 +153,7 @@ def _fuse(
     models: np.ndarray,
     weights: np.ndarray,
     method: str,
-    iou_threshold: float,
+    limits: np.ndarray,
     skip_box_threshold: float,
     conf_type: str,
 ) -> FusionResult:
@@ -196,7 +205,7 @@ def _fuse(
             best = np.maximum.reduceat(iou, starts)
             first = np.flatnonzero(iou == best[owner])
             first = first[np.concatenate(([True], owner[first][1:] != owner[first][:-1]))]  # first max
-            matched = best > iou_threshold
+            matched = best > limits[row[with_clusters]]
             joined[with_clusters[matched]] = slots[first[matched]]
         join = joined >= 0
         new = ~join

@@ -142,6 +142,14 @@ class _Boxes:
         return overlap(tuple(c[a] for c in columns), tuple(c[b] for c in columns), kind)
 
 
+Threshold = float | np.ndarray  # one for all boxes, or one per box (per-class settings)
+
+
+def _at(threshold: Threshold, index: np.ndarray) -> Threshold:
+    """The threshold of the boxes at ``index``: a scalar stays a scalar (the common, fast case)."""
+    return threshold if isinstance(threshold, float) else threshold[index]
+
+
 def _segments(groups_of_rem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For an array sorted by group: a flag at each group's first element, and group ordinals."""
     heads = np.empty(groups_of_rem.size, dtype=bool)
@@ -155,7 +163,7 @@ def _greedy(
     scores: np.ndarray,
     groups: np.ndarray,
     method: str,
-    threshold: float,
+    threshold: Threshold,
     and_threshold: float,
     kind: str = "iou",
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -169,7 +177,7 @@ def _greedy(
         head_index = remaining[heads]
         against = head_index[segment]
         criterion = boxes.criterion(kind, remaining, against)
-        suppressed = criterion > threshold
+        suppressed = criterion > _at(threshold, remaining)
         suppressed |= heads
         if method == "and":
             # Kept only if it overlaps some other remaining box of its group by more than
@@ -199,16 +207,16 @@ def _soft(
     scores: np.ndarray,
     groups: np.ndarray,
     function: str,
-    threshold: float,
+    threshold: Threshold,
     sigma: float,
-    score_threshold: float,
+    score_threshold: Threshold,
     kind: str = "iou",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Soft-NMS: re-pick the best *current* score after every decay; drop scores <= threshold.
     The ``kind`` overlap decays the scores (negative GIoU/DIoU/CIoU decay nothing)."""
     current = scores.astype(np.float64, copy=True)
     remaining = np.lexsort((np.arange(scores.size), groups))  # group, then input order for ties
-    remaining = remaining[current[remaining] > score_threshold]
+    remaining = remaining[current[remaining] > _at(score_threshold, remaining)]
     picked, picked_scores = [], []
     while remaining.size:
         heads, segment = _segments(groups[remaining])
@@ -227,10 +235,10 @@ def _soft(
         if function == "gaussian":
             decay = np.exp(-(iou * iou) / sigma)
         else:
-            decay = np.where(iou > threshold, 1.0 - iou, 1.0)
+            decay = np.where(iou > _at(threshold, remaining), 1.0 - iou, 1.0)
         values = values * decay
         current[remaining] = values
-        alive = values > score_threshold
+        alive = values > _at(score_threshold, remaining)
         alive[chosen_positions] = False
         remaining = remaining[alive]
     if not picked:
@@ -250,9 +258,13 @@ def nms_groups(
     score_threshold: float | None = None,
     and_threshold: float = 0.5,
     criterion: IouKind = "iou",
+    iou_thresholds: np.ndarray | None = None,
+    score_thresholds: np.ndarray | None = None,
 ) -> NmsResult:
     """NMS within each group of ``groups (ndarray[N], int)`` over ``xyxy (ndarray[N, 4])``;
     ``criterion`` is the overlap compared with ``iou_threshold`` (``diou`` for method diou).
+    ``iou_thresholds`` and ``score_thresholds`` (ndarray[N], optional): per box, in place of
+    the single values (per-class settings; NaN: the single value applies to that box).
 
     Returns:
         NmsResult, unordered.
@@ -269,17 +281,28 @@ def nms_groups(
     scores = np.asarray(scores, dtype=np.float64)
     groups = np.asarray(groups, dtype=np.int64)
     xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
-    threshold: float | None
+    threshold: Threshold | None
     if method == "soft":
-        threshold = DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold
+        threshold = float(DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold)
     else:
-        threshold = score_threshold
+        threshold = None if score_threshold is None else float(score_threshold)
+    if score_thresholds is not None:  # per box; NaN: the single value (or none) applies
+        fallback = -np.inf if threshold is None else threshold
+        threshold = np.where(np.isnan(score_thresholds), fallback, np.asarray(score_thresholds, dtype=np.float64))
+    overlap_limit: Threshold = float(iou_threshold)
+    if iou_thresholds is not None:
+        given = np.asarray(iou_thresholds, dtype=np.float64)
+        overlap_limit = np.where(np.isnan(given), float(iou_threshold), given)  # NaN: the single value
+        if not ((overlap_limit >= 0) & (overlap_limit <= 1)).all():
+            raise BadInputError("per-class IoU thresholds must be between 0 and 1")
     if threshold is not None and method != "soft":
         candidates = np.flatnonzero(scores > threshold)
         sub_xyxy, sub_scores, sub_groups = xyxy[candidates], scores[candidates], groups[candidates]
     else:  # every box takes part: no copies
         candidates = np.arange(scores.size)
         sub_xyxy, sub_scores, sub_groups = xyxy, scores, groups
+    sub_limit = _at(overlap_limit, candidates)
+    sub_cut = None if threshold is None else _at(threshold, candidates)
     if candidates.size == 0:
         return NmsResult(np.empty(0, dtype=np.int64), np.empty(0), np.empty((0, 4)))
 
@@ -288,12 +311,14 @@ def nms_groups(
             (sub_xyxy, sub_scores, sub_groups) if part is None else (sub_xyxy[part], sub_scores[part], sub_groups[part])
         )
         boxes = _Boxes(part_xyxy)
+        limit = sub_limit if part is None else _at(sub_limit, part)
         if method == "soft":
-            assert threshold is not None  # soft always has its cut-off
-            local, final_scores = _soft(boxes, part_scores, part_groups, soft_fn, iou_threshold, sigma, threshold, kind)
+            assert sub_cut is not None  # soft always has its cut-off
+            cut = sub_cut if part is None else _at(sub_cut, part)
+            local, final_scores = _soft(boxes, part_scores, part_groups, soft_fn, limit, sigma, cut, kind)
             final_boxes = part_xyxy[local]
         else:
-            local, merged = _greedy(boxes, part_scores, part_groups, method, iou_threshold, and_threshold, kind)
+            local, merged = _greedy(boxes, part_scores, part_groups, method, limit, and_threshold, kind)
             final_scores = part_scores[local]
             final_boxes = merged if merged is not None else part_xyxy[local]
         return (local if part is None else part[local]), final_scores, final_boxes
