@@ -291,7 +291,9 @@ def _load_table(text: str, flag: str) -> dict[str, Any]:
     if raw is None:
         require_regular_file(text, f"{flag} file", "give a JSON object inline or a JSON file")
         with open(text, "rb") as handle:
-            raw = handle.read(1 << 20)
+            raw = handle.read((1 << 20) + 1)
+        if len(raw) > 1 << 20:
+            raise BadInputError(f"{flag} {text}: larger than 1 MiB; a per-class table is a small JSON object")
     try:
         table = orjson.loads(raw)
     except orjson.JSONDecodeError as failure:

@@ -740,7 +740,7 @@ def symlink_loop(folder: Path, marker: Path) -> Path:
 # --- detection JSON for nms
 
 
-NMS = ("nms",)
+NMS = ("nms", "nms-wbf")
 
 
 def _record(**overrides: Any) -> dict[str, Any]:
@@ -945,3 +945,42 @@ def zero_latest_is_a_fifo(folder: Path, marker: Path) -> Path:
     (run / "latest").unlink()
     os.mkfifo(run / "latest")
     return run
+
+
+# --- per-class tables for nms (the table is the hostile input; dets.json beside it is valid)
+
+CLASS_TABLE = ("nms-class-iou",)
+
+
+def _class_table(folder: Path, name: str, content: str | bytes | None) -> Path:
+    _detections(folder / "dets.json", [_record(), _record(bbox=[1, 1, 10, 10], score=0.5)])
+    path = folder / name
+    if content is None:
+        os.mkfifo(path)
+        return path
+    return _written(path, content)
+
+
+@case("nms", CLASS_TABLE, expect="--class-iou")
+def class_table_100k_deep(folder: Path, marker: Path) -> Path:
+    return _class_table(folder, "deep.json", '{"1": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+@case("nms", CLASS_TABLE, expect="FIFO")
+def class_table_fifo(folder: Path, marker: Path) -> Path:
+    return _class_table(folder, "table.json", None)
+
+
+@case("nms", CLASS_TABLE, expect="must be a number")
+def class_table_text_value(folder: Path, marker: Path) -> Path:
+    return _class_table(folder, "text.json", '{"1": "0.5"}')
+
+
+@case("nms", CLASS_TABLE, expect="between 0 and 1")
+def class_table_iou_out_of_range(folder: Path, marker: Path) -> Path:
+    return _class_table(folder, "range.json", '{"1": 5}')
+
+
+@case("nms", CLASS_TABLE, expect="larger than 1 MiB")
+def class_table_past_1_mb(folder: Path, marker: Path) -> Path:
+    return _class_table(folder, "big.json", "{" + ", ".join(f'"{i}": 0.5' for i in range(200_000)) + "}")

@@ -36,6 +36,8 @@ def command_line(command: str, target: Path, out: Path) -> list[str]:
         "summary": ["summary", path, "--input-size", "3"],
         "freeze-pt2": ["freeze", path, "--layers", "*", "--dry-run"],
         "nms": ["nms", path, "-o", str(out / "out.json")],
+        "nms-wbf": ["nms", path, path, "--method", "wbf", "-o", str(out / "out.json")],
+        "nms-class-iou": ["nms", str(target.parent / "dets.json"), "--class-iou", path, "-o", str(out / "out.json")],
     }[command]
 
 
