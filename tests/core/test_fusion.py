@@ -204,3 +204,20 @@ def test_fusion_split_into_threads_gives_the_same_clusters(monkeypatch: pytest.M
     np.testing.assert_array_equal(whole.head[order_whole], split.head[order_split])
     np.testing.assert_array_equal(whole.boxes[order_whole], split.boxes[order_split])
     np.testing.assert_array_equal(whole.scores[order_whole], split.scores[order_split])
+
+
+def test_soft_nms_returns_decayed_scores_where_ensemble_boxes_returns_the_originals() -> None:
+    """The case README gives: same boxes kept, but ensemble-boxes' soft_nms reports the input scores."""
+    import math
+
+    from ptools.core.nms import nms
+
+    boxes = np.array([[0, 0, 0.5, 0.5], [0.05, 0, 0.55, 0.5]])
+    keep, scores = nms(boxes, np.array([0.9, 0.8]), method="soft", sigma=0.5)
+    iou = 0.45 * 0.5 / (0.25 + 0.25 - 0.45 * 0.5)
+    assert keep.tolist() == [0, 1] and scores[1] == pytest.approx(0.8 * math.exp(-iou * iou / 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, theirs, _ = ensemble_boxes.soft_nms([boxes], [np.array([0.9, 0.8])], [np.array([0, 0])], sigma=0.5)
+    assert sorted(theirs.tolist()) == [0.8, 0.9]  # the original scores: what README calls out
+    assert round(float(scores[1]), 4) == 0.2097
