@@ -15,7 +15,14 @@ from typing import Any
 
 from ptools.core.checkpoint.readers import Checkpoint, open_checkpoint
 from ptools.core.checkpoint.structure import find_state_dict, iter_tensors
-from ptools.core.checkpoint.tensors import COMPLEX, FLOATING, StorageRef, TensorInfo, contiguous_stride
+from ptools.core.checkpoint.tensors import (
+    COMPLEX,
+    FLOATING,
+    StorageRef,
+    TensorInfo,
+    contiguous_stride,
+    storage_identity,
+)
 from ptools.core.checkpoint.values import read_tensor, tensors_equal
 from ptools.core.limits import brief
 from ptools.errors import BadInputError
@@ -66,6 +73,7 @@ def open_average(
     averaged: collections.OrderedDict[str, Any] = collections.OrderedDict()
     sources_of: dict[str, list[tuple[Checkpoint, TensorInfo]]] = {}
     last_taken = 0
+    tied: dict[tuple[Any, ...], TensorInfo] = {}
     for name, value in first.items():
         if not isinstance(value, TensorInfo):
             continue  # non-tensor entries of the weights (rare): not averaged, left out
@@ -80,8 +88,16 @@ def open_average(
             if not tensor.has_data:
                 raise BadInputError(f"cannot average {brief(name)}: it is a meta tensor (no data) in {path}")
         if value.dtype in FLOATING or value.dtype in COMPLEX:
+            # A name tied to an earlier one in every input (an LM head and its embedding) stays
+            # tied: the same averaged tensor, written once.
+            tie = tuple((storage_identity(t), t.storage_offset, t.shape, t.stride) for t in tensors)
+            if tie in tied:
+                averaged[name] = tied[tie]
+                continue
             ref = StorageRef(file=AVERAGE_FILE, key=name, size_bytes=value.nbytes)
-            averaged[name] = TensorInfo(value.dtype, value.shape, contiguous_stride(value.shape), storage=ref)
+            averaged[name] = tied[tie] = TensorInfo(
+                value.dtype, value.shape, contiguous_stride(value.shape), storage=ref
+            )
             sources_of[name] = list(zip(checkpoints, tensors))
             continue
         equal = all(tensors_equal(checkpoints[0], value, c, t) for c, t in zip(checkpoints[1:], tensors[1:]))

@@ -176,3 +176,19 @@ def test_average_holds_one_tensor_of_each_input_at_a_time(tmp_path: Path) -> Non
         checkpoint.read(tensor.storage, 0, tensor.nbytes)
     cached = [cell.cell_contents for cell in reader if hasattr(cell.cell_contents, "cached")][0].cached
     assert cached[0] == "h"  # 'w' was let go
+
+
+def test_average_keeps_ties_that_every_input_has(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    tied = [save_zip(TiedLM().state_dict(), tmp_path / f"tied{i}.pt") for i in range(2)]
+    report = convert_checkpoint(tied, tmp_path / "avg.safetensors", average=True, verify=True)
+    assert report.aliases == {"head.weight": "embed.weight"}  # written once
+    untied_state = {k: v.clone() for k, v in TiedLM().state_dict().items()}
+    untied = save_zip(untied_state, tmp_path / "untied.pt")
+    report = convert_checkpoint([tied[0], untied], tmp_path / "avg2.safetensors", average=True, verify=True)
+    assert report.aliases == {}  # tied in one input only: two tensors
+    written = load_file(tmp_path / "avg2.safetensors")
+    first = torch.load(tied[0], weights_only=True)
+    for name in ("embed.weight", "head.weight"):
+        reference = ((first[name].double() + untied_state[name].double()) / 2).float()
+        assert _bits(written[name]) == _bits(reference), name
