@@ -21,6 +21,7 @@ from ptools.core.checkpoint.tensors import (
     StorageRef,
     TensorInfo,
     contiguous_stride,
+    data_refs,
     storage_identity,
 )
 from ptools.core.checkpoint.values import read_tensor, tensors_equal
@@ -116,7 +117,7 @@ def open_average(
     ] = {}  # data file -> the input it belongs to (integer tensors are read from their input)
     for source in checkpoints:
         for _, tensor in iter_tensors(source.root):
-            for ref in _refs(tensor):
+            for ref in data_refs(tensor):
                 owner.setdefault(ref.file, source)
 
     def read_record(ref: StorageRef, start: int, length: int) -> bytes:
@@ -137,11 +138,6 @@ def open_average(
     if last_taken:
         checkpoint.notes.append(f"{last_taken} integer/boolean tensor(s) differ: the last checkpoint's taken")
     return checkpoint
-
-
-def _refs(tensor: TensorInfo) -> list[StorageRef]:
-    refs = [tensor.storage] if tensor.storage is not None else []
-    return refs + [ref for _, _, ref in tensor.chunks] + [ref for ref, _, _ in tensor.pieces]
 
 
 class _AverageReader:

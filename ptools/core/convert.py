@@ -22,7 +22,7 @@ from ptools.core.average import AVERAGE_FILE, open_average
 from ptools.core.checkpoint.readers import Checkpoint, DcpBytes, open_checkpoint
 from ptools.core.checkpoint.sharded import ShardedTarget, pack_shards, write_sharded
 from ptools.core.checkpoint.structure import find_state_dict, is_state_dict, iter_tensors
-from ptools.core.checkpoint.tensors import TensorInfo
+from ptools.core.checkpoint.tensors import TensorInfo, data_refs, storage_identity
 from ptools.core.checkpoint.writers import (
     CASTABLE,
     CastTally,
@@ -136,10 +136,7 @@ def _input_files(checkpoint: Checkpoint) -> set[str]:
     """Real paths of everything the checkpoint was read from (its path, shards, chunk files)."""
     files = {checkpoint.path, *checkpoint.sources}
     for _, tensor in iter_tensors(checkpoint.root):
-        if tensor.storage is not None:
-            files.add(tensor.storage.file)
-        files.update(ref.file for _, _, ref in tensor.chunks)
-        files.update(ref.file for ref, _, _ in tensor.pieces)
+        files.update(ref.file for ref in data_refs(tensor))
     return {os.path.realpath(f) for f in files if f != AVERAGE_FILE}
 
 
@@ -247,12 +244,6 @@ def _without_dcp_objects(node: Any) -> tuple[Any, int]:
         parts = [_without_dcp_objects(value) for value in node]
         return [value for value, dropped in parts if not (value is None and dropped)], sum(d for _, d in parts)
     return node, 0
-
-
-def _storage_identity(tensor: TensorInfo) -> tuple[str, str] | None:
-    if tensor.storage is not None:
-        return tensor.storage.file, tensor.storage.key
-    return None
 
 
 def convert_checkpoint(
@@ -487,19 +478,17 @@ def plan_conversion(
     # Casting decisions are per storage: tensors sharing one must keep sharing one dtype.
     names_by_storage: dict[Any, list[str]] = collections.defaultdict(list)
     for name, tensor in iter_tensors(root):
-        names_by_storage[_storage_identity(tensor) or id(tensor)].append(name)
+        names_by_storage[storage_identity(tensor)].append(name)
     # By default only the model weights are cast: an optimizer's second moments (exp_avg_sq,
     # ~1e-10 and below) underflow to zero in float16.
     in_cast_scope = (
-        None
-        if cast_scope == "all"
-        else {_storage_identity(tensor) or id(tensor) for _, tensor in iter_tensors(transformed)}
+        None if cast_scope == "all" else {storage_identity(tensor) for _, tensor in iter_tensors(transformed)}
     )
 
     def dtype_for(tensor: TensorInfo) -> str:
         if target_dtype is None or tensor.dtype not in CASTABLE:
             return tensor.dtype
-        identity = _storage_identity(tensor) or id(tensor)
+        identity = storage_identity(tensor)
         if in_cast_scope is not None and identity not in in_cast_scope:
             return tensor.dtype
         if keep_dtype_re is not None and any(keep_dtype_re.search(n) for n in names_by_storage[identity]):
@@ -512,7 +501,7 @@ def plan_conversion(
         if new_dtype != tensor.dtype:
             report.cast += 1
         elif target_dtype is not None and tensor.dtype in CASTABLE and tensor.dtype != target_dtype:
-            if in_cast_scope is not None and (_storage_identity(tensor) or id(tensor)) not in in_cast_scope:
+            if in_cast_scope is not None and (storage_identity(tensor)) not in in_cast_scope:
                 report.outside_cast_scope += 1
             else:
                 report.kept_dtype.append(name)
@@ -645,7 +634,7 @@ def _prepare_torch(context: _Context) -> _Prepared:
     def storage_for(tensor: TensorInfo) -> OutputStorage | None:
         if not tensor.has_data:
             return None  # a meta tensor
-        identity = _storage_identity(tensor) or id(tensor)
+        identity = storage_identity(tensor)
         known = storages.get(identity)
         if (
             known is not None
@@ -904,7 +893,7 @@ def _safetensors_entries(
         if not tensor.has_data:
             raise BadInputError(f"{name} is a meta tensor (no data); safetensors cannot hold it", "`drop` it")
         view = (
-            _storage_identity(tensor) or id(tensor),
+            storage_identity(tensor),
             tensor.storage_offset,
             tuple(tensor.shape),
             tuple(tensor.stride),

@@ -175,6 +175,12 @@ def storage_identity(tensor: TensorInfo) -> tuple[str, str | int]:
     return "", id(tensor)
 
 
+def data_refs(tensor: TensorInfo) -> list[StorageRef]:
+    """Every storage a tensor's bytes are read from: its own, its DCP chunks', its ZeRO pieces'."""
+    refs = [tensor.storage] if tensor.storage is not None else []
+    return refs + [ref for _, _, ref in tensor.chunks] + [ref for ref, _, _ in tensor.pieces]
+
+
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Row-major strides, in elements, of a dense tensor of ``shape``."""
     strides, step = [], 1
