@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptools.core.boxes import overlap
 from ptools.core.choices import ConfType, values
 from ptools.core.nms import split_groups
 from ptools.errors import BadInputError
@@ -58,18 +59,10 @@ def _visit_order(groups: np.ndarray, weighted: np.ndarray, rows: np.ndarray) -> 
 
 
 def _pair_iou(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], zero_when_disjoint: bool) -> np.ndarray:
-    """IoU of ``a`` (cluster boxes) and ``b`` (the visited boxes), in ensemble-boxes' order of
-    operations."""
-    x_a = np.maximum(a[0], b[0])
-    y_a = np.maximum(a[1], b[1])
-    x_b = np.minimum(a[2], b[2])
-    y_b = np.minimum(a[3], b[3])
-    inter = np.maximum(x_b - x_a, 0) * np.maximum(y_b - y_a, 0)
-    area_a = (a[2] - a[0]) * (a[3] - a[1])
-    area_b = (b[2] - b[0]) * (b[3] - b[1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = inter / (area_a + area_b - inter)
-    return np.where(inter == 0, 0.0, iou) if zero_when_disjoint else iou
+    """IoU of ``a`` (cluster boxes) and ``b`` (the visited boxes): ensemble-boxes' formula, which
+    is :func:`ptools.core.boxes.overlap`'s; NMW's counts disjoint boxes as 0 outright."""
+    iou = overlap(a, b, "iou")
+    return np.where(iou > 0, iou, 0.0) if zero_when_disjoint else iou
 
 
 def fuse_groups(
@@ -176,7 +169,7 @@ def _fuse(
     # Per cluster slot (a group's clusters live in its own rows' slots, at heads[g] + k).
     total = ordered.size
     fused = np.zeros((4, total))  # the box a visited box is compared with (WBF: fused; NMW: first)
-    accumulated = np.zeros((4, total), dtype=np.float32)  # ensemble-boxes' sums, for matching
+    accumulated = np.zeros((4, total), dtype=np.float32)  # WBF: ensemble-boxes' sums, for matching
     exact = np.zeros((4, total))  # the same sums in float64, for the reported boxes
     confidence = np.zeros(total)
     best_confidence = np.zeros(total)
@@ -217,7 +210,8 @@ def _fuse(
         for i in range(4):
             fused[i, new_slots] = coordinates[i][new_rows]
             exact[i, new_slots] = b1 * coordinates[i][new_rows]
-            accumulated[i, new_slots] = exact[i, new_slots].astype(np.float32)
+            if method == "wbf":
+                accumulated[i, new_slots] = exact[i, new_slots].astype(np.float32)
         confidence[new_slots] = b1
         best_confidence[new_slots] = b1
         members[new_slots] = 1
@@ -235,16 +229,16 @@ def _fuse(
                 zero_when_disjoint=True,
             )
         for i in range(4):
-            term = b1 * coordinates[i][joining]
-            exact[i, slots] += term
-            accumulated[i, slots] = (accumulated[i, slots].astype(np.float64) + term).astype(np.float32)
+            exact[i, slots] += b1 * coordinates[i][joining]
         confidence[slots] += b1
         best_confidence[slots] = np.maximum(best_confidence[slots], b1)
         members[slots] += 1
         weight_sum[slots] += weight_of[joining]
         present[slots] |= np.left_shift(1, models[joining])
-        if method == "wbf":  # the cluster is now compared with its new weighted mean
+        if method == "wbf":  # ensemble-boxes' float32 sums; the cluster is now compared with their mean
             for i in range(4):
+                term = b1 * coordinates[i][joining]
+                accumulated[i, slots] = (accumulated[i, slots].astype(np.float64) + term).astype(np.float32)
                 fused[i, slots] = (accumulated[i, slots].astype(np.float64) / confidence[slots]).astype(np.float32)
 
     owner = np.repeat(np.arange(heads.size), clusters)
