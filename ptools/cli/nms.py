@@ -183,14 +183,13 @@ def command(
             "--iou has no effect on gaussian Soft-NMS (every overlap decays the score by exp(-IoU^2 / sigma))",
             "tune --sigma, or use --soft-fn linear, which decays above --iou",
         )
-    fusing = method in ("wbf", "nmw")
-    if not fusing and (model_weights is not None or skip_box_thr or conf_type != "avg"):
-        raise BadInputError("--model-weights, --skip-box-thr and --conf-type apply to --method wbf and nmw")
-    if fusing and score_thr is not None:
-        raise BadInputError("--score-thr is NMS's cut-off; for wbf and nmw use --skip-box-thr (scores below it go)")
-    if fusing and criterion != "iou":
-        raise BadInputError(f"wbf and nmw compare IoU; --criterion {criterion} applies to the NMS methods")
+    fusing = method in core.FUSION_METHODS
     weights = _parse_weights(model_weights) if model_weights is not None else None
+    # Before any file is read: options the method would ignore are refused.
+    core.check_method_options(
+        method, score_thr, criterion, weights, skip_box_thr, conf_type, agnostic,
+        class_iou is not None, class_score_thr is not None,
+    )  # fmt: skip
     if weights is not None and len(weights) != len(sources):
         raise BadInputError(f"--model-weights has {len(weights)} weight(s) for {len(sources)} input(s)")
     if sources.count("-") > 1:

@@ -354,11 +354,11 @@ def run_nms(
         record per cluster: its best box's record with the fused ``bbox`` and ``score``.
     """
     started = time.perf_counter()
-    if (class_iou or class_score_threshold) and agnostic:
-        raise BadInputError("per-class settings need classes; they cannot go with `agnostic`")
+    check_method_options(
+        method, score_threshold, criterion, model_weights, skip_box_threshold, conf_type, agnostic,
+        bool(class_iou), bool(class_score_threshold),
+    )  # fmt: skip
     iou_per_box = _per_box(detections, class_iou)
-    if method in FUSION_METHODS and class_score_threshold:
-        raise BadInputError("wbf and nmw take `skip_box_threshold`, not per-class score thresholds")
     if method in FUSION_METHODS:
         output, report = _run_fusion(
             detections,
@@ -423,6 +423,39 @@ def run_nms(
         class_iou, class_score_threshold
     )
     return output, _report(detections, name, iou_threshold, rule, kept_rows, started)
+
+
+def check_method_options(
+    method: str,
+    score_threshold: float | None = None,
+    criterion: str = "iou",
+    model_weights: Sequence[float] | None = None,
+    skip_box_threshold: float = 0.0,
+    conf_type: str = "avg",
+    agnostic: bool = False,
+    per_class_iou: bool = False,
+    per_class_score: bool = False,
+) -> None:
+    """Refuse options that the method would ignore (cheap: a command checks before reading).
+    ``per_class_*``: whether per-class tables are given.
+
+    Raises:
+        BadInputError: fusion options with an NMS method, NMS options with wbf/nmw, per-class
+            settings without classes.
+    """
+    fusing = method in FUSION_METHODS
+    if not fusing and (model_weights is not None or skip_box_threshold or conf_type != "avg"):
+        raise BadInputError("`model_weights`, `skip_box_threshold` and `conf_type` apply to `method` wbf and nmw")
+    if fusing and score_threshold is not None:
+        raise BadInputError(
+            "`score_threshold` is NMS's cut-off; for wbf and nmw use `skip_box_threshold` (scores below it go)"
+        )
+    if fusing and criterion != "iou":
+        raise BadInputError(f"wbf and nmw compare IoU; `criterion` {criterion} applies to the NMS methods")
+    if fusing and per_class_score:
+        raise BadInputError("wbf and nmw take `skip_box_threshold`, not per-class score thresholds")
+    if (per_class_iou or per_class_score) and agnostic:
+        raise BadInputError("per-class settings need classes; they cannot go with `agnostic`")
 
 
 def _per_box(detections: Detections, table: Mapping[Any, float] | None) -> np.ndarray | None:

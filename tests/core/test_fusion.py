@@ -221,3 +221,15 @@ def test_soft_nms_returns_decayed_scores_where_ensemble_boxes_returns_the_origin
         _, theirs, _ = ensemble_boxes.soft_nms([boxes], [np.array([0.9, 0.8])], [np.array([0, 0])], sigma=0.5)
     assert sorted(theirs.tolist()) == [0.8, 0.9]  # the original scores: what README calls out
     assert round(float(scores[1]), 4) == 0.2097
+
+
+def test_the_library_refuses_options_the_method_would_ignore() -> None:
+    from ptools.core.detections import run_nms, validate
+
+    detections = validate([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}])
+    with pytest.raises(BadInputError, match="for wbf and nmw use `skip_box_threshold`"):
+        run_nms(detections, method="wbf", score_threshold=0.1)
+    with pytest.raises(BadInputError, match="apply to `method` wbf and nmw"):
+        run_nms(detections, method="hard", conf_type="max")
+    with pytest.raises(BadInputError, match="wbf and nmw compare IoU"):
+        run_nms(detections, method="nmw", criterion="giou")
