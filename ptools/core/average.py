@@ -112,9 +112,8 @@ def open_average(
             last_taken += 1
         averaged[name] = tensors[-1] if not equal else value
     reader = _AverageReader(sources_of)
-    owner: dict[
-        str, Checkpoint
-    ] = {}  # data file -> the input it belongs to (integer tensors are read from their input)
+    # Data file -> the input it belongs to (integer tensors are read from their input).
+    owner: dict[str, Checkpoint] = {}
     for source in checkpoints:
         for _, tensor in iter_tensors(source.root):
             for ref in data_refs(tensor):
