@@ -40,6 +40,7 @@ _API = {
     "nms": "ptools.core.nms",
     "box_iou": "ptools.core.boxes",
     "fuse_groups": "ptools.core.fusion",
+    "merge_groups": "ptools.core.merging",
     # models
     "load_model": "ptools.core.models",
     "count_model": "ptools.core.models",

@@ -136,6 +136,7 @@ def make_stand_ins(folder: Path) -> dict[str, str]:
     shutil.copytree(ROOT / "tests" / "data" / "zero" / "3-bf16", folder / "ds_run")  # real DeepSpeed runs
     shutil.copytree(ROOT / "tests" / "data" / "zero" / "2-bf16", folder / "ds_zero2")
     shutil.copy(folder / "examples" / "detections.json", folder / "preds.json")
+    shutil.copy(folder / "examples" / "detections.json", folder / "sliced.json")  # sliced inference's output
     for name in ("model_a.json", "model_b.json"):  # three models' outputs, to fuse
         shutil.copy(folder / "examples" / "detections.json", folder / name)
     (folder / "model_c.jsonl").write_text(

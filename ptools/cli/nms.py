@@ -17,8 +17,8 @@ from ptools.errors import BadInputError
 
 NAME = "nms"
 SHORT_HELP = (
-    "Offline NMS (hard, and, merge, diou, soft) and box fusion of several models (wbf, nmw) over COCO-style "
-    "detection JSON or JSON Lines."
+    "Offline NMS (hard, and, merge, diou, soft), box fusion of several models (wbf, nmw) and merging of "
+    "sliced predictions (nmm, greedy-nmm) over COCO-style detection JSON or JSON Lines."
 )
 HELP = f"""{SHORT_HELP}
 
@@ -35,6 +35,8 @@ Per image, and per class unless --agnostic. hard is exactly torchvision's batche
   ptools nms examples/detections.json --method soft --eval examples/detections_gt.json -o out.json
 
   ptools nms model_a.json model_b.json model_c.jsonl --method wbf --model-weights 2,1,1 -o fused.json
+
+  ptools nms sliced.json --method greedy-nmm --match-metric ios -o merged.json
 """
 
 
@@ -66,7 +68,11 @@ def command(
     ] = "-",
     method: Annotated[
         NmsMethod,
-        typer.Option("--method", help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft."),
+        typer.Option(
+            "--method",
+            help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft; wbf, nmw (fuse "
+            "models); nmm, greedy-nmm (SAHI's merging of sliced predictions).",
+        ),
     ] = "hard",
     iou: Annotated[
         float | None,
@@ -75,9 +81,9 @@ def command(
             min=0.0,
             max=1.0,
             show_default="0.5",
-            help="Suppress when the overlap (--criterion; DIoU for diou) > this; soft with --soft-fn linear "
-            "decays above it; "
-            "gaussian Soft-NMS has no threshold (use --sigma).",
+            help="Suppress when the overlap (--criterion; DIoU for diou) > this; nmm/greedy-nmm merge when "
+            "it is >= this (SAHI's rule); soft with --soft-fn linear decays above it; gaussian Soft-NMS has "
+            "no threshold (use --sigma). Default 0.55 for wbf/nmw.",
         ),
     ] = None,
     score_thr: Annotated[
@@ -100,8 +106,10 @@ def command(
         IouKind,
         typer.Option(
             "--criterion",
+            "--match-metric",
             help="The overlap compared with --iou (and decaying soft scores): iou, giou (generalised), "
-            "diou (distance), ciou (complete). --method diou is hard with --criterion diou.",
+            "diou (distance), ciou (complete), ios (intersection over the smaller box). --method diou is "
+            "hard with --criterion diou; nmm and greedy-nmm match by iou or ios (--match-metric, SAHI's name).",
         ),
     ] = "iou",
     class_iou: Annotated[

@@ -1,4 +1,5 @@
-"""The IoU family: IoU, GIoU, DIoU and CIoU, on numpy (torch-free) or torch tensors.
+"""The IoU family: IoU, GIoU, DIoU and CIoU, and SAHI's IoS (intersection over the smaller
+box), on numpy (torch-free) or torch tensors.
 
 One set of formulas serves both uses: pairwise N×M matrices (:func:`box_iou`, equal to
 torchvision's ``box_iou``, ``generalized_box_iou``, ``distance_box_iou`` and
@@ -29,6 +30,8 @@ def overlap(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], kind: str = "i
     - ``diou``: IoU − ρ² / (c² + eps), ρ the distance of the centres, c the enclosing diagonal.
     - ``ciou``: DIoU − α·v, v = 4/π² (atan(w_a/h_a) − atan(w_b/h_b))², α = v / (1 − IoU + v + eps)
       (α = 0 where v = 0, so identical boxes score 1 even with ``eps`` 0).
+    - ``ios``: inter / min(area_a, area_b), intersection over the smaller box (SAHI's IOS): 1
+      for a box inside another; NaN when the smaller area is 0.
 
     NaN (degenerate boxes) compares false with any threshold: it never suppresses.
     """
@@ -43,6 +46,8 @@ def overlap(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], kind: str = "i
     inter = w * h
     union = area_a + area_b - inter
     with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "ios":
+            return inter / np.minimum(area_a, area_b)
         iou = inter / union
         if kind == "iou":
             return iou
@@ -68,7 +73,7 @@ def _columns(boxes: np.ndarray) -> tuple[np.ndarray, ...]:
 def box_iou(a: Any, b: Any, kind: IouKind = "iou", *, eps: float = 1e-7) -> Any:
     """Pairwise overlap of ``a (ndarray|Tensor[N, 4])`` and ``b (…[M, 4])``, xyxy: an N×M matrix.
 
-    ``kind``: ``iou``, ``giou``, ``diou`` or ``ciou`` (see :func:`overlap`); ``eps`` is
+    ``kind``: ``iou``, ``giou``, ``diou``, ``ciou`` or ``ios`` (see :func:`overlap`); ``eps`` is
     torchvision's (DIoU and CIoU only), so the results equal ``torchvision.ops.box_iou``,
     ``generalized_box_iou``, ``distance_box_iou`` and ``complete_box_iou``. numpy in, float64
     numpy out, without importing torch; torch tensors in (any device), a float64 tensor out on

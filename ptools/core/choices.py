@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-NmsMethod = Literal["hard", "and", "merge", "diou", "soft", "wbf", "nmw", "vision", "vision_batch", "batched", "or"]
+NmsMethod = Literal[
+    "hard", "and", "merge", "diou", "soft", "wbf", "nmw", "nmm", "greedy-nmm", "vision", "vision_batch", "batched", "or"
+]
 SoftFunction = Literal["gaussian", "linear"]
 BoxFormat = Literal["xywh", "xyxy", "cxcywh"]
 DetectionsFormat = Literal["json", "jsonl"]
 NmsDevice = Literal["cpu", "cuda"]
-IouKind = Literal["iou", "giou", "diou", "ciou"]
+IouKind = Literal["iou", "giou", "diou", "ciou", "ios"]
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
 
 SelectOrder = Literal["free-memory", "utilization", "index"]

@@ -32,6 +32,7 @@ from ptools.core.choices import (
 from ptools.core.fusion import FUSION_METHODS, fuse_groups
 from ptools.core.limits import brief, brief_text
 from ptools.core.memory import gc_paused
+from ptools.core.merging import MATCH_METRICS, MERGING_METHODS, merge_groups
 from ptools.errors import BadInputError
 
 REQUIRED = ("image_id", "category_id", "bbox", "score")
@@ -295,12 +296,15 @@ class NmsFileReport:
         return asdict(self)
 
 
-_CRITERION_NAMES = {"iou": "IoU", "giou": "GIoU", "diou": "DIoU", "ciou": "CIoU"}
+_CRITERION_NAMES = {"iou": "IoU", "giou": "GIoU", "diou": "DIoU", "ciou": "CIoU", "ios": "IoS"}
 
 
 def _rule(method: str, kind: str, iou: float, soft_fn: str, sigma: float, score_threshold: float | None) -> str:
     """The suppression rule a method applied, in words: what --iou does (or not) for it."""
     overlap = _CRITERION_NAMES[kind]
+    if method in MERGING_METHODS:
+        how = "greedily" if method == "greedy-nmm" else "transitively"
+        return f"{overlap} >= {iou:g}, merged {how} into the best box"
     if method == "soft":
         cut = nms_core.DEFAULT_SOFT_SCORE_THRESHOLD if score_threshold is None else score_threshold
         decay = (
@@ -336,9 +340,9 @@ def run_nms(
     """NMS per image (and class unless ``agnostic``) over validated detections.
 
     Args:
-        keep_input: True (default): the input records are never changed; soft and merge
-            return new dicts. False: the caller gives its records up (a command that parsed
-            them from a file), and soft and merge update the kept ones in place - a million
+        keep_input: True (default): the input records are never changed; soft, merge, nmm
+            and greedy-nmm return new dicts. False: the caller gives its records up (a command
+            that parsed them from a file), and they update the kept ones in place - a million
             dict copies saved.
 
         class_iou, class_score_threshold: per category id (as the records spell it), in place
@@ -350,7 +354,8 @@ def run_nms(
 
     Returns:
         ``(output records, report)``: the kept records, by image then score descending, with
-        the decayed ``score`` (soft) or merged ``bbox`` (merge); for wbf and nmw one new
+        the decayed ``score`` (soft) or merged ``bbox`` (merge, nmm, greedy-nmm; ``criterion``
+        iou or ios is their match metric, see :mod:`ptools.core.merging`); for wbf and nmw one new
         record per cluster: its best box's record with the fused ``bbox`` and ``score``.
     """
     started = time.perf_counter()
@@ -377,18 +382,33 @@ def run_nms(
         )
         report.rule += _per_class_rule(class_iou, None)
         return output, report
-    name = nms_core.canonical_method(method)
-    _, kind = nms_core.method_and_criterion(name, criterion)
+    merging = method in MERGING_METHODS
+    name = method if merging else nms_core.canonical_method(method)
+    kind = criterion if merging else nms_core.method_and_criterion(name, criterion)[1]
     nms_core.check_parameters(iou_threshold, max_det)
     xyxy = nms_core.to_xyxy(detections.boxes, box_format)
     categories = np.zeros_like(detections.categories) if agnostic else detections.categories
     groups = detections.images * (len(detections.category_ids) or 1) + categories
     if device == "cuda":
+        if merging:
+            raise BadInputError(f"`device` cuda runs `method` hard only; {name} runs on the CPU (the default)")
         if kind != "iou":
             raise BadInputError(f"`device` cuda compares IoU only; `criterion` {kind} runs on the CPU (the default)")
         result = _cuda_hard(name, xyxy, detections.scores, groups, iou_threshold, score_threshold)
     elif device != "cpu":
         raise BadInputError(f"unknown `device` {device!r}; choose one of: cpu, cuda")
+    elif merging:
+        result = merge_groups(
+            xyxy,
+            detections.scores,
+            groups,
+            method=name,
+            metric=criterion,
+            threshold=iou_threshold,
+            score_threshold=score_threshold,
+            thresholds=iou_per_box,
+            score_thresholds=_per_box(detections, class_score_threshold),
+        )
     else:
         result = nms_core.nms_groups(
             xyxy,
@@ -408,8 +428,9 @@ def run_nms(
     records = detections.records
     rows = detections.index[kept_rows].tolist()
     output = list(operator.itemgetter(*rows)(records)) if len(rows) > 1 else [records[i] for i in rows]
-    # soft and merge change a field of what they keep: new records, the caller's stay as read.
-    if name in ("soft", "merge"):
+    # soft and the merging methods change a field of what they keep: new records, the
+    # caller's stay as read.
+    if name in ("soft", "merge", *MERGING_METHODS):
         field = "score" if name == "soft" else "bbox"
         changed = (
             result.scores[positions] if name == "soft" else nms_core.from_xyxy(result.boxes[positions], box_format)
@@ -452,6 +473,10 @@ def check_method_options(
         )
     if fusing and criterion != "iou":
         raise BadInputError(f"wbf and nmw compare IoU; `criterion` {criterion} applies to the NMS methods")
+    if method in MERGING_METHODS and criterion not in MATCH_METRICS:
+        raise BadInputError(
+            f"{method} matches boxes by {' or '.join(MATCH_METRICS)} (SAHI's match metrics), not {criterion}"
+        )
     if fusing and per_class_score:
         raise BadInputError("wbf and nmw take `skip_box_threshold`, not per-class score thresholds")
     if (per_class_iou or per_class_score) and agnostic:

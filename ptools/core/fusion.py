@@ -23,7 +23,7 @@ import numpy as np
 
 from ptools.core.boxes import overlap
 from ptools.core.choices import ConfType, values
-from ptools.core.nms import split_groups
+from ptools.core.nms import map_parts
 from ptools.errors import BadInputError
 
 CONF_TYPES = values(ConfType)
@@ -117,11 +117,6 @@ def fuse_groups(
         limits = np.where(np.isnan(given), limits, given)
     if limits.shape != scores.shape or not ((limits >= 0) & (limits <= 1)).all():
         raise BadInputError("per-box IoU thresholds must be one per box, between 0 and 1")
-    parts = split_groups(groups)
-    if len(parts) == 1:
-        return _fuse(xyxy, scores, groups, models, weights, method, limits, skip_box_threshold, conf_type)
-    # Groups never interact, and numpy releases the GIL: one thread per part of whole groups.
-    from concurrent.futures import ThreadPoolExecutor
 
     def run(part: np.ndarray) -> FusionResult:
         result = _fuse(
@@ -130,8 +125,7 @@ def fuse_groups(
         )  # fmt: skip
         return FusionResult(part[result.head], result.boxes, result.scores)
 
-    with ThreadPoolExecutor(len(parts)) as pool:
-        results = list(pool.map(run, parts))
+    results = map_parts(groups, run)
     return FusionResult(
         np.concatenate([r.head for r in results]),
         np.concatenate([r.boxes for r in results]),

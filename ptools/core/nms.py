@@ -13,9 +13,9 @@ and classes cost a handful of numpy calls each, not a Python loop per box.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 
@@ -45,6 +45,8 @@ def canonical_method(method: str) -> str:
             f"method {name} fuses the boxes of several models; use ptools.core.fusion.fuse_groups, "
             "or `ptools nms` with several inputs"
         )
+    if name in ("nmm", "greedy-nmm"):
+        raise BadInputError(f"method {name} merges boxes; use ptools.merge_groups (or run_nms over detections)")
     if name not in METHODS:
         names = ", ".join((*METHODS, *ALIASES))
         raise BadInputError(f"unknown method {method!r}; choose one of: {names}")
@@ -142,6 +144,7 @@ class _Boxes:
         return overlap(tuple(c[a] for c in columns), tuple(c[b] for c in columns), kind)
 
 
+T = TypeVar("T")
 Threshold = float | np.ndarray  # one for all boxes, or one per box (per-class settings)
 
 
@@ -357,6 +360,18 @@ def split_groups(groups: np.ndarray) -> list[np.ndarray]:
     ]
     bounds = sorted({0, *cuts, groups.size})
     return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def map_parts(groups: np.ndarray, run: Callable[[np.ndarray], T]) -> list[T]:
+    """``run(part)`` for each part of :func:`split_groups`: groups never interact and numpy
+    releases the GIL, so each part gets a thread; a small input is one plain call."""
+    parts = split_groups(groups)
+    if len(parts) == 1:
+        return [run(parts[0])]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(parts)) as pool:
+        return list(pool.map(run, parts))
 
 
 def limit_per_image(images: np.ndarray, keep: np.ndarray, scores: np.ndarray, max_det: int | None) -> np.ndarray:

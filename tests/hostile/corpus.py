@@ -740,7 +740,7 @@ def symlink_loop(folder: Path, marker: Path) -> Path:
 # --- detection JSON for nms
 
 
-NMS = ("nms", "nms-wbf")
+NMS = ("nms", "nms-wbf", "nms-nmm")
 
 
 def _record(**overrides: Any) -> dict[str, Any]:
