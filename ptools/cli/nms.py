@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -38,6 +40,15 @@ Per image, and per class unless --agnostic. hard is exactly torchvision's batche
 
   ptools nms sliced.json --method greedy-nmm --match-metric ios -o merged.json
 """
+
+
+def _parse_batch(text: str) -> int:
+    from ptools.core.units import parse_size
+
+    size = parse_size(text)
+    if size < 1000:
+        raise BadInputError(f"--batch {text!r}: at least 1KB")
+    return size
 
 
 def _parse_weights(text: str) -> list[float]:
@@ -171,6 +182,25 @@ def command(
         NmsDevice,
         typer.Option("--device", help="cpu (default, fastest here) or cuda (hard NMS with torchvision's kernel)."),
     ] = "cpu",
+    tmp_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--tmp-dir",
+            metavar="DIR",
+            help="Where a large JSON Lines input whose images are not grouped is partitioned (default: the "
+            "system's temporary folder, $TMPDIR); removed when done, on error or Ctrl-C.",
+        ),
+    ] = None,
+    batch: Annotated[
+        str,
+        typer.Option(
+            "--batch",
+            metavar="SIZE",
+            callback=usage_check(_parse_batch),
+            help="JSON Lines input larger than SIZE is run in batches of whole images of about SIZE of JSON: "
+            "memory stays near 25 x SIZE whatever the file's size.",
+        ),
+    ] = "16MB",
     force: Annotated[bool, typer.Option("--force", help="Replace the -o FILE if it exists (never the input).")] = False,
     json_output: Annotated[
         bool,
@@ -222,11 +252,35 @@ def command(
         raise BadInputError(f"--output {destination} exists", "pass --force to replace it, or choose another path")
     if eval_path is not None:
         require_regular_file(eval_path, "ground-truth file")
+    if tmp_dir is not None and path_kind(tmp_dir) != "folder":
+        raise BadInputError(f"--tmp-dir {tmp_dir}: not a folder", "name an existing folder")
+    with contextlib.ExitStack() as stack:
+        # One JSON Lines input larger than --batch runs in bounded memory (not with --eval,
+        # whose evaluator holds every record anyway).
+        stream_from, head = (
+            _streaming_source(sources[0], _parse_batch(batch), tmp_dir, stack)
+            if len(sources) == 1 and eval_path is None
+            else (None, None)
+        )
+        if stream_from is not None:
+            report = _stream(
+                stream_from, "stdin" if sources[0] == "-" else sources[0], destination, stack,
+                method=method, iou=iou, fusing=fusing, score_thr=score_thr, soft_fn=soft_fn, sigma=sigma,
+                max_det=max_det, agnostic=agnostic, box_format=box_format, device=device, criterion=criterion,
+                skip_box_thr=skip_box_thr, conf_type=conf_type, output_format=output_format or "jsonl",
+                skip_invalid=skip_invalid, class_iou=class_iou, class_score_thr=class_score_thr,
+                batch=_parse_batch(batch), tmp_dir=tmp_dir,
+            )  # fmt: skip
+            report.seconds = time.perf_counter() - started
+            output.emit(report.to_dict(), json_output, lambda data: [])
+            if not json_output:
+                _summary(report.to_dict())
+            return
     records: list[Any] = []
     model_of: list[int] = []
     input_format = None
     for number, source in enumerate(sources):
-        data = _read(source)
+        data = head if head is not None and number == 0 else _read(source)
         parsed, parsed_format = core.parse_detections(data, "stdin" if source == "-" else source)
         del data
         input_format = input_format or parsed_format
@@ -290,6 +344,121 @@ def command(
         _summary(report.to_dict())
 
 
+def _streaming_source(
+    source: str, batch: int, tmp_dir: str | None, stack: contextlib.ExitStack
+) -> tuple[str | None, bytes | None]:
+    """``(path to stream from, None)`` for JSON Lines larger than ``batch`` (stdin spooled to a
+    temporary file first), else ``(None, what was read of stdin already or None)``."""
+    if source != "-":
+        require_regular_file(source, "detections file")
+        try:
+            if os.path.getsize(source) <= batch:
+                return None, None
+            with open(source, "rb") as handle:
+                start = handle.read(1 << 16).lstrip()
+        except OSError as failure:
+            raise BadInputError(f"cannot read {source}: {failure.strerror or failure}") from None
+        return (source if start[:1] == b"{" else None), None
+    head = sys.stdin.buffer.read(batch + 1)
+    if len(head) <= batch or head.lstrip()[:1] != b"{":
+        return None, head + sys.stdin.buffer.read()
+    import shutil
+    import tempfile
+
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=tmp_dir))
+    spool = os.path.join(folder, "stdin.jsonl")
+    with open(spool, "wb") as handle:
+        handle.write(head)
+        del head
+        shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 22)
+    return spool, None
+
+
+def _stream(path: str, source: str, destination: str, stack: contextlib.ExitStack, **settings: Any) -> Any:
+    """Run the streaming path into -o FILE (atomically) or, through a temporary file, stdout:
+    an error on the last record leaves nothing half-written."""
+    import tempfile
+
+    from ptools.core.files import write_atomically
+    from ptools.core.streaming import stream_nms
+
+    tables = {
+        key: None if settings[option] is None else _load_table(settings[option], flag)
+        for key, option, flag in (
+            ("class_iou", "class_iou", "--class-iou"),
+            ("class_score_threshold", "class_score_thr", "--class-score-thr"),
+        )
+    }
+    with _progress() as progress:
+
+        def run(handle: Any) -> Any:
+            return stream_nms(
+                path,
+                handle,
+                source=source,
+                output_format=settings["output_format"],
+                box_format=settings["box_format"],
+                skip_invalid=settings["skip_invalid"],
+                batch_bytes=settings["batch"],
+                tmp_dir=settings["tmp_dir"],
+                progress=progress,
+                method=settings["method"],
+                iou_threshold=(0.55 if settings["fusing"] else 0.5) if settings["iou"] is None else settings["iou"],
+                score_threshold=settings["score_thr"],
+                soft_fn=settings["soft_fn"],
+                sigma=settings["sigma"],
+                max_det=settings["max_det"],
+                agnostic=settings["agnostic"],
+                device=settings["device"],
+                criterion=settings["criterion"],
+                skip_box_threshold=settings["skip_box_thr"],
+                conf_type=settings["conf_type"],
+                **tables,
+            )
+
+        if destination != "-":
+            reports: list[Any] = []
+            write_atomically(destination, lambda handle: reports.append(run(handle)))
+            return reports[0]
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=settings["tmp_dir"]))
+        kept = os.path.join(folder, "out")
+        with open(kept, "w+b") as handle:
+            report = run(handle)
+            handle.seek(0)
+            import shutil
+
+            shutil.copyfileobj(handle, sys.stdout.buffer, 1 << 22)
+        sys.stdout.buffer.flush()
+        return report
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[Any]:
+    """A progress callback drawing a bar on stderr when it is a terminal (records/s, images
+    done), None otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        TextColumn("{task.fields[records]:,} records ({task.fields[rate]:,.0f}/s), {task.fields[images]:,} images"),
+        TimeElapsedColumn(),
+        console=output.stderr_console(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("reading", total=None, records=0, rate=0.0, images=0)
+        began = time.perf_counter()
+
+        def update(phase: str, done: int, total: int, records: int, images: int) -> None:
+            rate = records / max(time.perf_counter() - began, 1e-9)
+            bar.update(task, description=phase, completed=done, total=total, records=records, rate=rate, images=images)
+
+        yield update
+
+
 def _load_table(text: str, flag: str) -> dict[str, Any]:
     """A per-class table given inline as JSON or as a JSON file."""
     import orjson
@@ -341,7 +510,7 @@ def _summary(data: dict[str, Any]) -> None:
     output.info(
         f"nms {data['method']} ({data['rule']}): {data['images']} images, "
         f"{data['detections_in']:,} → {data['detections_out']:,} detections{skipped}, "
-        f"{data['seconds']:.2f} s"
+        f"{data['seconds']:.2f} s" + (f", streamed ({data['streamed']})" if data.get("streamed") else "")
     )
     if sys.stderr.isatty() and data["per_class"]:
         output.stderr_console().print(

@@ -66,21 +66,11 @@ def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str
             raise BadInputError(f"{source} is not valid JSON ({failure})") from None
         return records, "json"
     if text[:1] == b"{":
-        records = []
-        with gc_paused():
-            for number, line in enumerate(data.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(orjson.loads(line))
-                except orjson.JSONDecodeError as failure:
-                    if number == 1 and _parses(data):  # one object over several lines, not JSON Lines
-                        break
-                    raise BadInputError(
-                        f"{source} line {number} is not valid JSON ({brief_text(str(failure))})"
-                    ) from None
-            else:
-                return records, "jsonl"
+        try:
+            return parse_lines(data.splitlines(), source), "jsonl"
+        except BadInputError:
+            if not _parses(data):  # else one object over several lines, not JSON Lines: said below
+                raise
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as failure:
@@ -93,6 +83,34 @@ def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str
 
 
 _JSON_TYPES = {type(None): "null", dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def parse_lines(lines: list[bytes], source: str = "input", first_number: int = 1) -> list[Any]:
+    """The records of JSON Lines (blank lines skipped); ``first_number`` numbers the first
+    line in messages (a chunk of a larger file).
+
+    Raises:
+        BadInputError: a line that is not JSON, naming it.
+    """
+    orjson = _json()
+    with gc_paused():
+        try:  # no blank line: one pass (a blank one fails to parse, and the loop below skips it)
+            return [orjson.loads(line) for line in lines]
+        except orjson.JSONDecodeError:
+            pass
+        try:
+            return [orjson.loads(line) for line in lines if line.strip()]
+        except orjson.JSONDecodeError:
+            pass
+        for number, line in enumerate(lines, start=first_number):  # name the culprit
+            if line.strip():
+                try:
+                    orjson.loads(line)
+                except orjson.JSONDecodeError as failure:
+                    raise BadInputError(
+                        f"{source} line {number} is not valid JSON ({brief_text(str(failure))})"
+                    ) from None
+    raise AssertionError("unreachable: a line failed to parse once")
 
 
 def _parses(data: bytes) -> bool:
@@ -210,8 +228,9 @@ def _id_codes(values: list[Any]) -> tuple[np.ndarray, list[Any]] | None:
     return None
 
 
-def validate(records: Any, box_format: BoxFormat = "xywh", skip_invalid: bool = False) -> Detections:
+def validate(records: Any, box_format: BoxFormat = "xywh", skip_invalid: bool = False, offset: int = 0) -> Detections:
     """Check every record (fast path: vectorised; slow path only to name the culprit).
+    ``offset``: the number of the first record in messages (a batch of a larger file).
 
     Raises:
         BadInputError: the input is not a list, or a record is invalid (record index and
@@ -240,7 +259,7 @@ def validate(records: Any, box_format: BoxFormat = "xywh", skip_invalid: bool = 
     if fast is None:
         valid = []
         for position, record in enumerate(records):
-            problem = _record_problem(position, record, box_format)
+            problem = _record_problem(position + offset, record, box_format)
             if problem is None:
                 valid.append(position)
             elif not skip_invalid:
@@ -289,6 +308,7 @@ class NmsFileReport:
     per_class: dict[str, list[int]] = field(default_factory=dict)  # category_id -> [in, out]
     seconds: float = 0.0
     evaluation: dict[str, dict[str, float]] | None = None
+    streamed: str | None = None  # how a large JSON Lines input went: "grouped", "partitioned in N parts"
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -508,8 +528,26 @@ def resolve_class_table(
         BadInputError: a key that is neither an id of the input nor a known name (a typo would
             otherwise go unnoticed), or a value that is not a number.
     """
+    resolved, unknown = resolve_class_keys(table, category_ids, names, what)
+    for key in table:
+        if key in unknown:
+            hint = "a category id of the input" + (" or a category name of the ground truth" if names else "")
+            raise BadInputError(f"{what}: class {key!r} is not {hint}")
+    return resolved
+
+
+def resolve_class_keys(
+    table: Mapping[str, Any], category_ids: Sequence[Any], names: Mapping[str, Any] | None = None, what: str = "table"
+) -> tuple[dict[Any, float], set[str]]:
+    """:func:`resolve_class_table` without the verdict on unknown keys: ``(resolved, keys that
+    are neither ids of ``category_ids`` nor names)``, for a caller that sees the ids in parts.
+
+    Raises:
+        BadInputError: a value that is not a number.
+    """
     known = set(category_ids)
     resolved: dict[Any, float] = {}
+    unknown: set[str] = set()
     for key, value in table.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise BadInputError(f"{what}: the value for class {key!r} must be a number, not {_shown(value)}")
@@ -523,10 +561,10 @@ def resolve_class_table(
         elif isinstance(key, str) and key.lstrip("-").isdigit():
             category = int(key)  # an id this input happens not to hold: ignored
         else:
-            hint = "a category id of the input" + (" or a category name of the ground truth" if names else "")
-            raise BadInputError(f"{what}: class {key!r} is not {hint}")
+            unknown.add(key)
+            continue
         resolved[category] = float(value)
-    return resolved
+    return resolved, unknown
 
 
 def _per_class_rule(class_iou: Mapping[Any, float] | None, class_score: Mapping[Any, float] | None) -> str:

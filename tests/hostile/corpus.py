@@ -740,7 +740,7 @@ def symlink_loop(folder: Path, marker: Path) -> Path:
 # --- detection JSON for nms
 
 
-NMS = ("nms", "nms-wbf", "nms-nmm")
+NMS = ("nms", "nms-wbf", "nms-nmm", "nms-stream")
 
 
 def _record(**overrides: Any) -> dict[str, Any]:
@@ -808,6 +808,21 @@ def nms_bad_line_a_million_in(folder: Path, marker: Path) -> Path:
 @case("nms", NMS, expect="")
 def nms_huge_string_id(folder: Path, marker: Path) -> Path:
     return _detections(folder / "huge_string.json", [_record(), _record(category_id=["x" * 10_000_000])])
+
+
+@case("nms", NMS, expect="record 4000:")
+def nms_lines_shuffled_invalid_late(folder: Path, marker: Path) -> Path:
+    # streamed (--batch 1KB) through the partitions, which see records out of order
+    lines = [json.dumps(_record(image_id=(n * 7919) % 500, score=0.5)) for n in range(5000)]
+    lines[4000] = json.dumps(_record(image_id=3, bbox=[0, 0, -1, 5]))
+    lines[4500] = json.dumps(_record(image_id=3, score="x"))
+    return _written(folder / "shuffled.jsonl", "\n".join(lines) + "\n")
+
+
+@case("nms", NMS, expect="bbox")
+def nms_lines_one_huge_line(folder: Path, marker: Path) -> Path:
+    line = json.dumps(_record(bbox=list(range(1_000_000))))  # ~7 MB on one line, past any chunk
+    return _written(folder / "huge_line.jsonl", json.dumps(_record()) + "\n" + line + "\n")
 
 
 @case("nms", NMS, expect="FIFO")

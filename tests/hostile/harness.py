@@ -38,6 +38,7 @@ def command_line(command: str, target: Path, out: Path) -> list[str]:
         "nms": ["nms", path, "-o", str(out / "out.json")],
         "nms-wbf": ["nms", path, path, "--method", "wbf", "-o", str(out / "out.json")],
         "nms-nmm": ["nms", path, "--method", "nmm", "--match-metric", "ios", "-o", str(out / "out.json")],
+        "nms-stream": ["nms", path, "--batch", "1KB", "-o", str(out / "out.json")],
         "nms-class-iou": ["nms", str(target.parent / "dets.json"), "--class-iou", path, "-o", str(out / "out.json")],
     }[command]
 
