@@ -211,7 +211,6 @@ def command(
         ),
     ] = False,
 ) -> None:
-    import numpy as np
 
     from ptools.core import detections as core
 
@@ -254,6 +253,12 @@ def command(
         require_regular_file(eval_path, "ground-truth file")
     if tmp_dir is not None and path_kind(tmp_dir) != "folder":
         raise BadInputError(f"--tmp-dir {tmp_dir}: not a folder", "name an existing folder")
+    # What every path passes to the core, whatever reads the records.
+    options: dict[str, Any] = dict(
+        method=method, iou_threshold=(0.55 if fusing else 0.5) if iou is None else iou, score_threshold=score_thr,
+        soft_fn=soft_fn, sigma=sigma, max_det=max_det, agnostic=agnostic, box_format=box_format, device=device,
+        criterion=criterion, model_weights=weights, skip_box_threshold=skip_box_thr, conf_type=conf_type,
+    )  # fmt: skip
     with contextlib.ExitStack() as stack:
         # One JSON Lines input larger than --batch runs in bounded memory (not with --eval,
         # whose evaluator holds every record anyway).
@@ -263,19 +268,42 @@ def command(
             else (None, None)
         )
         if stream_from is not None:
+            tables = {option: None if text is None else _load_table(text, flag)
+                      for option, text, flag in (("class_iou", class_iou, "--class-iou"),
+                                                 ("class_score_threshold", class_score_thr, "--class-score-thr"))}  # fmt: skip
             report = _stream(
-                stream_from, "stdin" if sources[0] == "-" else sources[0], destination, stack,
-                method=method, iou=iou, fusing=fusing, score_thr=score_thr, soft_fn=soft_fn, sigma=sigma,
-                max_det=max_det, agnostic=agnostic, box_format=box_format, device=device, criterion=criterion,
-                skip_box_thr=skip_box_thr, conf_type=conf_type, output_format=output_format or "jsonl",
-                skip_invalid=skip_invalid, class_iou=class_iou, class_score_thr=class_score_thr,
-                batch=_parse_batch(batch), tmp_dir=tmp_dir,
+                stream_from, destination, stack, source="stdin" if sources[0] == "-" else sources[0],
+                output_format=output_format or "jsonl", skip_invalid=skip_invalid, batch_bytes=_parse_batch(batch),
+                tmp_dir=tmp_dir, **tables, **options,
             )  # fmt: skip
-            report.seconds = time.perf_counter() - started
-            output.emit(report.to_dict(), json_output, lambda data: [])
-            if not json_output:
-                _summary(report.to_dict())
-            return
+        else:
+            report = _in_memory(
+                sources, head, destination, options, output_format, skip_invalid, class_iou, class_score_thr, eval_path
+            )
+    report.seconds = time.perf_counter() - started
+    # The detections went to -o FILE or stdout; what remains is the account: JSON on stdout,
+    # or lines for people on stderr.
+    output.emit(report.to_dict(), json_output, lambda data: [])
+    if not json_output:
+        _summary(report.to_dict())
+
+
+def _in_memory(
+    sources: list[str],
+    head: bytes | None,
+    destination: str,
+    options: dict[str, Any],
+    output_format: str | None,
+    skip_invalid: bool,
+    class_iou: str | None,
+    class_score_thr: str | None,
+    eval_path: str | None,
+) -> Any:
+    """Every input read whole, run, evaluated (--eval) and written."""
+    import numpy as np
+
+    from ptools.core import detections as core
+
     records: list[Any] = []
     model_of: list[int] = []
     input_format = None
@@ -287,7 +315,7 @@ def command(
         records.extend(parsed)
         model_of.extend([number] * len(parsed))
     assert input_format is not None
-    detections = core.validate(records, box_format=box_format, skip_invalid=skip_invalid)
+    detections = core.validate(records, box_format=options["box_format"], skip_invalid=skip_invalid)
     names = _category_names(eval_path) if eval_path is not None and (class_iou or class_score_thr) else None
     tables = [
         None
@@ -298,25 +326,13 @@ def command(
     models = np.asarray(model_of, dtype=np.int64)[detections.index] if len(sources) > 1 else None
     kept, report = core.run_nms(
         detections,
-        method=method,
-        iou_threshold=(0.55 if fusing else 0.5) if iou is None else iou,
-        score_threshold=score_thr,
-        soft_fn=soft_fn,
-        sigma=sigma,
-        max_det=max_det,
-        agnostic=agnostic,
-        box_format=box_format,
-        device=device,
-        criterion=criterion,
         models=models,
-        model_weights=weights,
-        skip_box_threshold=skip_box_thr,
-        conf_type=conf_type,
         class_iou=tables[0],
         class_score_threshold=tables[1],
         # The records were parsed for this run: soft/merge may update them in place, unless
         # the evaluation still needs them as they were read.
         keep_input=eval_path is not None,
+        **options,
     )
     if eval_path is not None:
         valid = detections.index.tolist()
@@ -336,12 +352,7 @@ def command(
         from ptools.core.files import write_atomically
 
         write_atomically(destination, lambda handle: handle.write(payload))
-    report.seconds = time.perf_counter() - started
-    # The detections went to -o FILE or stdout; what remains is the account: JSON on stdout,
-    # or lines for people on stderr.
-    output.emit(report.to_dict(), json_output, lambda data: [])
-    if not json_output:
-        _summary(report.to_dict())
+    return report
 
 
 def _streaming_source(
@@ -374,59 +385,26 @@ def _streaming_source(
     return spool, None
 
 
-def _stream(path: str, source: str, destination: str, stack: contextlib.ExitStack, **settings: Any) -> Any:
-    """Run the streaming path into -o FILE (atomically) or, through a temporary file, stdout:
-    an error on the last record leaves nothing half-written."""
+def _stream(path: str, destination: str, stack: contextlib.ExitStack, **settings: Any) -> Any:
+    """:func:`ptools.core.streaming.stream_nms` into -o FILE (atomically) or, through a
+    temporary file, stdout: an error on the last record leaves nothing half-written."""
+    import shutil
     import tempfile
 
     from ptools.core.files import write_atomically
     from ptools.core.streaming import stream_nms
 
-    tables = {
-        key: None if settings[option] is None else _load_table(settings[option], flag)
-        for key, option, flag in (
-            ("class_iou", "class_iou", "--class-iou"),
-            ("class_score_threshold", "class_score_thr", "--class-score-thr"),
-        )
-    }
     with _progress() as progress:
-
-        def run(handle: Any) -> Any:
-            return stream_nms(
-                path,
-                handle,
-                source=source,
-                output_format=settings["output_format"],
-                box_format=settings["box_format"],
-                skip_invalid=settings["skip_invalid"],
-                batch_bytes=settings["batch"],
-                tmp_dir=settings["tmp_dir"],
-                progress=progress,
-                method=settings["method"],
-                iou_threshold=(0.55 if settings["fusing"] else 0.5) if settings["iou"] is None else settings["iou"],
-                score_threshold=settings["score_thr"],
-                soft_fn=settings["soft_fn"],
-                sigma=settings["sigma"],
-                max_det=settings["max_det"],
-                agnostic=settings["agnostic"],
-                device=settings["device"],
-                criterion=settings["criterion"],
-                skip_box_threshold=settings["skip_box_thr"],
-                conf_type=settings["conf_type"],
-                **tables,
-            )
-
         if destination != "-":
             reports: list[Any] = []
-            write_atomically(destination, lambda handle: reports.append(run(handle)))
+            write_atomically(
+                destination, lambda handle: reports.append(stream_nms(path, handle, progress=progress, **settings))
+            )
             return reports[0]
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=settings["tmp_dir"]))
-        kept = os.path.join(folder, "out")
-        with open(kept, "w+b") as handle:
-            report = run(handle)
+        with open(os.path.join(folder, "out"), "w+b") as handle:
+            report = stream_nms(path, handle, progress=progress, **settings)
             handle.seek(0)
-            import shutil
-
             shutil.copyfileobj(handle, sys.stdout.buffer, 1 << 22)
         sys.stdout.buffer.flush()
         return report
