@@ -1,10 +1,17 @@
-"""Shared test set-up: the ``cuda`` marker."""
+"""Shared test set-up: the ``cuda`` marker, and Ctrl-C for the commands the tests interrupt."""
 
 from __future__ import annotations
 
 import functools
+import signal
 
 import pytest
+
+# A runner started as a background job (`bash .ci/run &` without job control) inherits SIGINT
+# ignored, and every child it starts would too: the tests that stop a command with Ctrl-C
+# would wait for ever. Handled here, the signal goes back to its default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @functools.lru_cache(maxsize=1)
