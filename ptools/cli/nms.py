@@ -376,12 +376,18 @@ def _streaming_source(
     import shutil
     import tempfile
 
-    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=tmp_dir))
-    spool = os.path.join(folder, "stdin.jsonl")
-    with open(spool, "wb") as handle:
-        handle.write(head)
-        del head
-        shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 22)
+    try:
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=tmp_dir))
+        spool = os.path.join(folder, "stdin.jsonl")
+        with open(spool, "wb") as handle:
+            handle.write(head)
+            del head
+            shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 22)
+    except OSError as failure:
+        raise BadInputError(
+            f"cannot copy stdin to {tmp_dir or tempfile.gettempdir()}: {failure.strerror or failure}",
+            "free space there, or name another folder with --tmp-dir",
+        ) from None
     return spool, None
 
 
@@ -401,9 +407,17 @@ def _stream(path: str, destination: str, stack: contextlib.ExitStack, **settings
                 destination, lambda handle: reports.append(stream_nms(path, handle, progress=progress, **settings))
             )
             return reports[0]
-        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=settings["tmp_dir"]))
-        with open(os.path.join(folder, "out"), "w+b") as handle:
-            report = stream_nms(path, handle, progress=progress, **settings)
+        try:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=settings["tmp_dir"]))
+            handle = open(os.path.join(folder, "out"), "w+b")  # noqa: SIM115
+        except OSError as failure:
+            where = settings["tmp_dir"] or tempfile.gettempdir()
+            raise BadInputError(f"cannot write temporary files in {where}: {failure.strerror or failure}") from None
+        with handle:
+            try:
+                report = stream_nms(path, handle, progress=progress, **settings)
+            except OSError as failure:  # writing the kept records
+                raise BadInputError(f"cannot write the output in {folder}: {failure.strerror or failure}") from None
             handle.seek(0)
             shutil.copyfileobj(handle, sys.stdout.buffer, 1 << 22)
         sys.stdout.buffer.flush()

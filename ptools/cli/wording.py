@@ -63,6 +63,8 @@ FLAGS = {
     "class_iou": "--class-iou",
     "class_score_threshold": "--class-score-thr",
     "criterion": "--criterion",
+    "tmp_dir": "--tmp-dir",
+    "batch_bytes": "--batch",
 }
 
 # Where one parameter is another flag in one command.

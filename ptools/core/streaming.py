@@ -143,9 +143,16 @@ class _Run:
     def chunks(self, chunk_bytes: int) -> Iterator[tuple[int, int, list[bytes]]]:
         """``(first line number, bytes, lines)`` of the file, cut after newlines."""
         number, carry = 1, b""
-        with open(self.path, "rb") as handle:
+        try:
+            handle = open(self.path, "rb")  # noqa: SIM115
+        except OSError as failure:
+            raise BadInputError(f"cannot read {self.source}: {failure.strerror or failure}") from None
+        with handle:
             while True:
-                block = handle.read(chunk_bytes)
+                try:
+                    block = handle.read(chunk_bytes)
+                except OSError as failure:
+                    raise BadInputError(f"cannot read {self.source}: {failure.strerror or failure}") from None
                 data = carry + block
                 cut = data.rfind(b"\n") + 1 if block else len(data)
                 if cut == 0 and block:  # one line longer than a chunk: read on
@@ -267,6 +274,10 @@ def stream_nms(
         options.get("model_weights"), options.get("skip_box_threshold", 0.0), options.get("conf_type", "avg"),
         options.get("agnostic", False), bool(class_iou), bool(class_score_threshold),
     )  # fmt: skip
+    try:
+        size = os.path.getsize(path)
+    except OSError as failure:
+        raise BadInputError(f"cannot read {source or path}: {failure.strerror or failure}") from None
     run = _Run(
         path=path,
         source=source or path,
@@ -278,7 +289,7 @@ def stream_nms(
         batch_bytes=batch_bytes,
         tmp_dir=tmp_dir,
         progress=progress,
-        size=os.path.getsize(path),
+        size=size,
     )
     # The live records are a bounded, acyclic set: the cyclic collector would only walk them.
     with gc_paused():
@@ -368,7 +379,11 @@ def _partitioned(run: _Run) -> str:
     merged by image id through a small index of (image, records, bytes) per bucket.
     Returns how it went, for the report."""
     buckets = max(2, -(-run.size // run.batch_bytes))
-    with tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=run.tmp_dir) as folder:
+    try:
+        scratch = tempfile.TemporaryDirectory(prefix="ptools-nms-", dir=run.tmp_dir)
+    except OSError as failure:
+        raise _temporary_failure(run.tmp_dir, failure) from None
+    with scratch as folder:
         try:
             _partition(run, folder, buckets)
             indexes = []
@@ -387,8 +402,17 @@ def _partitioned(run: _Run) -> str:
             if run.skip_invalid:
                 raise
             raise run.first_problem(failure) from None
-        _merge_outputs(folder, indexes, run.output)
+        except OSError as failure:  # the temporary files: a full disk, most likely
+            raise _temporary_failure(run.tmp_dir, failure) from None
+        _merge_outputs(folder, indexes, run.output)  # its errors are the output's
     return f"{buckets} parts"
+
+
+def _temporary_failure(tmp_dir: str | None, failure: OSError) -> BadInputError:
+    return BadInputError(
+        f"cannot write temporary files in {tmp_dir or tempfile.gettempdir()}: {failure.strerror or failure}",
+        "free space there, or name another folder with `tmp_dir`",
+    )
 
 
 def _partition(run: _Run, folder: str, buckets: int) -> None:

@@ -270,3 +270,26 @@ def test_cli_refusals_leave_nothing(tmp_path) -> None:
     assert missing.returncode == 1 and b"--tmp-dir" in missing.stderr
     tiny = _ptools(str(path), "--batch", "100")
     assert tiny.returncode == 2 and b"at least 1KB" in tiny.stderr
+
+
+def test_a_full_temporary_disk_is_one_error_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    """A disk that fills up under the partitions: one BadInputError naming the folder and the
+    way out, not a traceback; nothing left in the scratch folder."""
+    path = _write(tmp_path / "in.jsonl", _ordered(_records(40, 30), "shuffled"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streaming, "_write_bucket_output", full)
+    message = _error(lambda: _streamed(path, "jsonl", 2048, scratch))
+    assert f"cannot write temporary files in {scratch}: No space left on device" in message
+    assert list(scratch.iterdir()) == []
+    message = _error(lambda: _streamed(path, "jsonl", 2048, tmp_path / "missing"))
+    assert "cannot write temporary files" in message and "missing" in message
+
+
+def test_an_unreadable_input_is_one_error(tmp_path) -> None:
+    message = _error(lambda: _streamed(tmp_path / "gone.jsonl", "jsonl", 2048))
+    assert "gone.jsonl" in message
