@@ -201,7 +201,7 @@ class _Run:
         for option, table in self.tables.items():
             if table is None:
                 continue
-            resolved, unknown = core.resolve_class_keys(table, detections.category_ids, None, option)
+            resolved, unknown = core.resolve_class_keys(table, detections.category_ids, None, _NAMES[option])
             tables[option] = resolved
             # a key is a mistake only if no batch knows it
             self.unresolved[option] = unknown if option not in self.unresolved else self.unresolved[option] & unknown

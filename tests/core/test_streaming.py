@@ -181,7 +181,9 @@ def test_unknown_class_key_is_an_error_only_if_no_batch_knows_it(tmp_path) -> No
     path = _write(tmp_path / "in.jsonl", records)
     _streamed(path, "jsonl", 2048, class_iou={"rare": 0.3})
     message = _error(lambda: _streamed(path, "jsonl", 2048, class_iou={"rear": 0.3}))
-    assert "'rear' is not a category id" in message
+    assert message.startswith("`class_iou`: class 'rear' is not a category id")
+    message = _error(lambda: _streamed(path, "jsonl", 2048, class_score_threshold={"rare": "high"}))
+    assert message.startswith("`class_score_threshold`: the value for class 'rare' must be a number")
 
 
 @pytest.mark.parametrize("order", ["grouped", "shuffled"])
