@@ -29,6 +29,27 @@ Patterns are globs on dotted module names (backbone.*, layer1, *.bn*), matched o
 """
 
 
+def _check_outputs(model_spec: str, weights: str | None, outputs: dict[str, str | None], force: bool) -> None:
+    """Before any work: an output is never an input (the weights, the model's .py file), never
+    a folder, never the other output, and an existing file only with --force."""
+    from ptools.core.files import is_one_of, path_kind
+
+    module_file = model_spec.split(":", 1)[0]
+    inputs = {os.path.realpath(p) for p in (weights, module_file if module_file.endswith(".py") else None) if p}
+    given = {flag: path for flag, path in outputs.items() if path}
+    if len(given) == 2 and os.path.realpath(given["--out"]) == os.path.realpath(given["--trainable-out"]):
+        raise BadInputError("--out and --trainable-out name the same file", "give each its own path")
+    for flag, path in given.items():
+        if is_one_of(path, inputs):
+            raise BadInputError(
+                f"{flag} {path} is an input; ptools never overwrites its input", "write to another path"
+            )
+        if os.path.lexists(path) and path_kind(path) != "file":
+            raise BadInputError(f"{flag} {path}: {path_kind(path)}; {flag} takes a file path")
+        if os.path.lexists(path) and not force:
+            raise BadInputError(f"{flag} {path} exists", "pass --force to replace it, or choose another path")
+
+
 def command(
     model_spec: Annotated[
         str,
@@ -63,6 +84,9 @@ def command(
             "--trainable-out", metavar="FILE.json", help="Write the trainable parameter names, for an optimizer config."
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out / --trainable-out file (never an input).")
+    ] = False,
     kwargs: KwargsOption = None,
     weights: WeightsOption = None,
     strict: StrictOption = False,
@@ -74,6 +98,7 @@ def command(
 
     if dry_run and (out or trainable_out):
         raise BadInputError("--dry-run writes nothing; drop --out/--trainable-out or --dry-run")
+    _check_outputs(model_spec, weights, {"--out": out, "--trainable-out": trainable_out}, force)
     model = models.load_model(model_spec, models.parse_kwargs(kwargs), trust=trust)
     # Refused before any work when the saved module could not be loaded back.
     folders = models.user_code_folders(model) if out else []

@@ -65,6 +65,27 @@ def test_freeze_report_outputs_and_errors(tmp_path: Path) -> None:
     assert clash.exit_code == 1 and "--dry-run writes nothing" in clash.stderr
 
 
+def test_freeze_never_overwrites_without_force_nor_an_input(tmp_path: Path) -> None:
+    names, out = tmp_path / "trainable.json", tmp_path / "frozen.pt"
+    names.write_text("mine")
+    out.write_bytes(b"mine too")
+    for flag, path in (("--trainable-out", names), ("--out", out)):
+        refused = invoke("freeze", "resnet18", "--layers", "layer1", flag, path)
+        assert refused.exit_code == 1 and f"{flag} {path} exists" in refused.stderr and "--force" in refused.stderr
+    assert names.read_text() == "mine" and out.read_bytes() == b"mine too"
+    replaced = invoke("freeze", "resnet18", "--layers", "layer1", "--trainable-out", names, "--force")
+    assert replaced.exit_code == 0 and "layer4.1.bn2.bias" in json.loads(names.read_text())
+    weights = save_zip(torchvision.models.resnet18().state_dict(), tmp_path / "weights.pt")
+    before = weights.read_bytes()
+    own_input = invoke("freeze", "resnet18", "--weights", weights, "--layers", "layer1", "--out", weights, "--force")
+    assert own_input.exit_code == 1 and "is an input; ptools never overwrites its input" in own_input.stderr
+    assert weights.read_bytes() == before
+    same = invoke("freeze", "resnet18", "--layers", "layer1", "--out", tmp_path / "x", "--trainable-out", tmp_path / "x")
+    assert same.exit_code == 1 and "name the same file" in same.stderr
+    folder = invoke("freeze", "resnet18", "--layers", "layer1", "--out", tmp_path, "--force")
+    assert folder.exit_code == 1 and "folder" in folder.stderr
+
+
 def test_freeze_with_weights(tmp_path: Path) -> None:
     source = torchvision.models.resnet18()
     path = save_zip({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "ddp.pt")
