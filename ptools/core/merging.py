@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptools.core.nms import NmsResult, Threshold, _at, _segments, map_parts
+from ptools.core.nms import NmsResult, Threshold, _at, _segments, map_parts, split_large_groups
 from ptools.errors import BadInputError
 
 MERGING_METHODS = ("nmm", "greedy-nmm")
@@ -117,6 +117,11 @@ def merge_groups(
         result = _merge(xyxy[subset], scores[subset], groups[subset], method, metric, _at(row_limits, part))
         return NmsResult(subset[result.keep], result.scores, result.boxes)
 
+    # Boxes match only through a positive overlap when every threshold is above 0: parts of
+    # a group that cannot overlap run apart (at 0 every pair matches).
+    if np.all(np.asarray(row_limits) > 0):
+        groups = groups.copy()
+        groups[rows] = split_large_groups(xyxy[rows], groups[rows])
     results = map_parts(groups[rows], run)
     return NmsResult(
         np.concatenate([r.keep for r in results]),

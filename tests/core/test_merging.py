@@ -271,3 +271,51 @@ def test_cli_greedy_nmm_with_match_metric(tmp_path) -> None:
         text=True,
     )
     assert refused.returncode == 1 and "iou or ios" in refused.stderr
+
+
+@pytest.mark.parametrize("method", ["hard", "and", "merge", "soft", "diou", "greedy-nmm", "nmm"])
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), criterion=st.sampled_from(["iou", "giou", "ciou", "ios"]),
+       threshold=st.sampled_from([0.0, 0.3, 0.7]))  # fmt: skip
+def test_splitting_large_groups_changes_nothing(method, seed, criterion, threshold) -> None:
+    """A group split into parts that cannot overlap (what makes one image of thousands of boxes
+    fast) gives the same result as the group whole: boxes touching, nested, identical, empty."""
+    import ptools.core.nms as nms_module
+
+    generator = np.random.default_rng(seed)
+    count = 300
+    corner = np.round(generator.uniform(0, 400, (count, 2)) / 5) * 5  # on a grid: edges touch
+    size = np.round(generator.uniform(0, 40, (count, 2)) / 5) * 5  # some zero-area boxes
+    boxes = np.concatenate([corner, corner + size], axis=1)
+    boxes[10:20] = boxes[0]  # identical boxes
+    scores = np.round(generator.random(count), 2)  # ties
+    groups = generator.integers(0, 2, count)
+
+    def run():
+        if method in ("greedy-nmm", "nmm"):
+            metric = criterion if criterion in ("iou", "ios") else "iou"
+            return merge_groups(boxes, scores, groups, method=method, metric=metric, threshold=threshold)
+        kind = "diou" if method == "diou" else criterion
+        return nms_groups(boxes, scores, groups, method=method, iou_threshold=threshold, criterion=kind)
+
+    def rows(result):
+        return sorted(zip(result.keep.tolist(), result.scores.tolist(), map(tuple, result.boxes.tolist())))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nms_module, "SPLIT_MIN_GROUP", 10**9)
+        whole = rows(run())
+        patch.setattr(nms_module, "SPLIT_MIN_GROUP", 2)
+        assert rows(run()) == whole
+
+
+def test_thousands_of_boxes_in_one_image_split_into_parts() -> None:
+    """The slow case of the lockstep engine: one image, 20,000 boxes in a grid. Split, it
+    takes a few numpy passes; the parts are the grid's cells."""
+    from ptools.core.nms import overlap_components
+
+    cells = np.arange(20_000)
+    corner = np.stack([cells % 200 * 20.0, cells // 200 * 20.0], axis=1)
+    boxes = np.concatenate([corner, corner + 10], axis=1)
+    assert np.unique(overlap_components(boxes, np.zeros(20_000, dtype=np.int64))).size == 20_000
+    touching = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [30, 0, 40, 10]], dtype=float)
+    assert overlap_components(touching, np.zeros(3, dtype=np.int64)).tolist() == [0, 0, 1]
