@@ -431,21 +431,24 @@ def _progress() -> Iterator[Any]:
     if not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn
 
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         TextColumn("{task.fields[records]:,} records ({task.fields[rate]:,.0f}/s), {task.fields[images]:,} images"),
-        TimeElapsedColumn(),
         console=output.stderr_console(),
         transient=True,
     ) as bar:
         task = bar.add_task("reading", total=None, records=0, rate=0.0, images=0)
-        began = time.perf_counter()
+        began = {"reading": time.perf_counter()}  # the pass under way, and when it began
 
         def update(phase: str, done: int, total: int, records: int, images: int) -> None:
-            rate = records / max(time.perf_counter() - began, 1e-9)
+            stage = phase.split()[0]  # "partitioning", then "running" (part N/M)
+            if stage not in began:
+                began.clear()
+                began[stage] = time.perf_counter()
+            rate = records / max(time.perf_counter() - began[stage], 1e-9)
             bar.update(task, description=phase, completed=done, total=total, records=records, rate=rate, images=images)
 
         yield update

@@ -37,7 +37,9 @@ from ptools.errors import BadInputError
 BATCH_BYTES = 16 << 20
 CHUNK_BYTES = 4 << 20  # read and parsed at a time (at most; a quarter of a batch)
 
-Progress = Callable[[str, int, int, int, int], None]  # (phase, bytes done, bytes in all, records, images)
+# (phase, bytes done, bytes in all, records, images): bytes and records count from 0 again in
+# each pass over the data (a partitioned file is read twice)
+Progress = Callable[[str, int, int, int, int], None]
 
 
 def image_key(image_id: Any) -> tuple[bool, Any]:
@@ -392,7 +394,9 @@ def _partitioned(run: _Run) -> str:
                 with open(path, "rb") as handle:
                     data = handle.read()
                 os.unlink(path)
+                run.bytes_done += len(data)  # the bar goes round again, part by part
                 records = core.parse_lines(data.splitlines(), run.source)
+                run.records_read += len(records)
                 del data
                 kept = run.run_batch(records) if records else []
                 del records
@@ -439,7 +443,7 @@ def _partition(run: _Run, folder: str, buckets: int) -> None:
     finally:
         for part in parts:
             part.close()
-    run.bytes_done = 0
+    run.bytes_done = run.records_read = 0  # the second pass counts again
 
 
 def _buckets(ids: list[Any], buckets: int) -> tuple[np.ndarray, np.ndarray]:

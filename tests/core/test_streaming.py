@@ -203,13 +203,23 @@ def test_temporary_files_go_on_ctrl_c(tmp_path, order) -> None:
     assert list(scratch.iterdir()) == []
 
 
-def test_progress_reports_bytes_records_and_images(tmp_path) -> None:
-    path = _write(tmp_path / "in.jsonl", _records(20, 30))
+@pytest.mark.parametrize("order", ["grouped", "shuffled"])
+def test_progress_reports_bytes_records_and_images(tmp_path, order) -> None:
+    """Bytes go up to the file's size in each pass (the partitions' second pass included),
+    records read and images done are counted, and the phase is named."""
+    path = _write(tmp_path / "in.jsonl", _ordered(_records(20, 30), order))
     seen = []
     stream_nms(str(path), io.BytesIO(), batch_bytes=2048, progress=lambda *args: seen.append(args))
     phase, done, total, records, images = seen[-1]
     assert (done, total) == (path.stat().st_size, path.stat().st_size)
     assert records == len(path.read_bytes().splitlines()) and images == 20
+    phases = [args[0] for args in seen]
+    if order == "shuffled":
+        assert "partitioning" in phases and phase.startswith("running part ")
+        running = [args[1] for args in seen if args[0].startswith("running part")]
+        assert running == sorted(running) and 0 < running[0] < total  # part by part, not stuck
+    else:
+        assert set(phases) == {"running"}
 
 
 def test_batches_bound_what_is_held(tmp_path, monkeypatch) -> None:
