@@ -259,11 +259,12 @@ def command(
         soft_fn=soft_fn, sigma=sigma, max_det=max_det, agnostic=agnostic, box_format=box_format, device=device,
         criterion=criterion, model_weights=weights, skip_box_threshold=skip_box_thr, conf_type=conf_type,
     )  # fmt: skip
+    batch_bytes = _parse_batch(batch)
     with contextlib.ExitStack() as stack:
         # One JSON Lines input larger than --batch runs in bounded memory (not with --eval,
         # whose evaluator holds every record anyway).
         stream_from, head = (
-            _streaming_source(sources[0], _parse_batch(batch), tmp_dir, stack)
+            _streaming_source(sources[0], batch_bytes, tmp_dir, stack)
             if len(sources) == 1 and eval_path is None
             else (None, None)
         )
@@ -273,7 +274,7 @@ def command(
                                                  ("class_score_threshold", class_score_thr, "--class-score-thr"))}  # fmt: skip
             report = _stream(
                 stream_from, destination, stack, source="stdin" if sources[0] == "-" else sources[0],
-                output_format=output_format or "jsonl", skip_invalid=skip_invalid, batch_bytes=_parse_batch(batch),
+                output_format=output_format or "jsonl", skip_invalid=skip_invalid, batch_bytes=batch_bytes,
                 tmp_dir=tmp_dir, **tables, **options,
             )  # fmt: skip
         else:

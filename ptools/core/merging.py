@@ -29,34 +29,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptools.core.nms import NmsResult, Threshold, _at, _segments, map_parts, split_large_groups
+from ptools.core.boxes import overlap
+from ptools.core.nms import (
+    NmsResult,
+    Threshold,
+    _at,
+    _Boxes,
+    _segments,
+    check_parameters,
+    map_parts,
+    overlap_limits,
+    per_box,
+    split_large_groups,
+)
 from ptools.errors import BadInputError
 
 MERGING_METHODS = ("nmm", "greedy-nmm")
 MATCH_METRICS = ("iou", "ios")
-
-
-class _Columns:
-    def __init__(self, xyxy: np.ndarray) -> None:
-        self.x1, self.y1, self.x2, self.y2 = (np.ascontiguousarray(xyxy[:, i]) for i in range(4))
-        self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
-
-
-def _metric(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], metric: str, zero_when_empty: bool) -> np.ndarray:
-    """IoU or IoS of boxes ``a`` and ``b`` (x1, y1, x2, y2 columns), in SAHI's operation order.
-    A zero denominator gives 0 for claims (SAHI's matrix) and NaN for the merge re-check
-    (SAHI's plain division), which no threshold accepts."""
-    ax1, ay1, ax2, ay2 = a
-    bx1, by1, bx2, by2 = b
-    area_a = (ax2 - ax1) * (ay2 - ay1)
-    area_b = (bx2 - bx1) * (by2 - by1)
-    w = np.maximum(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0)
-    h = np.maximum(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0)
-    inter = w * h
-    denominator = area_a + area_b - inter if metric == "iou" else np.minimum(area_a, area_b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = inter / denominator
-    return np.where(denominator > 0, ratio, 0.0) if zero_when_empty else ratio
 
 
 def merge_groups(
@@ -93,36 +82,26 @@ def merge_groups(
         raise BadInputError(f"unknown merging method {method!r}; choose one of: {', '.join(MERGING_METHODS)}")
     if metric not in MATCH_METRICS:
         raise BadInputError(f"merging matches boxes by {' or '.join(MATCH_METRICS)}, not {metric!r} (`metric`)")
-    if not 0 <= threshold <= 1:
-        raise BadInputError(f"`iou_threshold` must be between 0 and 1, not {threshold}")
+    check_parameters(threshold)
     xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64)
-    groups = np.asarray(groups, dtype=np.int64)
-    limits: Threshold = float(threshold)
-    if thresholds is not None:  # NaN: the single value applies to that box
-        given = np.asarray(thresholds, dtype=np.float64)
-        limits = np.where(np.isnan(given), float(threshold), given)
-        if not ((limits >= 0) & (limits <= 1)).all():
-            raise BadInputError("per-class IoU thresholds must be between 0 and 1")
-    cut: Threshold = -np.inf if score_threshold is None else float(score_threshold)
-    if score_thresholds is not None:
-        cut = np.where(np.isnan(score_thresholds), cut, np.asarray(score_thresholds, dtype=np.float64))
-    rows = np.flatnonzero(scores > cut)
+    limits = overlap_limits(threshold, thresholds)
+    rows = np.flatnonzero(scores > per_box(-np.inf if score_threshold is None else score_threshold, score_thresholds))
     if rows.size == 0:
         return NmsResult(np.empty(0, dtype=np.int64), np.empty(0), np.empty((0, 4)))
     row_limits = _at(limits, rows)
-
-    def run(part: np.ndarray) -> NmsResult:
-        subset = rows[part]
-        result = _merge(xyxy[subset], scores[subset], groups[subset], method, metric, _at(row_limits, part))
-        return NmsResult(subset[result.keep], result.scores, result.boxes)
-
+    row_groups = np.asarray(groups, dtype=np.int64)[rows]
     # Boxes match only through a positive overlap when every threshold is above 0: parts of
     # a group that cannot overlap run apart (at 0 every pair matches).
     if np.all(np.asarray(row_limits) > 0):
-        groups = groups.copy()
-        groups[rows] = split_large_groups(xyxy[rows], groups[rows])
-    results = map_parts(groups[rows], run)
+        row_groups = split_large_groups(xyxy[rows], row_groups)
+
+    def run(part: np.ndarray) -> NmsResult:
+        subset = rows[part]
+        result = _merge(xyxy[subset], scores[subset], row_groups[part], method, metric, _at(row_limits, part))
+        return NmsResult(subset[result.keep], result.scores, result.boxes)
+
+    results = map_parts(row_groups, run)
     return NmsResult(
         np.concatenate([r.keep for r in results]),
         np.concatenate([r.scores for r in results]),
@@ -133,22 +112,25 @@ def merge_groups(
 def _merge(
     xyxy: np.ndarray, scores: np.ndarray, groups: np.ndarray, method: str, metric: str, limits: Threshold
 ) -> NmsResult:
-    boxes = _Columns(xyxy)
+    boxes = _Boxes(xyxy)
     order = np.lexsort((np.arange(scores.size), boxes.y2, boxes.x2, boxes.y1, boxes.x1, -scores, groups))
     if method == "greedy-nmm":
         keepers, members, member_keepers = _greedy_claims(boxes, groups, order, metric, limits)
     else:
         keepers, members, member_keepers = _transitive_claims(boxes, scores, groups, order, metric, limits)
-    merged = _merge_members(boxes, xyxy, keepers, members, member_keepers, metric, limits)
+    merged = _merge_members(xyxy, keepers, members, member_keepers, metric, limits)
     return NmsResult(keepers, scores[keepers], merged)
 
 
-def _columns(boxes: _Columns, index: np.ndarray) -> tuple[np.ndarray, ...]:
-    return boxes.x1[index], boxes.y1[index], boxes.x2[index], boxes.y2[index]
+def _matching(boxes: _Boxes, metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The metric of boxes ``a[i]`` and ``b[i]`` as SAHI's matrix holds it: 0, not NaN, where
+    both are empty (two empty boxes never match, but every pair matches at threshold 0)."""
+    value = boxes.criterion(metric, a, b)
+    return np.where(value > 0, value, 0.0)
 
 
 def _greedy_claims(
-    boxes: _Columns, groups: np.ndarray, order: np.ndarray, metric: str, limits: Threshold
+    boxes: _Boxes, groups: np.ndarray, order: np.ndarray, metric: str, limits: Threshold
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keepers, and the claimed boxes with their keepers, each keeper's claims in claim order."""
     remaining = order
@@ -157,7 +139,7 @@ def _greedy_claims(
         heads, segment = _segments(groups[remaining])
         head_index = remaining[heads]
         against = head_index[segment]
-        claimed = _metric(_columns(boxes, remaining), _columns(boxes, against), metric, True) >= _at(limits, remaining)
+        claimed = _matching(boxes, metric, remaining, against) >= _at(limits, remaining)
         claimed &= ~heads
         keepers.append(head_index)
         members.append(remaining[claimed])
@@ -168,7 +150,7 @@ def _greedy_claims(
 
 
 def _transitive_claims(
-    boxes: _Columns, scores: np.ndarray, groups: np.ndarray, order: np.ndarray, metric: str, limits: Threshold
+    boxes: _Boxes, scores: np.ndarray, groups: np.ndarray, order: np.ndarray, metric: str, limits: Threshold
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every box in order claims the unclaimed boxes it matches and dominates; a box nobody
     claimed before its turn keeps. Members come out by (claimer's turn, input index): the
@@ -195,7 +177,7 @@ def _transitive_claims(
         head_of_group = np.full(starts.size, -1, dtype=np.int64)
         head_of_group[group_number[current]] = current
         against = head_of_group[group_number[pool]]
-        matched = _metric(_columns(boxes, pool), _columns(boxes, against), metric, True) >= _at(limits, pool)
+        matched = _matching(boxes, metric, pool, against) >= _at(limits, pool)
         dominated = (scores[against] > scores[pool]) | (
             (boxes.x1[against] == boxes.x1[pool])
             & (boxes.y1[against] == boxes.y1[pool])
@@ -213,7 +195,6 @@ def _transitive_claims(
 
 
 def _merge_members(
-    boxes: _Columns,
     xyxy: np.ndarray,
     keepers: np.ndarray,
     members: np.ndarray,
@@ -243,7 +224,8 @@ def _merge_members(
         chosen = by_step[bounds[step] : bounds[step + 1]]
         member, target = members[chosen], cluster[chosen]
         current = merged[target]
-        value = _metric(tuple(current.T), _columns(boxes, member), metric, False)
+        # SAHI's re-check divides plainly: NaN for two empty boxes, which no threshold accepts
+        value = overlap(tuple(current.T), tuple(xyxy[member].T), metric)
         accepted = value >= _at(limits, member)
         member, target, current = member[accepted], target[accepted], current[accepted]
         grown = np.concatenate(

@@ -136,7 +136,7 @@ class _Boxes:
             return inter / (self.area[a] + self.area[b] - inter)
 
     def criterion(self, kind: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """The ``kind`` overlap (iou, giou, diou, ciou; see :func:`ptools.core.boxes.overlap`,
+        """The ``kind`` overlap (iou, giou, diou, ciou, ios; see :func:`ptools.core.boxes.overlap`,
         without eps) of boxes ``a[i]`` and ``b[i]``."""
         if kind == "iou":
             return self.iou(a, b)
@@ -146,6 +146,27 @@ class _Boxes:
 
 T = TypeVar("T")
 Threshold = float | np.ndarray  # one for all boxes, or one per box (per-class settings)
+
+
+def per_box(single: float, given: np.ndarray | None) -> Threshold:
+    """``single`` for every box, or ``given`` per box (per-class settings) with ``single``
+    where it is NaN."""
+    if given is None:
+        return single
+    given = np.asarray(given, dtype=np.float64)
+    return np.where(np.isnan(given), single, given)
+
+
+def overlap_limits(iou_threshold: float, iou_thresholds: np.ndarray | None) -> Threshold:
+    """The overlap threshold of each box (:func:`per_box`), each between 0 and 1.
+
+    Raises:
+        BadInputError: a per-box threshold outside [0, 1].
+    """
+    limits = per_box(float(iou_threshold), iou_thresholds)
+    if not isinstance(limits, float) and not ((limits >= 0) & (limits <= 1)).all():
+        raise BadInputError("per-class IoU thresholds must be between 0 and 1")
+    return limits
 
 
 def _at(threshold: Threshold, index: np.ndarray) -> Threshold:
@@ -290,14 +311,8 @@ def nms_groups(
     else:
         threshold = None if score_threshold is None else float(score_threshold)
     if score_thresholds is not None:  # per box; NaN: the single value (or none) applies
-        fallback = -np.inf if threshold is None else threshold
-        threshold = np.where(np.isnan(score_thresholds), fallback, np.asarray(score_thresholds, dtype=np.float64))
-    overlap_limit: Threshold = float(iou_threshold)
-    if iou_thresholds is not None:
-        given = np.asarray(iou_thresholds, dtype=np.float64)
-        overlap_limit = np.where(np.isnan(given), float(iou_threshold), given)  # NaN: the single value
-        if not ((overlap_limit >= 0) & (overlap_limit <= 1)).all():
-            raise BadInputError("per-class IoU thresholds must be between 0 and 1")
+        threshold = per_box(-np.inf if threshold is None else threshold, score_thresholds)
+    overlap_limit = overlap_limits(iou_threshold, iou_thresholds)
     if threshold is not None and method != "soft":
         candidates = np.flatnonzero(scores > threshold)
         sub_xyxy, sub_scores, sub_groups = xyxy[candidates], scores[candidates], groups[candidates]

@@ -42,9 +42,9 @@ CHUNK_BYTES = 4 << 20  # read and parsed at a time (at most; a quarter of a batc
 Progress = Callable[[str, int, int, int, int], None]
 
 
-def image_key(image_id: Any) -> tuple[bool, Any]:
-    """The documented image order: integers ascending, then strings."""
-    return isinstance(image_id, str), image_id
+def id_key(value: Any) -> tuple[bool, Any]:
+    """Ids (of images, of categories) in the documented order: integers ascending, then strings."""
+    return isinstance(value, str), value
 
 
 @dataclass
@@ -70,7 +70,7 @@ class _Totals:
 
     def report(self, started: float) -> core.NmsFileReport:
         assert self.first is not None
-        ordered = sorted(self.per_class.items(), key=lambda item: image_key(item[0]))
+        ordered = sorted(self.per_class.items(), key=lambda item: id_key(item[0]))
         return core.NmsFileReport(
             method=self.first.method,
             iou_threshold=self.first.iou_threshold,
@@ -340,7 +340,7 @@ def _grouped(run: _Run) -> None:
         starts = _image_starts(ids)
         continues = bool(pending) and _is(ids[0], pending[-1]["image_id"])
         for start in starts[1:] if continues else starts:
-            key = image_key(ids[start])
+            key = id_key(ids[start])
             if last_key is not None and not key > last_key:
                 raise _NotGrouped
             last_key = key
@@ -493,7 +493,7 @@ def _merge_outputs(folder: str, indexes: list[str], output: _Output) -> None:
         with open(index_path, "rb") as index:
             for line in index:
                 image, count, size = orjson.loads(line)
-                yield image_key(image), bucket, count, size
+                yield id_key(image), bucket, count, size
 
     outputs = [open(os.path.join(folder, f"out{n}.jsonl"), "rb") for n in range(len(indexes))]  # noqa: SIM115
     try:
