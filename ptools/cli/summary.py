@@ -9,8 +9,9 @@ import typer
 
 from ptools.cli import output
 from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption, usage_check
-from ptools.core.choices import SummaryDtype, SummaryFormat, SummaryMode
+from ptools.core.choices import SummaryDtype, SummaryFormat, SummaryMode, TrainOptimizer, TrainTarget
 from ptools.core.summary import ForwardPassError, check_device, parse_input_size
+from ptools.core.training import parse_fit, parse_sweep
 from ptools.core.units import format_bytes
 from ptools.errors import BadInputError
 
@@ -31,6 +32,10 @@ One forward pass in eval mode under no_grad (the model's modes and BatchNorm sta
   ptools summary models.py:Tagger --input-spec '{{"args": [{{"shape": [1, 128], "dtype": "int64", "fill": "randint", "high": 30000}}], "kwargs": {{"mask": {{"shape": [1, 128], "dtype": "bool", "fill": "ones"}}}}}}'
 
   ptools summary resnet18 --input-size 3,224,224 --format torchsummary
+
+  ptools summary resnet50 --train --batch-size 32 --optimizer adamw --amp
+
+  ptools summary vit_b_16 --train --sweep batch=1,8,32,128 --fit 24GiB
 """
 
 
@@ -75,6 +80,51 @@ def command(
     output_format: Annotated[
         SummaryFormat, typer.Option("--format", help="torchsummary: the classic layout, via the torchsummary package.")
     ] = "table",
+    train: Annotated[
+        bool,
+        typer.Option(
+            "--train",
+            help="Cost of one training step (forward, loss, backward, optimizer step): memory by part at "
+            "the peak, forward and backward FLOPs, saved activations per module.",
+        ),
+    ] = False,
+    optimizer: Annotated[
+        TrainOptimizer,
+        typer.Option("--optimizer", help="With --train: adamw/adam (torch defaults), sgd (momentum 0.9)."),
+    ] = "adamw",
+    amp: Annotated[
+        bool,
+        typer.Option(
+            "--amp", help="With --train: autocast to --dtype (bf16 unless fp16 is given); weights stay float32."
+        ),
+    ] = False,
+    target: Annotated[
+        TrainTarget | None,
+        typer.Option(
+            "--target",
+            help="With --train on the meta device: the device modelled: cuda (default: allocator rounding, "
+            "foreach optimizer kernels) or cpu.",
+        ),
+    ] = None,
+    sweep: Annotated[
+        str | None,
+        typer.Option(
+            "--sweep",
+            metavar="batch=N,N|input=CxHxW,CxHxW",
+            callback=usage_check(parse_sweep),
+            help="With --train (implied): one row per batch size or input size.",
+        ),
+    ] = None,
+    fit: Annotated[
+        str | None,
+        typer.Option(
+            "--fit",
+            metavar="SIZE|auto",
+            callback=usage_check(parse_fit),
+            help="With --train (implied): the largest batch size whose step fits SIZE (e.g. 24GiB), by "
+            "bisection on the meta device; auto: the free memory of the GPU gpu-info --select 1 picks.",
+        ),
+    ] = None,
     kwargs: KwargsOption = None,
     weights: WeightsOption = None,
     strict: StrictOption = False,
@@ -84,6 +134,33 @@ def command(
     from ptools.core import models
 
     sizes = [parse_input_size(text) for text in input_size or []]
+    if train or sweep is not None or fit is not None:
+        from ptools.cli import summary_train
+
+        summary_train.run(
+            summary_train.TrainRequest(
+                model_spec=model_spec,
+                factory_kwargs=models.parse_kwargs(kwargs),
+                device=device,
+                sizes=sizes,
+                batch_size=batch_size,
+                input_spec=input_spec,
+                dtype=dtype,
+                optimizer=optimizer,
+                amp=amp,
+                target=target,
+                sweep=sweep,
+                fit=fit,
+                weights=weights,
+                strict=strict,
+                trust=trust,
+            ),
+            depth,
+            json_output,
+        )
+        return
+    if target is not None or amp or optimizer != "adamw":
+        raise BadInputError("--optimizer, --amp and --target describe a training step: add --train")
     factory_kwargs = models.parse_kwargs(kwargs)
     chosen = device
     if device == "auto":
@@ -150,7 +227,7 @@ def _summarize(
     device = core.model_device(device)
     model = models.load_model(model_spec, factory_kwargs, trust=trust, device="meta" if device == "meta" else None)
     weights_report = models.load_weights(model, weights, strict=strict, trust=trust) if weights else None
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = core.torch_dtype(dtype)
     model = model.to(device=device, dtype=torch_dtype)  # ptools made this model: it may move it
     args: list[Any] | None = None
     call_kwargs: dict[str, Any] = {}

@@ -24,9 +24,11 @@ SelectOrder = Literal["free-memory", "utilization", "index"]
 
 BatchNormMode = Literal["frozen", "eval", "none"]
 
-SummaryDtype = Literal["float32", "float16", "bfloat16", "float64"]
+SummaryDtype = Literal["float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16"]
 SummaryMode = Literal["eval", "train"]
 SummaryFormat = Literal["table", "torchsummary"]
+TrainOptimizer = Literal["adamw", "adam", "sgd"]
+TrainTarget = Literal["cuda", "cpu"]
 
 CastDtype = Literal["fp16", "bf16", "fp32", "float16", "bfloat16", "float32", "half", "float"]
 CastScope = Literal["weights", "all"]

@@ -16,11 +16,22 @@ from ptools.core.choices import SummaryDtype, SummaryMode, values
 from ptools.errors import BadInputError
 
 DTYPES = values(SummaryDtype)
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SHAPES_KEPT = 16  # distinct output shapes kept per module (an RNN cell may run thousands of times)
 
 
 class ForwardPassError(BadInputError):
     """The model's own forward pass failed on the inputs given (its error is in the message)."""
+
+
+def torch_dtype(name: str) -> Any:
+    """``"bf16"`` or ``"bfloat16"`` -> ``torch.bfloat16``."""
+    import torch
+
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise BadInputError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:
@@ -56,23 +67,32 @@ def _tensor_from_spec(spec: dict[str, Any], device: Any, default_dtype: Any) -> 
     raise BadInputError(f"`input_spec`: unknown fill {fill!r}; choose one of: randn, zeros, ones, randint")
 
 
-def _build(value: Any, device: Any, dtype: Any) -> Any:
+def _build(value: Any, device: Any, dtype: Any, batch: int | None = None) -> Any:
     if isinstance(value, dict) and "shape" in value:
+        if batch is not None and isinstance(value["shape"], list) and value["shape"]:
+            value = {**value, "shape": [batch, *value["shape"][1:]]}
         return _tensor_from_spec(value, device, dtype)
     if isinstance(value, dict):
-        return {k: _build(v, device, dtype) for k, v in value.items()}
+        return {k: _build(v, device, dtype, batch) for k, v in value.items()}
     if isinstance(value, list):
-        return [_build(v, device, dtype) for v in value]
+        return [_build(v, device, dtype, batch) for v in value]
     return value
 
 
 def make_inputs(
-    input_sizes: list[tuple[int, ...]], batch_size: int, input_spec: str | None, device: Any, dtype: Any
+    input_sizes: list[tuple[int, ...]],
+    batch_size: int,
+    input_spec: str | None,
+    device: Any,
+    dtype: Any,
+    *,
+    spec_batch: int | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Positional and keyword inputs from ``--input-size`` (batch dimension added) or from an
     ``--input-spec``: JSON (or ``@file.json``) ``{"args": [...], "kwargs": {...}}`` where any
     object with a ``shape`` is a tensor: ``{"shape": [1, 128], "dtype": "int64", "fill": "randint",
-    "high": 30000}`` (fill: randn (floats' default), zeros (others'), ones, randint)."""
+    "high": 30000}`` (fill: randn (floats' default), zeros (others'), ones, randint).
+    ``spec_batch`` replaces the first dimension of every tensor of a spec (a batch sweep)."""
     import torch
 
     if input_spec is not None:
@@ -89,8 +109,8 @@ def make_inputs(
             raise BadInputError(f"`input_spec` is not valid JSON ({failure})") from None
         if not isinstance(spec, dict) or not set(spec) <= {"args", "kwargs"}:
             raise BadInputError('`input_spec` must be an object {"args": [...], "kwargs": {...}}')
-        args = _build(spec.get("args", []), device, dtype)
-        kwargs = _build(spec.get("kwargs", {}), device, dtype)
+        args = _build(spec.get("args", []), device, dtype, spec_batch)
+        kwargs = _build(spec.get("kwargs", {}), device, dtype, spec_batch)
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise BadInputError('`input_spec`: "args" must be a list and "kwargs" an object')
         return args, kwargs
