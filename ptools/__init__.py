@@ -50,6 +50,8 @@ _API = {
     "trainable_parameters": "ptools.core.models",
     "summarize": "ptools.core.summary",
     "make_inputs": "ptools.core.summary",
+    "estimate_training_step": "ptools.core.training",
+    "fit_batch_size": "ptools.core.training",
     # GPUs
     "query_devices": "ptools.core.gpu",
     "select_devices": "ptools.core.gpu",
@@ -89,3 +91,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     )
     from ptools.core.nms import nms
     from ptools.core.summary import make_inputs, summarize
+    from ptools.core.training import estimate_training_step, fit_batch_size

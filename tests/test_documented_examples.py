@@ -105,6 +105,8 @@ def make_stand_ins(folder: Path) -> dict[str, str]:
     """The files and commands the documented examples name; returns the environment."""
     shutil.copytree(ROOT / "examples", folder / "examples")
     (folder / "models.py").write_text(MODELS_PY)
+    (folder / "inputs.json").write_text(
+        json.dumps({"args": [{"shape": [8, 128], "dtype": "int64", "fill": "randint", "high": 30000}]}))
     (folder / "train.py").write_text(TRAIN_PY)
     state = _tiny_net_state()
     optimizer = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}

@@ -21,6 +21,8 @@ HELP = f"""{SHORT_HELP}
 
 One forward pass in eval mode under no_grad (the model's modes and BatchNorm statistics are left as they were). MACs/FLOPs come from torch.utils.flop_counter (matmul, linear, convolution, attention): FLOPs = 2 x MACs. --device meta measures any model without memory or compute.
 
+--train: one training step (forward, loss, backward, optimizer step), traced on the meta device or run for real: memory by part at the peak (parameters, gradients, optimizer state, activations, temporaries) and the phase of the peak, backward FLOPs from the real backward ops, --sweep over batch or input sizes, --fit the largest batch for a memory budget.
+
 [bold]Examples[/bold]
 
   ptools summary resnet50 --input-size 3,224,224

@@ -119,9 +119,13 @@ def run(request: TrainRequest, depth: int, json_output: bool) -> None:
     try:
         data = _measure(request, chosen)
     except (TrainingStepError, ForwardPassError) as failure:
-        if not (device == "auto" and chosen == "meta" and request.fit is None):
+        fallback = isinstance(failure, ForwardPassError) or getattr(failure, "needs_values", False)
+        if not (device == "auto" and chosen == "meta" and request.fit is None and fallback):
             raise
-        output.info(f"note: the step does not run on the meta device ({failure}): measured on the CPU instead")
+        output.info(
+            "note: the model does not run on the meta device (it needs values, e.g. for NMS): "
+            "measured on the CPU instead"
+        )
         data = _measure(request, "cpu")
     output.emit(data, json_output, lambda shown: render(shown, depth))
     if not json_output:
@@ -130,7 +134,7 @@ def run(request: TrainRequest, depth: int, json_output: bool) -> None:
 
 
 def _measure(request: TrainRequest, device: str) -> dict[str, Any]:
-    from ptools.core.training import fit_batch_size, parse_fit, parse_sweep
+    from ptools.core.training import TrainingStepError, fit_batch_size, parse_fit, parse_sweep
 
     stepper = _Stepper(request, device)
     spec_batch = request.batch_size if request.input_spec is not None and request.batch_size != 1 else None
@@ -143,13 +147,17 @@ def _measure(request: TrainRequest, device: str) -> dict[str, Any]:
     if request.sweep is not None:
         what, points = parse_sweep(request.sweep)
         rows = []
+        if what == "input" and request.input_spec is not None:
+            raise BadInputError("--sweep input=… replaces --input-size; with --input-spec, sweep batch=…")
         for point in output.progress(points, len(points), "sweep"):
-            if what == "batch":
-                report = stepper.estimate(point, request.sizes, point if request.input_spec is not None else None)
-            else:
-                if request.input_spec is not None:
-                    raise BadInputError("--sweep input=… sizes --input-size; with --input-spec, sweep batch=…")
-                report = stepper.estimate(request.batch_size, [point, *request.sizes[1:]], spec_batch)
+            try:
+                if what == "batch":
+                    report = stepper.estimate(point, request.sizes, point if request.input_spec is not None else None)
+                else:
+                    report = stepper.estimate(request.batch_size, [point, *request.sizes[1:]], spec_batch)
+            except TrainingStepError as failure:
+                shown = point if what == "batch" else "x".join(map(str, point))
+                raise TrainingStepError(f"sweep {what} {shown}: {failure.message}", failure.hint) from failure
             rows.append(_sweep_row(what, point, report))
         data["sweep"] = rows
     if request.fit is not None:

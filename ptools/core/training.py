@@ -37,7 +37,26 @@ FIT_LIMIT = 1 << 24  # largest batch `fit_batch_size` tries
 
 
 class TrainingStepError(BadInputError):
-    """The step could not be traced or run (the model's own error is in the message)."""
+    """The step could not be traced or run (the model's own error is in the message).
+    ``needs_values``: it failed only because fake tensors have no values (a data-dependent
+    shape or a value read on the meta device); a real step may succeed."""
+
+    needs_values = False
+
+
+def _needs_values(failure: BaseException) -> bool:
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
+
+    seen: BaseException | None = failure
+    while seen is not None:
+        if isinstance(seen, (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass
@@ -591,11 +610,15 @@ def _traced_step(
     except TrainingStepError:
         raise
     except Exception as failure:
-        raise TrainingStepError(
+        needs_values = fake_target is not None and _needs_values(failure)
+        error = TrainingStepError(
             f"the training step failed in its {ledger.phase} phase: {type(failure).__name__}: {str(failure)[:300]}",
-            "check the inputs and the loss; on the meta device, a model that needs values "
-            "(data-dependent shapes) must run with `device` cpu",
-        ) from failure
+            "the model needs values (data-dependent shapes), which the meta device has not: run it with `device` cpu"
+            if needs_values
+            else "check the inputs and the loss",
+        )
+        error.needs_values = needs_values
+        raise error from failure
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
@@ -773,9 +796,10 @@ def fit_batch_size(peak_at: Callable[[int], int], budget: int, *, limit: int = F
     """The largest batch size whose peak fits ``budget`` bytes, and every peak measured.
 
     Memory grows about linearly with the batch once activations dominate, so each probe is
-    the batch where the line through the two nearest measured points meets the budget (a
-    secant step), kept strictly inside the bracket known so far; a probe that does not halve
-    the bracket is followed by a bisection step. The answer holds for any growth that is
+    the batch where a line meets the budget (a secant step: through the ends of the bracket
+    known so far, or while no batch has failed, through the two largest measured), and a
+    probe the line lands on is confirmed at once by its successor; after two steps in a row
+    that did not halve the bracket, a bisection step. The answer holds for any growth that is
     monotonic in the batch, in a number of probes logarithmic in the answer (while no batch
     has failed yet, each probe at least doubles). 0 when batch 1 does not fit; ``limit`` when
     that fits.
@@ -790,19 +814,19 @@ def fit_batch_size(peak_at: Callable[[int], int], budget: int, *, limit: int = F
     if not fits(1):
         return 0, peaks
     low, high = 1, None  # low fits; high (when known) does not
-    bisect_next = False
+    slow_steps = 0  # steps in a row that did not halve the bracket
     while (high is None and low < limit) or (high is not None and high - low > 1):
         predicted = False  # the probe is where the line says the answer is
-        if high is not None and bisect_next:
+        if high is not None and slow_steps >= 2:
             probe = (low + high) // 2
         else:
-            nearest = sorted(peaks, key=lambda b: (abs(peaks[b] - budget), -b))[:2]
+            # The line through the bracket's ends, or while nothing has failed, through the
+            # two largest batches measured (both fit).
+            a, b = (low, high) if high is not None else (sorted(peaks)[-2:] if len(peaks) > 1 else (low, low))
             probe = 2 * low
-            if len(nearest) == 2:
-                a, b = sorted(nearest)
-                slope = (peaks[b] - peaks[a]) / (b - a)
-                if slope > 0:
-                    probe, predicted = a + int((budget - peaks[a]) // slope), True
+            slope = (peaks[b] - peaks[a]) / (b - a) if b > a else 0.0
+            if slope > 0:
+                probe, predicted = a + int((budget - peaks[a]) // slope), True
             if high is None and len(peaks) > 2 and probe < 2 * low:
                 probe, predicted = 2 * low, False  # the line fell short before: at least double
         ceiling = high - 1 if high is not None else limit
@@ -818,7 +842,8 @@ def fit_batch_size(peak_at: Callable[[int], int], budget: int, *, limit: int = F
                     high = low + 1
         else:
             high = probe
-        bisect_next = width is not None and high is not None and (high - low) * 2 > width
+        slow = width is not None and high is not None and (high - low) * 2 > width
+        slow_steps = slow_steps + 1 if slow else 0
     return low, peaks
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from ptools.errors import BadInputError
+
+MAX_SIZE = 2**63 - 1  # what a file offset or a tensor's byte count can be
 
 _UNITS = {
     "": 1,
@@ -45,7 +48,11 @@ def parse_size(text: str) -> int:
             f"invalid size {text!r}",
             "write a number with an optional unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB",
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    # Decimal, not float: exact for any digits given, and no overflow to infinity.
+    size = int(Decimal(match.group(1)) * _UNITS[unit])
+    if size > MAX_SIZE:
+        raise BadInputError(f"size {text.strip()!r} is larger than any machine's memory or disk (8 EiB)")
+    return size
 
 
 def format_bytes(size: int | None, binary: bool = True) -> str:

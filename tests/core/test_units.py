@@ -18,6 +18,18 @@ def test_parse_size_rejects(text: str) -> None:
         parse_size(text)
 
 
+@pytest.mark.parametrize("text", ["1" + "0" * 400 + "GiB", "9223372036854775808", "8388609TiB"])
+def test_parse_size_refuses_sizes_beyond_any_machine(text: str) -> None:
+    """A float would overflow to infinity (an OverflowError, a traceback) on the first."""
+    with pytest.raises(BadInputError, match="invalid size|larger than any machine"):
+        parse_size(text)
+
+
+def test_parse_size_is_exact_for_long_numbers() -> None:
+    assert parse_size("9223372036854775807") == 2**63 - 1
+    assert parse_size("0.1KB") == 100
+
+
 @pytest.mark.parametrize(("size", "binary", "text"), [
     (None, True, "-"), (0, True, "0 B"), (1023, True, "1023 B"), (1024, True, "1.0 KiB"),
     (80 * 2**30, True, "80.0 GiB"), (1_500_000, False, "1.5 MB"), (2**60, True, "1024.0 PiB"),

@@ -292,7 +292,7 @@ def _torch_save_bytes(payload: Any) -> bytes:
     return buffer.getvalue()
 
 
-PT2 = ("count", "summary", "freeze-pt2")
+PT2 = ("count", "summary", "summary-train", "freeze-pt2")
 
 
 @case("pt2", PT2, expect="--trust")
@@ -711,7 +711,7 @@ def index_shard_dotdot(folder: Path, marker: Path) -> Path:
 # --- paths that are not files
 
 
-@case("paths", ("inspect", "count", "convert-pt", "summary"), expect="FIFO")
+@case("paths", ("inspect", "count", "convert-pt", "summary", "summary-train"), expect="FIFO")
 def fifo(folder: Path, marker: Path) -> Path:
     path = folder / "pipe.pt"
     os.mkfifo(path)

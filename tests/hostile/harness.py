@@ -16,7 +16,7 @@ from pathlib import Path
 TORCH_FREE_LIMIT = 3 << 30
 TORCH_LIMIT = 10 << 30
 TIMEOUT_S = 60
-TORCH_COMMANDS = {"summary", "freeze-pt2"}
+TORCH_COMMANDS = {"summary", "summary-train", "freeze-pt2"}
 
 
 def command_line(command: str, target: Path, out: Path) -> list[str]:
@@ -34,6 +34,7 @@ def command_line(command: str, target: Path, out: Path) -> list[str]:
         "convert-dcp": ["convert-ckpt", path, str(out / "dcp"), "--format", "dcp"],
         "average": ["convert-ckpt", path, path, "--average", "-o", str(out / "average.safetensors")],
         "summary": ["summary", path, "--input-size", "3"],
+        "summary-train": ["summary", path, "--train", "--input-size", "3"],
         "freeze-pt2": ["freeze", path, "--layers", "*", "--dry-run"],
         "nms": ["nms", path, "-o", str(out / "out.json")],
         "nms-wbf": ["nms", path, path, "--method", "wbf", "-o", str(out / "out.json")],
