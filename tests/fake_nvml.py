@@ -17,9 +17,20 @@ GIB = 2**30
 def make_gpu(index: int, *, name: str = "NVIDIA H100 80GB HBM3", total_gib: int = 80,
              used_gib: float = 0.5, util: int = 0, cc: tuple[int, int] = (9, 0),
              processes: list[tuple[int, int | None]] | None = None, mig: bool | None = False,
-             mig_instances: list[dict[str, Any]] | None = None, power: bool = True) -> dict[str, Any]:
-    """One recorded GPU; ``mig=None`` means the GPU does not support MIG."""
+             mig_instances: list[dict[str, Any]] | None = None, power: bool = True,
+             ecc: tuple[int, int, int] | None = (0, 0, 0), retired: tuple[int, int, int] | None = None,
+             remapped: tuple[int, int, int, int] | None = (0, 0, 0, 0), throttle: int | None = 0x1
+             ) -> dict[str, Any]:
+    """One recorded GPU; ``mig=None`` means the GPU does not support MIG. Health: ``ecc``
+    (corrected, uncorrected, uncorrected lifetime) or None (no ECC); ``retired`` (single-bit
+    pages, double-bit pages, pending) or None (not supported: Ampere and later remap rows);
+    ``remapped`` (correctable, uncorrectable, pending, failed) or None; ``throttle`` the clock
+    event reason mask (0x1: idle) or None."""
     return {
+        "ecc": ecc,
+        "retired": retired,
+        "remapped": remapped,
+        "throttle": throttle,
         "name": name,
         "uuid": f"GPU-{index:08x}-1111-2222-3333-{index:012x}",
         "bus": f"00000000:{0x18 + 0x10 * index:02X}:00.0",
@@ -147,6 +158,42 @@ class FakeNvml:
         if slot >= len(instances) or instances[slot] is None:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
         return instances[slot]
+
+    def nvmlDeviceGetEccMode(self, handle: dict[str, Any]) -> tuple[int, int]:
+        if "ecc" not in handle:
+            raise _not_supported()
+        return (0, 0) if handle["ecc"] is None else (1, 1)
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: dict[str, Any], error_type: int, counter_type: int) -> int:
+        if handle.get("ecc") is None:
+            raise _not_supported()
+        corrected, uncorrected, lifetime = handle["ecc"]
+        if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED:
+            assert counter_type == pynvml.NVML_VOLATILE_ECC
+            return corrected
+        return uncorrected if counter_type == pynvml.NVML_VOLATILE_ECC else lifetime
+
+    def nvmlDeviceGetRetiredPages(self, handle: dict[str, Any], cause: int) -> list[int]:
+        if handle.get("retired") is None:
+            raise _not_supported()
+        single, double, _ = handle["retired"]
+        count = single if cause == pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS else double
+        return [0x1000 * i for i in range(count)]
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: dict[str, Any]) -> int:
+        if handle.get("retired") is None:
+            raise _not_supported()
+        return handle["retired"][2]
+
+    def nvmlDeviceGetRemappedRows(self, handle: dict[str, Any]) -> tuple[int, int, int, int]:
+        if handle.get("remapped") is None:
+            raise _not_supported()
+        return handle["remapped"]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: dict[str, Any]) -> int:
+        if handle.get("throttle") is None:
+            raise _not_supported()
+        return handle["throttle"]
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: dict[str, Any]) -> list[SimpleNamespace]:
         return [SimpleNamespace(pid=pid, usedGpuMemory=memory) for pid, memory in handle["processes"]]

@@ -11,8 +11,8 @@ import typer
 from ptools.cli import output
 from ptools.cli.options import JsonOption, usage_check
 from ptools.core import gpu
-from ptools.core.choices import SelectOrder
-from ptools.core.units import format_bytes, parse_size
+from ptools.core.choices import GpuFormat, SelectOrder
+from ptools.core.units import format_bytes, parse_duration, parse_size
 from ptools.errors import BadInputError
 
 NAME = "gpu-info"
@@ -91,6 +91,14 @@ def command(
             help="Only GPUs whose utilization is at most PCT percent.",
         ),
     ] = None,
+    no_ecc_errors: Annotated[
+        bool,
+        typer.Option(
+            "--no-ecc-errors",
+            help="Only GPUs without uncorrected ECC errors since the driver loaded, pages waiting to be "
+            "retired, or pending/failed row remapping (a GPU without ECC passes).",
+        ),
+    ] = False,
     order: Annotated[
         SelectOrder,
         typer.Option(
@@ -99,6 +107,24 @@ def command(
             "index), utilization (least busy, then most free, then lowest index) or index.",
         ),
     ] = "free-memory",
+    output_format: Annotated[
+        GpuFormat,
+        typer.Option(
+            "--format",
+            help="prometheus: the Prometheus text format, for node_exporter's textfile collector "
+            "(gauges per device, labelled by node, uuid and CUDA index).",
+        ),
+    ] = "table",
+    wait: Annotated[
+        str | None,
+        typer.Option(
+            "--wait",
+            metavar="DURATION",
+            callback=usage_check(parse_duration),
+            help="With --select/--require: poll every 2 s until the request can be met, up to DURATION "
+            "(90s, 10m, 2h); then exit 3 with the reason.",
+        ),
+    ] = None,
     watch: Annotated[
         float | None,
         typer.Option(
@@ -110,7 +136,11 @@ def command(
     ] = None,
 ) -> None:
     min_free = parse_size(min_free_memory) if min_free_memory is not None else None
-    limits: dict[str, Any] = {"min_free_memory_bytes": min_free, "max_utilization_percent": max_utilization}
+    limits: dict[str, Any] = {
+        "min_free_memory_bytes": min_free,
+        "max_utilization_percent": max_utilization,
+        "no_memory_errors": no_ecc_errors,
+    }
     gating = select is not None or require is not None
     if watch is not None and gating:
         raise BadInputError("--watch cannot be combined with --select or --require")
@@ -122,11 +152,31 @@ def command(
     if launch and json_output:
         raise BadInputError("--json prints on stdout, which belongs to the command; drop --json")
 
+    if output_format == "prometheus" and (json_output or gating or watch is not None):
+        raise BadInputError(
+            "--format prometheus prints one snapshot of every device: it does not combine with --json, "
+            "--select, --require or --watch"
+        )
     if watch is not None:
         _watch(watch, use_torch=not no_torch, json_output=json_output)
         return
 
+    if wait is not None and not gating:
+        raise BadInputError("--wait needs --select N or --require N (what to wait for)")
     report = gpu.query_devices(use_torch=not (no_torch or gating))
+    if wait is not None:
+        asked = [report]  # the first attempt uses the report above; each retry asks NVML again
+
+        def attempt() -> Any:
+            nonlocal report
+            report = asked.pop() if asked else gpu.query_devices(use_torch=False)
+            if select is not None:
+                return gpu.select_devices(report, select, order=order, **limits)
+            return gpu.require_devices(report, require or 0, **limits)
+
+        gpu.wait_until_met(
+            attempt, parse_duration(wait), on_wait=lambda reason: output.info(f"waiting up to {wait}: {reason}")
+        )
     if select is not None:
         chosen = gpu.select_devices(report, select, order=order, **limits)
         value = ",".join(d.visible_devices_entry or str(d.cuda_index) for d in chosen)
@@ -148,6 +198,15 @@ def command(
         return
 
     data = report.to_dict()
+    if output_format == "prometheus":
+        import socket
+
+        from ptools.core.gpu_metrics import to_prometheus
+
+        sys.stdout.write(to_prometheus([(socket.gethostname(), data["devices"])]))
+        for problem in data["problems"]:
+            output.info(f"note: {problem}")
+        return
     output.emit(data, json_output, render)
     if not json_output:
         for problem in data["problems"]:
@@ -296,6 +355,16 @@ def render(data: dict[str, Any]) -> list[Any]:
         )
     )
 
+    health_rows = [_health_row(d) for d in devices if d["kind"] == "gpu"]
+    if any(row[2:] != ("-", "-", "-", "-") for row in health_rows):
+        renderables.append(
+            output.make_table(
+                "Health",
+                [("CUDA", "right"), ("NVML", "right"), "ECC errors", "Retired / remapped", "Clock events", "XID"],
+                health_rows,
+            )
+        )
+
     process_rows = [
         (
             d["cuda_index"],
@@ -317,3 +386,29 @@ def render(data: dict[str, Any]) -> list[Any]:
             )
         )
     return renderables
+
+
+def _health_row(d: dict[str, Any]) -> tuple[Any, ...]:
+    """ECC, retired pages or remapped rows, clock events and XID errors of one GPU ("-": NVML or
+    the kernel log did not say)."""
+    ecc = "-"
+    if d["ecc_mode"] == "disabled":
+        ecc = "ECC off"
+    elif d["ecc_errors_uncorrected"] is not None:
+        ecc = f"{d['ecc_errors_corrected'] or 0} corrected, {d['ecc_errors_uncorrected']} uncorrected"
+        if d["ecc_errors_uncorrected_lifetime"]:
+            ecc += f" ({d['ecc_errors_uncorrected_lifetime']} uncorrected ever)"
+    memory = "-"
+    if d["remapped_rows_correctable"] is not None:
+        memory = f"{d['remapped_rows_correctable'] + d['remapped_rows_uncorrectable']} rows remapped"
+        memory += "; pending reset" if d["remapping_pending"] else ""
+        memory += "; REMAPPING FAILED" if d["remapping_failed"] else ""
+    elif d["retired_pages"] is not None:
+        memory = f"{d['retired_pages']} pages retired" + ("; pending reset" if d["retired_pages_pending"] else "")
+    events = "-"
+    if d["throttle_reasons"] is not None:
+        events = ", ".join(r.replace("_", " ") for r in d["throttle_reasons"]) or "none"
+    xid = "-"
+    if d["xid_errors"] is not None:
+        xid = "none" if not d["xid_errors"] else ", ".join(str(e["xid"]) for e in d["xid_errors"])
+    return (d["cuda_index"], d["nvml_index"], ecc, memory, events, xid)

@@ -21,6 +21,7 @@ IouKind = Literal["iou", "giou", "diou", "ciou", "ios"]
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
 
 SelectOrder = Literal["free-memory", "utilization", "index"]
+GpuFormat = Literal["table", "prometheus"]
 
 BatchNormMode = Literal["frozen", "eval", "none"]
 

@@ -22,9 +22,10 @@ CUDA numbering, as modelled here:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ptools.core.choices import SelectOrder, values
 from ptools.errors import BadInputError, RequirementNotMetError
@@ -76,6 +77,34 @@ class GpuDevice:
     power_limit_watts: float | None = None
     mig_mode: str | None = None
     processes: list[GpuProcess] = field(default_factory=list)
+    # Health (whole GPUs; None where NVML does not say, e.g. no ECC on the board).
+    ecc_mode: str | None = None  # enabled, disabled
+    ecc_errors_corrected: int | None = None  # since the driver loaded (volatile)
+    ecc_errors_uncorrected: int | None = None
+    ecc_errors_uncorrected_lifetime: int | None = None  # aggregate, across reboots
+    retired_pages: int | None = None  # pre-Ampere page retirement: single + double bit
+    retired_pages_pending: bool | None = None
+    remapped_rows_correctable: int | None = None  # Ampere and later: row remapping
+    remapped_rows_uncorrectable: int | None = None
+    remapping_pending: bool | None = None
+    remapping_failed: bool | None = None
+    throttle_reasons: list[str] | None = None  # active clock-event reasons, NVML's names
+    xid_errors: list[dict[str, Any]] | None = None  # from the kernel log, when readable
+
+    @property
+    def memory_errors(self) -> list[str]:
+        """What says this GPU's memory cannot be trusted: uncorrected ECC errors since the driver
+        loaded, pages waiting for retirement, pending or failed row remapping."""
+        found = []
+        if self.ecc_errors_uncorrected:
+            found.append(f"{self.ecc_errors_uncorrected} uncorrected ECC errors")
+        if self.retired_pages_pending:
+            found.append("retired pages pending a reset")
+        if self.remapping_pending:
+            found.append("row remapping pending a reset")
+        if self.remapping_failed:
+            found.append("row remapping failed")
+        return found
 
     @property
     def addressable(self) -> bool:
@@ -153,6 +182,25 @@ class GpuReport:
 
 # --------------------------------------------------------------------------- NVML
 
+# NVML's enum values (fixed by its C API), so that any pynvml-like object can be asked.
+_ECC_CORRECTED, _ECC_UNCORRECTED = 0, 1  # nvmlMemoryErrorType_t
+_ECC_VOLATILE, _ECC_AGGREGATE = 0, 1  # nvmlEccCounterType_t
+_RETIRED_SINGLE_BIT, _RETIRED_DOUBLE_BIT = 0, 1  # nvmlPageRetirementCause_t
+
+# NVML's clock-event ("throttle") reason bits, with the names nvidia-smi -q prints in its
+# "Clocks Event Reasons" section.
+CLOCK_EVENT_REASONS = (
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+)
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -188,8 +236,11 @@ class _NvmlReader:
         self.describe_process = describe_process
 
     def _ask(self, function: str, *args: Any) -> Any:
+        ask = getattr(self.nvml, function, None)  # an older nvidia-ml-py may not have it
+        if ask is None:
+            return None
         try:
-            return getattr(self.nvml, function)(*args)
+            return ask(*args)
         except self.nvml.NVMLError:
             return None
 
@@ -212,6 +263,7 @@ class _NvmlReader:
             gpu.power_draw_watts = self._milliwatts(self._ask("nvmlDeviceGetPowerUsage", handle))
             gpu.power_limit_watts = self._milliwatts(self._ask("nvmlDeviceGetEnforcedPowerLimit", handle))
             gpu.temperature_c = self._ask("nvmlDeviceGetTemperature", handle, self.nvml.NVML_TEMPERATURE_GPU)
+            self._health(handle, gpu)
             mode = self._ask("nvmlDeviceGetMigMode", handle)
             if mode is None:
                 gpu.mig_mode = "unsupported"
@@ -221,6 +273,34 @@ class _NvmlReader:
             if gpu.mig_mode == "enabled":
                 devices.extend(self._mig_devices(handle, gpu))
         return devices
+
+    def _health(self, handle: Any, gpu: GpuDevice) -> None:
+        mode = self._ask("nvmlDeviceGetEccMode", handle)
+        if mode is not None:
+            gpu.ecc_mode = "enabled" if mode[0] else "disabled"
+        if gpu.ecc_mode == "enabled":
+            errors = "nvmlDeviceGetTotalEccErrors"
+            gpu.ecc_errors_corrected = self._ask(errors, handle, _ECC_CORRECTED, _ECC_VOLATILE)
+            gpu.ecc_errors_uncorrected = self._ask(errors, handle, _ECC_UNCORRECTED, _ECC_VOLATILE)
+            gpu.ecc_errors_uncorrected_lifetime = self._ask(errors, handle, _ECC_UNCORRECTED, _ECC_AGGREGATE)
+        single = self._ask("nvmlDeviceGetRetiredPages", handle, _RETIRED_SINGLE_BIT)
+        double = self._ask("nvmlDeviceGetRetiredPages", handle, _RETIRED_DOUBLE_BIT)
+        if single is not None or double is not None:
+            gpu.retired_pages = len(single or []) + len(double or [])
+            pending = self._ask("nvmlDeviceGetRetiredPagesPendingStatus", handle)
+            gpu.retired_pages_pending = bool(pending) if pending is not None else None
+        rows = self._ask("nvmlDeviceGetRemappedRows", handle)
+        if rows is not None:
+            correctable, uncorrectable, pending_rows, failed = rows
+            gpu.remapped_rows_correctable = int(correctable)
+            gpu.remapped_rows_uncorrectable = int(uncorrectable)
+            gpu.remapping_pending = bool(pending_rows)
+            gpu.remapping_failed = bool(failed)
+        reasons = self._ask("nvmlDeviceGetCurrentClocksEventReasons", handle)
+        if reasons is None:
+            reasons = self._ask("nvmlDeviceGetCurrentClocksThrottleReasons", handle)  # drivers before 535
+        if reasons is not None:
+            gpu.throttle_reasons = [name for bit, name in CLOCK_EVENT_REASONS if reasons & bit]
 
     def _mig_devices(self, handle: Any, parent: GpuDevice) -> list[GpuDevice]:
         found = []
@@ -273,6 +353,65 @@ class _NvmlReader:
     @staticmethod
     def _milliwatts(value: int | None) -> float | None:
         return value / 1000.0 if value is not None else None
+
+
+_XID_LINE = re.compile(
+    r"NVRM: Xid \(PCI:(?:[0-9A-Fa-f]+:)?([0-9A-Fa-f]+:[0-9A-Fa-f]+)(?:\.[0-9A-Fa-f])?\): (\d+),?\s*(.*)"
+)
+XID_KEPT = 10  # the most recent XID events kept per GPU
+_KERNEL_LOG_RECORDS = 1 << 16
+
+
+def read_kernel_log(path: str = "/dev/kmsg") -> list[str] | None:
+    """The messages in the kernel's ring buffer, oldest first; None when this process may not
+    read it (containers and non-root users usually may not)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    lines: list[str] = []
+    try:
+        while len(lines) < _KERNEL_LOG_RECORDS:
+            try:
+                record = os.read(descriptor, 8192)  # one record per read
+            except BlockingIOError:
+                break  # the end of the buffer
+            except BrokenPipeError:
+                continue  # a record overwritten while reading: skip it
+            except OSError:
+                return None if not lines else lines
+            if not record:
+                break
+            lines.append(record.decode(errors="replace").split(";", 1)[-1].strip())
+    finally:
+        os.close(descriptor)
+    return lines
+
+
+def _bus_key(pci_bus_id: str | None) -> str | None:
+    """``00000000:18:00.0`` and ``0000:18:00`` -> ``18:00`` (bus and device)."""
+    if not pci_bus_id:
+        return None
+    parts = pci_bus_id.split(".")[0].split(":")
+    return ":".join(parts[-2:]).lower() if len(parts) >= 2 else None
+
+
+def attach_xid_errors(devices: Sequence[GpuDevice], lines: list[str] | None) -> None:
+    """Give each whole GPU the XID errors the NVIDIA driver logged for its PCI address (the
+    last :data:`XID_KEPT`); leave them None when the log could not be read."""
+    if lines is None:
+        return
+    by_bus = {_bus_key(d.pci_bus_id): d for d in devices if d.kind == "gpu"}
+    for device in by_bus.values():
+        device.xid_errors = []
+    for line in lines:
+        match = _XID_LINE.search(line)
+        logged = by_bus.get(match.group(1).lower()) if match else None
+        if match and logged is not None and logged.xid_errors is not None:
+            logged.xid_errors.append({"xid": int(match.group(2)), "message": match.group(3)[:200]})
+    for device in by_bus.values():
+        if device.xid_errors is not None:
+            device.xid_errors = device.xid_errors[-XID_KEPT:]
 
 
 def describe_process(pid: int, proc_root: str = "/proc") -> tuple[str | None, str | None]:
@@ -492,6 +631,7 @@ def query_devices(
     torch_probe: Callable[[], TorchInfo | None] | None = None,
     env: Mapping[str, str] | None = None,
     process_describer: Callable[[int], tuple[str | None, str | None]] | None = None,
+    kernel_log: Callable[[], list[str] | None] | None = None,
 ) -> GpuReport:
     """Describe this machine's GPUs and the CUDA numbering this process would see.
 
@@ -504,6 +644,8 @@ def query_devices(
         torch_probe: returns :class:`TorchInfo` or None; default :func:`probe_torch`.
         env: environment to read CUDA variables from; default ``os.environ``.
         process_describer: ``pid -> (user, command)``; default :func:`describe_process`.
+        kernel_log: returns the kernel's messages (for XID errors) or None when unreadable;
+            default :func:`read_kernel_log`. Read only when NVML found GPUs.
     """
     env = os.environ if env is None else env
     system = SystemInfo(
@@ -515,6 +657,8 @@ def query_devices(
     devices = _read_nvml(nvml, system, problems, process_describer or describe_process)
     if devices is not None:
         sources["devices"] = "nvml"
+        if devices:
+            attach_xid_errors(devices, (kernel_log or read_kernel_log)())
 
     torch_info = None
     if use_torch:
@@ -621,12 +765,20 @@ def filter_devices(
     *,
     min_free_memory_bytes: int | None = None,
     max_utilization_percent: float | None = None,
+    no_memory_errors: bool = False,
 ) -> list[GpuDevice]:
-    """Addressable devices that meet the limits. A device whose value is unknown fails a limit."""
+    """Addressable devices that meet the limits. A device whose value is unknown fails a limit.
+    ``no_memory_errors``: leave out GPUs (and MIG instances of GPUs) with
+    :attr:`GpuDevice.memory_errors`; a GPU without ECC has none to report and passes."""
+    parents = {device.uuid: device for device in devices if device.kind == "gpu"}
     kept = []
     for device in devices:
         if not device.addressable:
             continue
+        if no_memory_errors:
+            whole = parents.get(device.parent_uuid or "", device)
+            if whole.memory_errors:
+                continue
         if min_free_memory_bytes is not None and (
             device.memory_free_bytes is None or device.memory_free_bytes < min_free_memory_bytes
         ):
@@ -671,6 +823,7 @@ def select_devices(
     min_free_memory_bytes: int | None = None,
     max_utilization_percent: float | None = None,
     order: SelectOrder = "free-memory",
+    no_memory_errors: bool = False,
 ) -> list[GpuDevice]:
     """Pick ``count`` devices for a job, best first (see :func:`rank_devices`).
 
@@ -681,12 +834,15 @@ def select_devices(
     if count < 1:
         raise BadInputError(f"cannot select {count} devices; ask for 1 or more")
     eligible = filter_devices(
-        report.devices, min_free_memory_bytes=min_free_memory_bytes, max_utilization_percent=max_utilization_percent
+        report.devices,
+        min_free_memory_bytes=min_free_memory_bytes,
+        max_utilization_percent=max_utilization_percent,
+        no_memory_errors=no_memory_errors,
     )
     ranked = rank_devices(eligible, order)
     if len(ranked) < count:
         raise RequirementNotMetError(
-            _shortfall(count, len(ranked), report, min_free_memory_bytes, max_utilization_percent)
+            _shortfall(count, len(ranked), report, min_free_memory_bytes, max_utilization_percent, no_memory_errors)
         )
     return ranked[:count]
 
@@ -697,6 +853,7 @@ def require_devices(
     *,
     min_free_memory_bytes: int | None = None,
     max_utilization_percent: float | None = None,
+    no_memory_errors: bool = False,
 ) -> list[GpuDevice]:
     """Check that at least ``count`` usable devices exist; return them by CUDA index.
 
@@ -704,16 +861,26 @@ def require_devices(
         RequirementNotMetError: fewer than ``count`` devices meet the limits.
     """
     eligible = filter_devices(
-        report.devices, min_free_memory_bytes=min_free_memory_bytes, max_utilization_percent=max_utilization_percent
+        report.devices,
+        min_free_memory_bytes=min_free_memory_bytes,
+        max_utilization_percent=max_utilization_percent,
+        no_memory_errors=no_memory_errors,
     )
     if len(eligible) < count:
         raise RequirementNotMetError(
-            _shortfall(count, len(eligible), report, min_free_memory_bytes, max_utilization_percent)
+            _shortfall(count, len(eligible), report, min_free_memory_bytes, max_utilization_percent, no_memory_errors)
         )
     return rank_devices(eligible, "index")
 
 
-def _shortfall(wanted: int, found: int, report: GpuReport, min_free: int | None, max_util: float | None) -> str:
+def _shortfall(
+    wanted: int,
+    found: int,
+    report: GpuReport,
+    min_free: int | None,
+    max_util: float | None,
+    no_memory_errors: bool = False,
+) -> str:
     from ptools.core.units import format_bytes
 
     limits = []
@@ -721,9 +888,55 @@ def _shortfall(wanted: int, found: int, report: GpuReport, min_free: int | None,
         limits.append(f"at least {format_bytes(min_free)} free")
     if max_util is not None:
         limits.append(f"utilization at most {max_util:g}%")
+    if no_memory_errors:
+        faulty = [f"{d.uuid}: {', '.join(d.memory_errors)}" for d in report.devices if d.memory_errors]
+        limits.append("no memory errors" + (f" ({'; '.join(faulty)})" if faulty else ""))
     which = f" with {' and '.join(limits)}" if limits else ""
     noun = "GPU" if wanted == 1 else "GPUs"
     message = f"{wanted} usable {noun}{which} required, {found} found"
     if not report.devices and report.problems:
         message += f": {report.problems[0]}"
     return message
+
+
+Result = TypeVar("Result")
+WAIT_POLL_S = 2.0
+
+
+def wait_until_met(
+    attempt: Callable[[], Result],
+    timeout_s: float,
+    *,
+    poll_s: float | None = None,
+    on_wait: Callable[[str], None] | None = None,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> Result:
+    """Call ``attempt`` every ``poll_s`` (default :data:`WAIT_POLL_S`) until it stops raising
+    :class:`RequirementNotMetError` or ``timeout_s`` runs out. ``on_wait`` hears the reason
+    the first time it fails, and whenever the reason changes.
+
+    Raises:
+        RequirementNotMetError: still not met when the time ran out (the last reason, and how
+            long it waited).
+    """
+    import time
+
+    clock = clock or time.monotonic
+    sleep = sleep or time.sleep
+    poll_s = poll_s or WAIT_POLL_S
+    deadline = clock() + timeout_s
+    said = None
+    while True:
+        try:
+            return attempt()
+        except RequirementNotMetError as failure:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise RequirementNotMetError(
+                    f"{failure.message} (still, after waiting {timeout_s:g} s)", failure.hint
+                ) from None
+            if on_wait is not None and failure.message != said:
+                on_wait(failure.message)
+                said = failure.message
+            sleep(min(poll_s, remaining))

@@ -68,3 +68,23 @@ def format_bytes(size: int | None, binary: bool = True) -> str:
             return f"{int(value)} {name}" if name == "B" else f"{value:.1f} {name}"
         value /= base
     raise AssertionError("unreachable")
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h|d)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 366 * 86400
+
+
+def parse_duration(text: str) -> float:
+    """Parse a duration such as ``"90"``, ``"90s"``, ``"10m"``, ``"2h"`` or ``"1d"`` into seconds.
+
+    Raises:
+        BadInputError: the text is not a duration, or is longer than a year.
+    """
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise BadInputError(f"invalid duration {text!r}", "write a number with an optional unit: s, m, h, d")
+    seconds = float(Decimal(match.group(1)) * Decimal(str(_DURATION_UNITS[(match.group(2) or "").lower()])))
+    if seconds > MAX_DURATION_S:
+        raise BadInputError(f"duration {text.strip()!r} is longer than a year")
+    return seconds

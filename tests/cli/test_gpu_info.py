@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from ptools.cli.app import app
 from ptools.core import gpu
 from tests.conftest import nvidia_gpu_count
-from tests.fake_nvml import GIB, FakeNvml, hidden_processes, make_gpu, servers
+from tests.fake_nvml import GIB, FakeNvml, hidden_processes, make_gpu, make_mig, servers
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +30,10 @@ def machine(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     state = {"torch_asked": 0}
 
-    def install(nvml: FakeNvml, *, describer=None) -> dict:
+    def install(nvml: FakeNvml, *, describer=None, kernel_log: list[str] | None = None) -> dict:
         monkeypatch.setattr(gpu, "load_nvml", lambda: nvml)
+        # The kernel log of the machine running the tests is not the recorded server's.
+        monkeypatch.setattr(gpu, "read_kernel_log", lambda: [] if kernel_log is None else kernel_log)
 
         def probe() -> gpu.TorchInfo:
             state["torch_asked"] += 1
@@ -340,3 +342,159 @@ def test_launch_errors(tmp_path: Path) -> None:
     assert missing.returncode == 127 and "no-such-command-ptools: command not found" in missing.stderr
     alone = launch(tmp_path, "--", "python", "train.py")
     assert alone.returncode == 1 and "needs --select N or --require N" in alone.stderr
+
+
+# --------------------------------------------------------------------------- health
+
+XID_LOG = [
+    "nvidia-nvswitch: probing",
+    "NVRM: Xid (PCI:0000:28:00): 79, pid=4242, name=python, GPU has fallen off the bus.",
+    "NVRM: Xid (PCI:0000:99:00): 13, pid=1, Graphics Exception on another machine's bus",
+    *[f"NVRM: Xid (PCI:0000:18:00): 31, pid={i}, MMU Fault" for i in range(12)],
+]
+
+
+def test_health_fields_in_json(machine) -> None:
+    machine(FakeNvml([
+        make_gpu(0, ecc=(5, 0, 0), throttle=0x1),
+        make_gpu(1, ecc=(9, 2, 7), remapped=(3, 1, 1, 0), throttle=0x8 | 0x40),
+        make_gpu(2, ecc=None, remapped=None, retired=(2, 1, 1), throttle=None),
+    ]), kernel_log=XID_LOG)
+    devices = json.loads(run("--json", "--no-torch").stdout)["devices"]
+    healthy, faulty, old = devices
+    assert (healthy["ecc_mode"], healthy["ecc_errors_corrected"], healthy["ecc_errors_uncorrected"]) == (
+        "enabled", 5, 0)
+    assert healthy["throttle_reasons"] == ["gpu_idle"] and healthy["remapped_rows_correctable"] == 0
+    assert healthy["retired_pages"] is None  # H100s remap rows instead
+    assert [e["xid"] for e in healthy["xid_errors"]] == [31] * 10  # the last ten of twelve
+    assert faulty["ecc_errors_uncorrected"] == 2 and faulty["ecc_errors_uncorrected_lifetime"] == 7
+    assert (faulty["remapped_rows_correctable"], faulty["remapped_rows_uncorrectable"],
+            faulty["remapping_pending"], faulty["remapping_failed"]) == (3, 1, True, False)
+    assert faulty["throttle_reasons"] == ["hw_slowdown", "hw_thermal_slowdown"]
+    assert faulty["xid_errors"] == [{"xid": 79, "message": "pid=4242, name=python, GPU has fallen off the bus."}]
+    assert old["ecc_mode"] == "disabled" and old["ecc_errors_uncorrected"] is None
+    assert (old["retired_pages"], old["retired_pages_pending"]) == (3, True)
+    assert old["throttle_reasons"] is None and old["xid_errors"] == []
+
+
+def test_xid_errors_are_unknown_when_the_kernel_log_is_unreadable(machine, monkeypatch) -> None:
+    machine(FakeNvml([make_gpu(0)]))
+    monkeypatch.setattr(gpu, "read_kernel_log", lambda: None)
+    device = json.loads(run("--json", "--no-torch").stdout)["devices"][0]
+    assert device["xid_errors"] is None
+
+
+def test_health_table_for_people(machine) -> None:
+    machine(FakeNvml([make_gpu(0), make_gpu(1, ecc=(9, 2, 7), remapped=(3, 1, 0, 1), throttle=0x8)]),
+            kernel_log=XID_LOG)
+    result = run("--no-torch", env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Health" in result.stdout
+    assert "9 corrected, 2 uncorrected (7 uncorrected ever)" in result.stdout
+    assert "REMAPPING FAILED" in result.stdout and "hw slowdown" in result.stdout and "79" in result.stdout
+
+
+def test_no_ecc_errors_leaves_out_faulty_gpus(machine) -> None:
+    machine(FakeNvml([
+        make_gpu(0, used_gib=1, ecc=(0, 3, 3)),       # uncorrected errors since the driver loaded
+        make_gpu(1, used_gib=2),
+        make_gpu(2, used_gib=3, remapped=(0, 1, 1, 0)),  # remapping pending a reset
+        make_gpu(3, used_gib=4, ecc=None, remapped=None),  # no ECC on the board: passes
+    ]))
+    assert run("--select", "2").stdout.strip() == "0,1"
+    assert run("--select", "2", "--no-ecc-errors").stdout.strip() == "1,3"
+    refused = run("--require", "3", "--no-ecc-errors")
+    assert refused.exit_code == 3
+    assert "3 usable GPUs with no memory errors" in refused.stderr
+    assert "GPU-00000000-1111-2222-3333-000000000000: 3 uncorrected ECC errors" in refused.stderr
+    assert "row remapping pending a reset" in refused.stderr
+    assert run("--require", "2", "--no-ecc-errors").exit_code == 0
+
+
+def test_mig_instances_share_their_gpus_memory_errors(machine) -> None:
+    machine(FakeNvml([make_gpu(0, mig=True, ecc=(0, 1, 1),
+                               mig_instances=[make_mig(0, 0), make_mig(0, 1)]), make_gpu(1)]))
+    assert run("--select", "3").exit_code == 0
+    chosen = run("--select", "1", "--no-ecc-errors", "--json")
+    assert [d["uuid"] for d in json.loads(chosen.stdout)["devices"]] == ["GPU-00000001-1111-2222-3333-000000000001"]
+    assert run("--require", "2", "--no-ecc-errors").exit_code == 3
+
+
+# --------------------------------------------------------------------------- --wait
+
+
+class FreeingNvml(FakeNvml):
+    """GPU 1 is full for the first ``busy_queries`` NVML sessions, then its job ends."""
+
+    def __init__(self, busy_queries: int) -> None:
+        super().__init__([make_gpu(0, used_gib=79), make_gpu(1, used_gib=79)])
+        self.busy_queries = busy_queries
+
+    def nvmlInit(self) -> None:
+        super().nvmlInit()
+        self.busy_queries -= 1
+        if self.busy_queries < 0:
+            self.gpus[1]["used"] = GIB
+
+
+def test_wait_polls_until_a_gpu_frees_up(machine, monkeypatch) -> None:
+    monkeypatch.setattr(gpu, "WAIT_POLL_S", 0.01)
+    machine(FreeingNvml(busy_queries=3))
+    result = run("--select", "1", "--min-free-memory", "20GiB", "--wait", "30s")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "1"
+    assert result.stderr.count("waiting up to 30s: 1 usable GPU with at least 20.0 GiB free required, 0 found") == 1
+
+
+def test_wait_gives_up_with_exit_3(machine, monkeypatch) -> None:
+    monkeypatch.setattr(gpu, "WAIT_POLL_S", 0.01)
+    machine(FreeingNvml(busy_queries=10**6))
+    result = run("--require", "1", "--min-free-memory", "20GiB", "--wait", "0.1s")
+    assert result.exit_code == 3
+    assert "(still, after waiting 0.1 s)" in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--wait", "10s"], 1), (["--select", "1", "--wait", "soon"], 2)])
+def test_wait_refusals(machine, args: list[str], code: int) -> None:
+    machine(FakeNvml([make_gpu(0)]))
+    assert run(*args).exit_code == code
+
+
+# --------------------------------------------------------------------------- --format prometheus
+
+
+def test_prometheus_textfile_parses_with_prometheus_client(machine) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    machine(FakeNvml([
+        make_gpu(0, used_gib=10, util=55, processes=[(42, GIB)]),
+        make_gpu(1, ecc=(4, 1, 1), throttle=0x8 | 0x40, power=False, name='Odd "name"\\with\nescapes'),
+        make_gpu(2, mig=True, mig_instances=[make_mig(2, 0)]),
+    ]), kernel_log=XID_LOG)
+    result = run("--format", "prometheus", "--no-torch")
+    assert result.exit_code == 0, result.output
+    families = {f.name: f for f in text_string_to_metric_families(result.stdout)}
+    assert all(f.type == "gauge" for f in families.values())
+    used = {s.labels["uuid"]: s.value for s in families["ptools_gpu_memory_used_bytes"].samples}
+    assert used["GPU-00000000-1111-2222-3333-000000000000"] == 10 * GIB
+    first = next(s for s in families["ptools_gpu_utilization_ratio"].samples if s.labels["nvml_index"] == "0")
+    assert first.value == pytest.approx(0.55) and first.labels["cuda_index"] == "0" and first.labels["node"]
+    names = {s.labels["name"] for s in families["ptools_gpu_memory_total_bytes"].samples}
+    assert 'Odd "name"\\with\nescapes' in names  # escaped on the way out, intact on the way in
+    power = {s.labels["nvml_index"] for s in families["ptools_gpu_power_draw_watts"].samples}
+    assert "1" not in power  # NVML gave no power for GPU 1: no series, not a 0
+    assert {s.labels["reason"] for s in families["ptools_gpu_clock_event_active"].samples} >= {
+        "hw_slowdown", "hw_thermal_slowdown", "gpu_idle"}
+    assert {s.labels["nvml_index"]: s.value for s in families["ptools_gpu_xid_errors"].samples}["1"] == 1
+    assert {s.labels["nvml_index"]: s.value for s in families["ptools_gpu_ecc_errors_uncorrected"].samples}["1"] == 1
+    processes = {s.labels["uuid"]: s.value for s in families["ptools_gpu_processes"].samples}
+    assert processes["GPU-00000000-1111-2222-3333-000000000000"] == 1
+    mig = [s for s in families["ptools_gpu_memory_total_bytes"].samples if s.labels["kind"] == "mig"]
+    assert len(mig) == 1 and mig[0].labels["cuda_index"] == "2"
+
+
+@pytest.mark.parametrize("args", [["--json"], ["--select", "1"], ["--watch", "1"]])
+def test_prometheus_format_is_a_snapshot_only(machine, args: list[str]) -> None:
+    machine(FakeNvml([make_gpu(0)]))
+    result = run("--format", "prometheus", *args)
+    assert result.exit_code == 1 and "one snapshot" in result.stderr

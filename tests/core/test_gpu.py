@@ -376,3 +376,58 @@ def test_report_to_dict_is_json_ready() -> None:
     assert set(data) == {"system", "devices", "sources", "problems"}
     assert data["devices"][1]["processes"][0] == {"pid": 7, "used_memory_bytes": 9 * GIB,
                                                   "user": None, "command": None}
+
+
+def test_kernel_log_unreadable_is_none(tmp_path) -> None:
+    from ptools.core.gpu import read_kernel_log
+
+    assert read_kernel_log(str(tmp_path / "no-such-kmsg")) is None
+
+
+def test_xid_lines_match_by_pci_address_whatever_the_domain_width() -> None:
+    from ptools.core.gpu import GpuDevice, attach_xid_errors
+
+    gpu = GpuDevice(kind="gpu", nvml_index=0, uuid="GPU-a", name="x", source="nvml", pci_bus_id="00000000:3B:00.0")
+    attach_xid_errors([gpu], ["NVRM: Xid (PCI:0000:3b:00): 48, pid=7, DBE (double bit error)",
+                              "NVRM: Xid (PCI:3b:00.0): 63, ECC page retirement",
+                              "NVRM: Xid (PCI:0000:3c:00): 48, another GPU"])
+    assert [e["xid"] for e in gpu.xid_errors] == [48, 63]
+    attach_xid_errors([gpu], None)  # unreadable: what was known stays
+    assert len(gpu.xid_errors) == 2
+
+
+def test_wait_until_met_retries_until_the_request_can_be_met() -> None:
+    from ptools.core.gpu import wait_until_met
+    from ptools.errors import RequirementNotMetError
+
+    now = [0.0]
+    heard: list[str] = []
+    answers = iter(["busy", "busy", "still busy", None])
+
+    def attempt() -> str:
+        reason = next(answers)
+        if reason:
+            raise RequirementNotMetError(reason)
+        return "chosen"
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    assert wait_until_met(attempt, 60, poll_s=2, on_wait=heard.append, clock=lambda: now[0], sleep=sleep) == "chosen"
+    assert heard == ["busy", "still busy"] and now[0] == 6
+
+
+def test_wait_until_met_gives_up_with_the_last_reason() -> None:
+    from ptools.core.gpu import wait_until_met
+    from ptools.errors import RequirementNotMetError
+
+    now = [0.0]
+
+    def attempt() -> None:
+        raise RequirementNotMetError(f"2 usable GPUs required, 1 found at t={now[0]:g}")
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(RequirementNotMetError, match=r"1 found at t=5 \(still, after waiting 5 s\)"):
+        wait_until_met(attempt, 5, poll_s=2, clock=lambda: now[0], sleep=sleep)

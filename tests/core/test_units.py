@@ -36,3 +36,21 @@ def test_parse_size_is_exact_for_long_numbers() -> None:
 ])
 def test_format_bytes(size: int | None, binary: bool, text: str) -> None:
     assert format_bytes(size, binary=binary) == text
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90", 90), ("90s", 90), ("10m", 600), ("10 min", 600), ("2h", 7200), ("1d", 86400), ("250ms", 0.25),
+    ("0.5s", 0.5), (" 3M ", 180),
+])
+def test_parse_duration(text: str, seconds: float) -> None:
+    from ptools.core.units import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "-1s", "10 parsecs", "1e9", "nan", "367d", "1" + "0" * 400])
+def test_parse_duration_rejects(text: str) -> None:
+    from ptools.core.units import parse_duration
+
+    with pytest.raises(BadInputError):
+        parse_duration(text)
