@@ -1,15 +1,11 @@
-"""A recorded NVML: answers the pynvml calls ptools makes from plain dicts.
-
-It raises the real pynvml error classes, so the code under test takes the same paths as
-on a real driver. A handle is the dict describing its device (or MIG instance).
-"""
+"""Recorded GPUs for the tests: builders of the plain dicts ptools' recorded NVML
+(:class:`ptools.core.nvml_replay.RecordedNvml`, here ``FakeNvml``) answers from."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
-import pynvml
+from ptools.core.nvml_replay import RecordedNvml as FakeNvml
 
 GIB = 2**30
 
@@ -59,144 +55,6 @@ def make_mig(parent_index: int, slot: int, *, total_gib: int = 40, used_gib: flo
         "util": None,
         "processes": processes or [],
     }
-
-
-def _not_supported() -> pynvml.NVMLError:
-    return pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-
-
-class FakeNvml:
-    """Stands in for the ``pynvml`` module."""
-
-    NVMLError = pynvml.NVMLError
-    NVML_ERROR_LIBRARY_NOT_FOUND = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
-    NVML_ERROR_DRIVER_NOT_LOADED = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
-    NVML_ERROR_LIB_RM_VERSION_MISMATCH = pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH
-    NVML_ERROR_NO_PERMISSION = pynvml.NVML_ERROR_NO_PERMISSION
-    NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
-    NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
-
-    def __init__(self, gpus: list[dict[str, Any]], *, init_error: int | None = None,
-                 driver: str = "580.159.04", cuda: int = 13000) -> None:
-        self.gpus = gpus
-        self.init_error = init_error
-        self.driver = driver
-        self.cuda = cuda
-        self.initialised = 0
-
-    def nvmlInit(self) -> None:
-        if self.init_error is not None:
-            raise pynvml.NVMLError(self.init_error)
-        self.initialised += 1
-
-    def nvmlShutdown(self) -> None:
-        self.initialised -= 1
-
-    def nvmlSystemGetDriverVersion(self) -> str:
-        return self.driver
-
-    def nvmlSystemGetNVMLVersion(self) -> str:
-        return "13." + self.driver
-
-    def nvmlSystemGetCudaDriverVersion(self) -> int:
-        return self.cuda
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self.gpus):
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        return self.gpus[index]
-
-    def nvmlDeviceGetName(self, handle: dict[str, Any]) -> str:
-        return handle["name"]
-
-    def nvmlDeviceGetUUID(self, handle: dict[str, Any]) -> str:
-        return handle["uuid"]
-
-    def nvmlDeviceGetPciInfo(self, handle: dict[str, Any]) -> SimpleNamespace:
-        return SimpleNamespace(busId=handle["bus"].encode())  # old pynvml returns bytes
-
-    def nvmlDeviceGetCudaComputeCapability(self, handle: dict[str, Any]) -> tuple[int, int]:
-        return handle["cc"]
-
-    def nvmlDeviceGetMemoryInfo(self, handle: dict[str, Any]) -> SimpleNamespace:
-        return SimpleNamespace(total=handle["total"], used=handle["used"],
-                               free=handle["total"] - handle["used"])
-
-    def nvmlDeviceGetUtilizationRates(self, handle: dict[str, Any]) -> SimpleNamespace:
-        if handle["util"] is None:
-            raise _not_supported()
-        return SimpleNamespace(gpu=handle["util"], memory=handle["util"] // 2)
-
-    def nvmlDeviceGetTemperature(self, handle: dict[str, Any], sensor: int) -> int:
-        assert sensor == self.NVML_TEMPERATURE_GPU
-        return handle["temp"]
-
-    def nvmlDeviceGetPowerUsage(self, handle: dict[str, Any]) -> int:
-        if handle["power_mw"] is None:
-            raise _not_supported()
-        return handle["power_mw"]
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, handle: dict[str, Any]) -> int:
-        if handle["limit_mw"] is None:
-            raise _not_supported()
-        return handle["limit_mw"]
-
-    def nvmlDeviceGetMigMode(self, handle: dict[str, Any]) -> tuple[int, int]:
-        if handle["mig"] is None:
-            raise _not_supported()
-        mode = self.NVML_DEVICE_MIG_ENABLE if handle["mig"] else 0
-        return mode, mode
-
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle: dict[str, Any]) -> int:
-        return 7
-
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: dict[str, Any], slot: int) -> dict[str, Any]:
-        instances = handle["mig_instances"]
-        if slot >= len(instances) or instances[slot] is None:
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
-        return instances[slot]
-
-    def nvmlDeviceGetEccMode(self, handle: dict[str, Any]) -> tuple[int, int]:
-        if "ecc" not in handle:
-            raise _not_supported()
-        return (0, 0) if handle["ecc"] is None else (1, 1)
-
-    def nvmlDeviceGetTotalEccErrors(self, handle: dict[str, Any], error_type: int, counter_type: int) -> int:
-        if handle.get("ecc") is None:
-            raise _not_supported()
-        corrected, uncorrected, lifetime = handle["ecc"]
-        if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED:
-            assert counter_type == pynvml.NVML_VOLATILE_ECC
-            return corrected
-        return uncorrected if counter_type == pynvml.NVML_VOLATILE_ECC else lifetime
-
-    def nvmlDeviceGetRetiredPages(self, handle: dict[str, Any], cause: int) -> list[int]:
-        if handle.get("retired") is None:
-            raise _not_supported()
-        single, double, _ = handle["retired"]
-        count = single if cause == pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS else double
-        return [0x1000 * i for i in range(count)]
-
-    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: dict[str, Any]) -> int:
-        if handle.get("retired") is None:
-            raise _not_supported()
-        return handle["retired"][2]
-
-    def nvmlDeviceGetRemappedRows(self, handle: dict[str, Any]) -> tuple[int, int, int, int]:
-        if handle.get("remapped") is None:
-            raise _not_supported()
-        return handle["remapped"]
-
-    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: dict[str, Any]) -> int:
-        if handle.get("throttle") is None:
-            raise _not_supported()
-        return handle["throttle"]
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: dict[str, Any]) -> list[SimpleNamespace]:
-        return [SimpleNamespace(pid=pid, usedGpuMemory=memory) for pid, memory in handle["processes"]]
 
 
 def servers(count: int) -> FakeNvml:

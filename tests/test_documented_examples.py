@@ -212,9 +212,27 @@ def run_line(line: str, folder: Path, environment: dict[str, str]) -> subprocess
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """For the `--ray` examples: a local Ray cluster of two nodes with 8 recorded H100s each."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    from tests.fake_nvml import make_gpu
+
+    recording = tmp_path_factory.mktemp("ray_nvml") / "server.json"
+    recording.write_text(json.dumps({"gpus": [make_gpu(i) for i in range(8)]}))
+    node = {"num_cpus": 1, "env_vars": {"PTOOLS_NVML_RECORDING": str(recording)}}
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args=node)
+    cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    yield cluster.address
+    cluster.shutdown()
+
+
 @pytest.mark.parametrize("line", [line for line in readme_lines() if runnable(line)])
-def test_readme_example_runs(stand_ins, line: str) -> None:
+def test_readme_example_runs(stand_ins, line: str, request: pytest.FixtureRequest) -> None:
     folder, environment = stand_ins
+    if "--ray" in line:
+        environment = {**environment, "RAY_ADDRESS": request.getfixturevalue("ray_cluster")}
     result = run_line(runnable(line), folder, environment)
     assert result.returncode == 0, f"{line}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr

@@ -107,6 +107,19 @@ def command(
             "index), utilization (least busy, then most free, then lowest index) or index.",
         ),
     ] = "free-memory",
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Every node of the Ray cluster this machine belongs to (or RAY_ADDRESS): one task per node "
+            "asks NVML there. --select picks N GPUs on one node and prints its IP and CUDA_VISIBLE_DEVICES; "
+            "--require counts GPUs cluster-wide. Needs pip install 'ptools[ray]'.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to ask (implies --ray)."),
+    ] = None,
     output_format: Annotated[
         GpuFormat,
         typer.Option(
@@ -157,6 +170,16 @@ def command(
             "--format prometheus prints one snapshot of every device: it does not combine with --json, "
             "--select, --require or --watch"
         )
+    if ray or ray_address is not None:
+        if launch:
+            raise BadInputError(
+                "--ray picks GPUs on another machine: a command given here would run here",
+                "start it there, e.g. with the printed IP and CUDA_VISIBLE_DEVICES",
+            )
+        if watch is not None:
+            raise BadInputError("--watch does not combine with --ray; run it on the node itself")
+        _cluster(ray_address, select, require, order, limits, wait, output_format, json_output)
+        return
     if watch is not None:
         _watch(watch, use_torch=not no_torch, json_output=json_output)
         return
@@ -211,6 +234,115 @@ def command(
     if not json_output:
         for problem in data["problems"]:
             output.info(f"note: {problem}")
+
+
+def _cluster(
+    address: str | None,
+    select: int | None,
+    require: int | None,
+    order: SelectOrder,
+    limits: dict[str, Any],
+    wait: str | None,
+    output_format: str,
+    json_output: bool,
+) -> None:
+    """``--ray``: the same questions, asked of every node of a Ray cluster."""
+    from ptools.core import cluster
+
+    if wait is not None and select is None and require is None:
+        raise BadInputError("--wait needs --select N or --require N (what to wait for)")
+
+    def attempt() -> Any:
+        report = cluster.query_cluster(address)
+        if select is not None:
+            return cluster.select_on_one_node(report, select, order=order, **limits)
+        if require is not None:
+            cluster.require_across_cluster(report, require, **limits)
+        return report
+
+    if wait is not None:
+        result = gpu.wait_until_met(
+            attempt, parse_duration(wait), on_wait=lambda reason: output.info(f"waiting up to {wait}: {reason}")
+        )
+    else:
+        result = attempt()
+    if select is not None:
+        output.emit(result.to_dict(), json_output, lambda data: [f"{data['ip']} {data['cuda_visible_devices']}"])
+        return
+    data = result.to_dict()
+    if require is not None:
+        output.emit(data, json_output, lambda data: [])  # success is silent for people
+        return
+    if output_format == "prometheus":
+        from ptools.core.gpu_metrics import to_prometheus
+
+        sys.stdout.write(
+            to_prometheus([(f"{n['hostname'] or n['ip']}/{n['node'][:8]}", n["devices"]) for n in data["nodes"]])
+        )
+        return
+    output.emit(data, json_output, render_cluster)
+    if not json_output:
+        for node in data["nodes"]:
+            for problem in node["problems"]:
+                output.info(f"note: {node['hostname'] or node['ip']} {node['node'][:8]}: {problem}")
+
+
+def render_cluster(data: dict[str, Any]) -> list[Any]:
+    """Rich renderables for a cluster report: every node, then every device with its node."""
+    nodes = data["nodes"]
+    node_rows = [
+        (
+            f"{n['hostname'] or '?'} {n['node'][:8]}",
+            n["ip"],
+            n["state"],
+            len(n["devices"]),
+            (n["system"] or {}).get("driver_version"),
+            "; ".join(n["problems"]) or "-",
+        )
+        for n in nodes
+    ]
+    device_rows = []
+    for n in nodes:
+        for d in n["devices"]:
+            used, total = d["memory_used_bytes"], d["memory_total_bytes"]
+            device_rows.append(
+                (
+                    f"{n['hostname'] or n['ip']} {n['node'][:8]}",
+                    d["cuda_index"],
+                    d["name"] if d["kind"] == "gpu" else f"└ MIG {d['mig_index']}: {d['name']}",
+                    f"{format_bytes(used)} / {format_bytes(total)}" if total is not None else None,
+                    format_bytes(d["memory_free_bytes"]),
+                    _percent(d["utilization_gpu_percent"]),
+                    f"{d['temperature_c']} °C" if d["temperature_c"] is not None else None,
+                    len(d["processes"]),
+                    ", ".join(d["memory_errors"]) or None,
+                    d["uuid"],
+                )
+            )
+    return [
+        output.make_table(
+            f"Nodes ({sum(n['state'] == 'alive' for n in nodes)} of {len(nodes)} answered)",
+            ["Node", "IP", "State", ("GPUs", "right"), "Driver", "Problems"],
+            node_rows,
+        ),
+        output.make_table(
+            f"Devices ({len(device_rows)})",
+            [
+                "Node",
+                ("CUDA", "right"),
+                "Name",
+                ("Memory used / total", "right"),
+                ("Free", "right"),
+                ("Util", "right"),
+                ("Temp", "right"),
+                ("Procs", "right"),
+                "Memory errors",
+                "UUID",
+            ],
+            device_rows,
+            optional=("UUID", "Memory errors", "Temp"),
+        ),
+    ]
 
 
 def _run(launch: list[str], environment: dict[str, str]) -> None:

@@ -44,6 +44,8 @@ FLAGS = {
     "device": "--device",
     "ground_truth": "--eval",
     "input_size": "--input-size",
+    "ray_address='host:6379'": "--ray-address host:6379",
+    "ray": "--ray",
     "input_spec": "--input-spec",
     "batch_size": "--batch-size",
     "kwargs": "--kwargs",

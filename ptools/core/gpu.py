@@ -112,8 +112,10 @@ class GpuDevice:
         return self.cuda_index is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """The device as plain JSON-ready data."""
-        return asdict(self)
+        """The device as plain JSON-ready data (with ``memory_errors``, derived)."""
+        data = asdict(self)
+        data["memory_errors"] = self.memory_errors
+        return data
 
 
 @dataclass
@@ -693,7 +695,13 @@ def query_devices(
 
 
 def load_nvml() -> Any | None:
-    """The real ``pynvml`` module, or None when nvidia-ml-py is not installed."""
+    """The real ``pynvml`` module, or None when nvidia-ml-py is not installed; a recorded
+    answer instead when ``PTOOLS_NVML_RECORDING`` names one (:mod:`ptools.core.nvml_replay`)."""
+    recording = os.environ.get("PTOOLS_NVML_RECORDING")
+    if recording:
+        from ptools.core.nvml_replay import load_recording
+
+        return load_recording(recording)
     try:
         import pynvml
     except ImportError:

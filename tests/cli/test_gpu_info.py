@@ -498,3 +498,30 @@ def test_prometheus_format_is_a_snapshot_only(machine, args: list[str]) -> None:
     machine(FakeNvml([make_gpu(0)]))
     result = run("--format", "prometheus", *args)
     assert result.exit_code == 1 and "one snapshot" in result.stderr
+
+
+# --------------------------------------------------------------------------- --ray without a cluster
+
+
+def test_ray_not_installed(machine, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    result = run("--ray")
+    assert result.exit_code == 3 and "Ray is not installed" in result.stderr and "ptools[ray]" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
+    (["--ray"], "no Ray cluster found from this machine"),
+])
+def test_no_ray_cluster_is_a_quick_one_line_error(args: list[str], expect: str, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path)  # no cluster recorded by `ray start` there
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "ptools", "gpu-info", *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert time.monotonic() - started < 30  # ray.init alone would retry for minutes
+    assert done.returncode == 3 and expect in done.stderr and "--ray-address host:6379" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
