@@ -146,6 +146,10 @@ def make_stand_ins(folder: Path) -> dict[str, str]:
     )
     records = json.loads((folder / "preds.json").read_text())
     (folder / "preds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "preds").mkdir()  # shards written by two inference workers, for nms --ray
+    for number in range(2):
+        (folder / "preds" / f"worker-{number}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records[number::2]))
     shutil.copy(folder / "examples" / "detections_gt.json", folder / "instances_val.json")
     bin_folder = folder / "bin"
     bin_folder.mkdir()

@@ -182,6 +182,20 @@ def command(
         NmsDevice,
         typer.Option("--device", help="cpu (default, fastest here) or cuda (hard NMS with torchvision's kernel)."),
     ] = "cpu",
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Run on the Ray cluster this machine belongs to (or RAY_ADDRESS): INPUTs are shards (files, "
+            "globs, folders) readable from every node; -o names a folder for output shards and a manifest.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to use (implies --ray).")
+    ] = None,
+    shards: Annotated[
+        int | None, typer.Option("--shards", min=1, metavar="N", help="With --ray: output files (default: as inputs).")
+    ] = None,
     tmp_dir: Annotated[
         str | None,
         typer.Option(
@@ -215,6 +229,19 @@ def command(
     from ptools.core import detections as core
 
     started = time.perf_counter()
+    if ray or ray_address is not None:
+        _on_ray(
+            sources, destination, ray_address, shards, force, skip_invalid, json_output,
+            refused={"--eval": eval_path, "--class-iou": class_iou, "--class-score-thr": class_score_thr,
+                     "--model-weights": model_weights, "--format": output_format, "--tmp-dir": tmp_dir},
+            options=dict(method=method, iou_threshold=(0.55 if method in core.FUSION_METHODS else 0.5)
+                         if iou is None else iou, score_threshold=score_thr, soft_fn=soft_fn, sigma=sigma,
+                         max_det=max_det, agnostic=agnostic, box_format=box_format, device=device,
+                         criterion=criterion, skip_box_threshold=skip_box_thr, conf_type=conf_type),
+        )  # fmt: skip
+        return
+    if shards is not None:
+        raise BadInputError("--shards sets the output files of a --ray run; add --ray")
     if iou is not None and method == "soft" and soft_fn == "gaussian":
         raise BadInputError(
             "--iou has no effect on gaussian Soft-NMS (every overlap decays the score by exp(-IoU^2 / sigma))",
@@ -287,6 +314,40 @@ def command(
     output.emit(report.to_dict(), json_output, lambda data: [])
     if not json_output:
         _summary(report.to_dict())
+
+
+def _on_ray(
+    sources: list[str],
+    destination: str,
+    ray_address: str | None,
+    shards: int | None,
+    force: bool,
+    skip_invalid: bool,
+    json_output: bool,
+    refused: dict[str, Any],
+    options: dict[str, Any],
+) -> None:
+    """``--ray``: the shards through Ray Data, the same NMS per image, output shards and a manifest."""
+    from ptools.core.ray_nms import nms_on_ray
+
+    given = [flag for flag, value in refused.items() if value is not None]
+    if given:
+        raise BadInputError(f"{', '.join(given)} do not work with --ray yet", "run on one machine for those")
+    if "-" in sources:
+        raise BadInputError("--ray reads shards from files every node can read; stdin (-) cannot be one")
+    if destination == "-":
+        raise BadInputError("--ray writes output shards: give -o FOLDER", "e.g. -o nms_out/")
+    report = nms_on_ray(
+        sources, destination, ray_address=ray_address, shards=shards, skip_invalid=skip_invalid, force=force, **options
+    )
+    data = report.to_dict()
+    output.emit(data, json_output, lambda shown: [])
+    if not json_output:
+        output.info(
+            f"nms on Ray: {data['records_in']:,} records of {data['images']:,} images from {len(data['inputs'])} "
+            f"shard(s) -> {data['records_out']:,} kept in {len(data['shards'])} shard(s) + manifest.json in "
+            f"{destination} ({data['seconds']['total']:.1f} s)"
+        )
 
 
 def _in_memory(
