@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,17 +31,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int, subprocess.CompletedProcess]:
-    """Wall seconds and the child's peak RSS (bytes) of one command."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
-    # ru_maxrss of children is the largest child so far: report it only when it grew.
-    return seconds, max(peak, before) * 1024, done
+# Between the benchmark and the command: a child forked from a process that has imported
+# Ray would count the parent's pages in its own peak RSS; wait4 gives that child's alone.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Wall seconds, the peak RSS (bytes) of that process alone, and its stdout."""
+    with tempfile.NamedTemporaryFile(suffix=".rss") as report:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", _LAUNCHER, report.name, *argv], env=env, capture_output=True,
+                              text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+        return seconds, int(Path(report.name).read_text()), done.stdout
 
 
 def gpu_info(runs: int, folder: Path) -> None:
@@ -96,7 +107,7 @@ def multiset(paths: list[Path]) -> list[str]:
 
 
 def nms(runs: int, shards: int, per_shard: int, folder: Path) -> None:
-    import ray as ray_module
+    from ray.cluster_utils import Cluster
 
     concatenated = make_shards(folder / "preds", shards, per_shard)
     env = {**os.environ}
@@ -108,9 +119,10 @@ def nms(runs: int, shards: int, per_shard: int, folder: Path) -> None:
         seconds, rss, _ = timed([*command, str(concatenated), "-o", str(out)], env)
         singles.append(seconds)
         single_rss = max(single_rss, rss)
-    ray_module.init(num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
-    address = ray_module.get_runtime_context().gcs_address
-    env["RAY_ADDRESS"] = address
+    # A cluster started like `ray start` (a separate process), as users run one.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": os.cpu_count()})
+    cluster.wait_for_nodes()
+    env["RAY_ADDRESS"] = cluster.address
     walls, stages, ray_rss = [], [], 0
     try:
         for _ in range(runs):
@@ -120,7 +132,7 @@ def nms(runs: int, shards: int, per_shard: int, folder: Path) -> None:
             ray_rss = max(ray_rss, rss)
             stages.append(json.loads((out / "manifest.json").read_text())["seconds"])
     finally:
-        ray_module.shutdown()
+        cluster.shutdown()
     manifest = json.loads((folder / "ray_out" / "manifest.json").read_text())
     same = multiset([folder / "ray_out" / s["file"] for s in manifest["shards"]]) == multiset([folder / "single.jsonl"])
     total = shards * per_shard
@@ -142,6 +154,7 @@ def main() -> None:
     parser.add_argument("--skip-gpu-info", action="store_true")
     options = parser.parse_args()
     folder = options.keep or Path(tempfile.mkdtemp(prefix="bench_ray_"))
+    folder.mkdir(parents=True, exist_ok=True)
     if not options.skip_gpu_info:
         gpu_info(options.runs, folder)
     nms(options.runs, options.shards, options.records, folder)

@@ -211,6 +211,7 @@ def nms_on_ray(
         )
         for stale in previous - {s["file"] for s in shards_out} - {MANIFEST}:  # a previous run's extra shards
             os.remove(os.path.join(output, stale))
+        report.seconds["total"] = time.perf_counter() - started
         manifest = {**report.to_dict(), "options": {k: v for k, v in options.items() if _plain(v)}}
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1)
@@ -224,7 +225,6 @@ def nms_on_ray(
                     os.remove(os.path.join(output, entry))
             if created:
                 os.rmdir(output)
-    report.seconds["total"] = time.perf_counter() - started
     return report
 
 
