@@ -6,6 +6,7 @@ mid-query."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -155,3 +156,25 @@ def test_a_node_that_does_not_answer_in_time(cluster) -> None:
     assert nodes["hanging"]["state"] == "unreachable"
     assert nodes["hanging"]["problems"] == ["no answer within 3 s"]
     assert nodes["busy"]["state"] == "alive"
+
+
+@pytest.mark.cuda
+def test_real_nvml_through_ray_matches_the_local_query(tmp_path: Path) -> None:
+    """Where a GPU exists: a one-node local cluster asked with the real NVML gives the same
+    devices as asking here (uuids and totals; live figures like utilization may move)."""
+    import subprocess
+    import sys
+
+    local = json.loads(subprocess.run([sys.executable, "-m", "ptools", "gpu-info", "--no-torch", "--json"],
+                                      capture_output=True, text=True, check=True).stdout)
+    single = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        env = {**os.environ, "RAY_ADDRESS": single.address}
+        env.pop("PTOOLS_NVML_RECORDING", None)
+        done = subprocess.run([sys.executable, "-m", "ptools", "gpu-info", "--ray", "--json"], capture_output=True,
+                              text=True, env=env, check=True)
+    finally:
+        single.shutdown()
+    (remote,) = json.loads(done.stdout)["nodes"]
+    assert [(d["uuid"], d["memory_total_bytes"]) for d in remote["devices"]] == [
+        (d["uuid"], d["memory_total_bytes"]) for d in local["devices"]]
