@@ -249,10 +249,26 @@ def _unwrap(failure: BaseException) -> BaseException:
     return kind(message) if isinstance(kind, type) and issubclass(kind, errors.PtoolsError) else failure
 
 
+def _previous_run(output: str) -> set[str]:
+    """The files a previous ``nms --ray`` wrote into ``output``: its manifest and the shards
+    that manifest lists; nothing when there is no such manifest."""
+    try:
+        with open(os.path.join(output, MANIFEST), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        shards = [shard["file"] for shard in manifest["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {MANIFEST, *(name for name in shards if isinstance(name, str) and _SHARD.fullmatch(name))}
+
+
+_SHARD = re.compile(r"part-\d{5}\.jsonl")
+
+
 def _check_output(output: str, files: list[str], force: bool) -> set[str]:
     """``output`` must be a folder ptools may fill: new, empty, or (with ``force``) one that
-    holds only a previous run's shards and manifest; never an input's folder. Returns what is
-    there (removed only once the new run has succeeded)."""
+    holds a previous run's manifest and exactly the shards it lists (ptools removes only what
+    it wrote); never an input's folder. Returns what is there (removed only once the new run
+    has succeeded)."""
     if os.path.lexists(output) and not os.path.isdir(output):
         raise BadInputError(f"`output` {output}: not a folder", "name a new folder, e.g. nms_out/")
     real = os.path.realpath(output)  # a symlink to an input's folder is that folder
@@ -261,7 +277,7 @@ def _check_output(output: str, files: list[str], force: bool) -> set[str]:
             raise BadInputError(f"`output` {output} holds the input {path}", "write to another folder")
     if os.path.isdir(output):
         entries = os.listdir(output)
-        ours = all(e == MANIFEST or (e.startswith("part-") and e.endswith(".jsonl")) for e in entries)
+        ours = bool(entries) and set(entries) <= _previous_run(output)
         if entries and not (force and ours):
             raise BadInputError(
                 f"`output` {output} is not empty",

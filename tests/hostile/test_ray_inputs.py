@@ -80,3 +80,17 @@ def test_a_malformed_shard_is_named(local_ray, tmp_path: Path, content: bytes, e
 
 def test_a_glob_that_matches_nothing(tmp_path: Path) -> None:
     one_line_error(run(str(tmp_path / "nothing-*.jsonl"), "--ray", "-o", str(tmp_path / "out")), "no detection files")
+
+
+def test_force_removes_only_what_a_previous_run_wrote(local_ray, tmp_path: Path) -> None:
+    """Files named like shards but not listed in a ptools manifest are someone else's."""
+    shard(tmp_path / "preds")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00000.jsonl").write_text("a user's own file\n")
+    refused = run(str(tmp_path / "preds"), "--ray", "-o", str(out), "--force")
+    one_line_error(refused, "not empty")
+    assert (out / "part-00000.jsonl").read_text() == "a user's own file\n"
+    (out / "manifest.json").write_text(json.dumps({"shards": [{"file": "../preds/a.jsonl"}]}))
+    one_line_error(run(str(tmp_path / "preds"), "--ray", "-o", str(out), "--force"), "not empty")
+    assert (tmp_path / "preds" / "a.jsonl").exists()
