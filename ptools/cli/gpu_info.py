@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import JsonOption, usage_check
+from ptools.cli.options import JsonOption, RayAddressOption, usage_check
 from ptools.core import gpu
 from ptools.core.choices import GpuFormat, SelectOrder
 from ptools.core.units import format_bytes, parse_duration, parse_size
@@ -116,10 +117,7 @@ def command(
             "--require counts GPUs cluster-wide. Needs pip install 'ptools[ray]'.",
         ),
     ] = False,
-    ray_address: Annotated[
-        str | None,
-        typer.Option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to ask (implies --ray)."),
-    ] = None,
+    ray_address: RayAddressOption = None,
     output_format: Annotated[
         GpuFormat,
         typer.Option(
@@ -170,6 +168,8 @@ def command(
             "--format prometheus prints one snapshot of every device: it does not combine with --json, "
             "--select, --require or --watch"
         )
+    if wait is not None and not gating:
+        raise BadInputError("--wait needs --select N or --require N (what to wait for)")
     if ray or ray_address is not None:
         if launch:
             raise BadInputError(
@@ -184,24 +184,18 @@ def command(
         _watch(watch, use_torch=not no_torch, json_output=json_output)
         return
 
-    if wait is not None and not gating:
-        raise BadInputError("--wait needs --select N or --require N (what to wait for)")
     report = gpu.query_devices(use_torch=not (no_torch or gating))
-    if wait is not None:
-        asked = [report]  # the first attempt uses the report above; each retry asks NVML again
+    asked = [report]  # the first attempt uses the report above; each retry (--wait) asks NVML again
 
-        def attempt() -> Any:
-            nonlocal report
-            report = asked.pop() if asked else gpu.query_devices(use_torch=False)
-            if select is not None:
-                return gpu.select_devices(report, select, order=order, **limits)
-            return gpu.require_devices(report, require or 0, **limits)
+    def attempt() -> Any:
+        nonlocal report
+        report = asked.pop() if asked else gpu.query_devices(use_torch=False)
+        if select is not None:
+            return gpu.select_devices(report, select, order=order, **limits)
+        return gpu.require_devices(report, require or 0, **limits)
 
-        gpu.wait_until_met(
-            attempt, parse_duration(wait), on_wait=lambda reason: output.info(f"waiting up to {wait}: {reason}")
-        )
     if select is not None:
-        chosen = gpu.select_devices(report, select, order=order, **limits)
+        chosen = _patiently(attempt, wait)
         value = ",".join(d.visible_devices_entry or str(d.cuda_index) for d in chosen)
         for problem in report.problems:  # e.g. a guessed CUDA order: worth seeing before a launch
             output.info(f"note: {problem}")
@@ -214,7 +208,7 @@ def command(
         )
         return
     if require is not None:
-        gpu.require_devices(report, require, **limits)
+        _patiently(attempt, wait)
         if launch:
             _run(launch, {})
         output.emit(report.to_dict(), json_output, lambda data: [])  # success is silent for people
@@ -249,9 +243,6 @@ def _cluster(
     """``--ray``: the same questions, asked of every node of a Ray cluster."""
     from ptools.core import cluster
 
-    if wait is not None and select is None and require is None:
-        raise BadInputError("--wait needs --select N or --require N (what to wait for)")
-
     def attempt() -> Any:
         report = cluster.query_cluster(address)
         if select is not None:
@@ -260,12 +251,7 @@ def _cluster(
             cluster.require_across_cluster(report, require, **limits)
         return report
 
-    if wait is not None:
-        result = gpu.wait_until_met(
-            attempt, parse_duration(wait), on_wait=lambda reason: output.info(f"waiting up to {wait}: {reason}")
-        )
-    else:
-        result = attempt()
+    result = _patiently(attempt, wait)
     if select is not None:
         output.emit(result.to_dict(), json_output, lambda data: [f"{data['ip']} {data['cuda_visible_devices']}"])
         return
@@ -285,6 +271,16 @@ def _cluster(
         for node in data["nodes"]:
             for problem in node["problems"]:
                 output.info(f"note: {node['hostname'] or node['ip']} {node['node'][:8]}: {problem}")
+
+
+def _patiently(attempt: Callable[[], Any], wait: str | None) -> Any:
+    """``attempt()`` once; with ``--wait``, again every poll (saying why once) until it can be
+    met or the time runs out (exit 3 with the last reason)."""
+    if wait is None:
+        return attempt()
+    return gpu.wait_until_met(
+        attempt, parse_duration(wait), on_wait=lambda reason: output.info(f"waiting up to {wait}: {reason}")
+    )
 
 
 def render_cluster(data: dict[str, Any]) -> list[Any]:

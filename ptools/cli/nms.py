@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import usage_check
+from ptools.cli.options import RayAddressOption, usage_check
 from ptools.core.choices import BoxFormat, ConfType, DetectionsFormat, IouKind, NmsDevice, NmsMethod, SoftFunction
 from ptools.core.files import path_kind, require_regular_file
 from ptools.errors import BadInputError
@@ -190,9 +190,7 @@ def command(
             "globs, folders) readable from every node; -o names a folder for output shards and a manifest.",
         ),
     ] = False,
-    ray_address: Annotated[
-        str | None, typer.Option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to use (implies --ray).")
-    ] = None,
+    ray_address: RayAddressOption = None,
     shards: Annotated[
         int | None, typer.Option("--shards", min=1, metavar="N", help="With --ray: output files (default: as inputs).")
     ] = None,

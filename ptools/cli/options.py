@@ -31,6 +31,15 @@ def usage_check(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return callback
 
 
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="The Ray cluster to use (default: the one this machine belongs to, or RAY_ADDRESS); implies --ray.",
+    ),
+]
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 
 NdjsonOption = Annotated[
