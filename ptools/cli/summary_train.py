@@ -210,14 +210,10 @@ def _free_gpu_memory() -> tuple[int, str]:
     return chosen.memory_free_bytes, name
 
 
-def _flops(value: int) -> str:
-    from ptools.core.models import human
-
-    return f"{value:,}" if value < 1000 else human(value)
-
-
 def render(data: dict[str, Any], depth: int) -> list[Any]:
     """Rich renderables for a training step (the same data --json prints)."""
+    from ptools.cli.summary import _count
+
     step = data["step"]
     rows = []
     for row in step["rows"]:
@@ -229,10 +225,10 @@ def render(data: dict[str, Any], depth: int) -> list[Any]:
             (
                 "  " * (row["depth"] - 1) + row["name"],
                 row["type"],
-                _flops(row["parameters"]),
+                _count(row["parameters"]),
                 format_bytes(row["saved_activation_bytes"]),
-                _flops(row["forward_flops"]),
-                _flops(row["backward_flops"]),
+                _count(row["forward_flops"]),
+                _count(row["backward_flops"]),
             )
         )
     amp = f", autocast {step['amp']}" if step["amp"] else ""
@@ -292,8 +288,8 @@ def render(data: dict[str, Any], depth: int) -> list[Any]:
                         row["peak_phase"],
                         format_bytes(row["step_growth_bytes"]),
                         format_bytes(row["activations_bytes"]),
-                        _flops(row["forward_flops"]),
-                        _flops(row["backward_flops"]),
+                        _count(row["forward_flops"]),
+                        _count(row["backward_flops"]),
                     )
                     for row in data["sweep"]
                 ],

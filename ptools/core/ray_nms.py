@@ -79,12 +79,12 @@ def _records_of_file(row: dict[str, Any], box_format: str, skip_invalid: bool) -
             records, _ = parse_detections(handle.read(), path)
         detections = validate(records, box_format=box_format, skip_invalid=skip_invalid)  # type: ignore[arg-type]
     except OSError as failure:
-        raise RuntimeError(f"{_MARK}[BadInputError]: {path}: {failure.strerror or failure}") from None
+        raise _marked("BadInputError", f"{path}: {failure.strerror or failure}") from None
     except PtoolsError as failure:
         # Ray carries a task's error to the driver as text (the original exception's cause
         # chain does not survive); the mark lets the driver raise ptools' error again.
         text = str(failure) if path in str(failure) else f"{path}: {failure}"
-        raise RuntimeError(f"{_MARK}[{type(failure).__name__}]: {text}") from None
+        raise _marked(type(failure).__name__, text) from None
     return [
         {
             "key": orjson.dumps(records[i]["image_id"]).decode(),
@@ -119,7 +119,7 @@ def _write_shard(batch: Any, folder: str) -> dict[str, list[Any]]:
             for raw in batch["record"]:
                 handle.write(bytes(raw) + b"\n")
     except OSError as failure:  # e.g. a folder this node cannot see: no shared file system
-        raise RuntimeError(f"{_MARK}[BadInputError]: cannot write {path} on a worker: {failure.strerror}") from None
+        raise _marked("BadInputError", f"cannot write {path} on a worker: {failure.strerror}") from None
     return {"file": [name], "records": [len(batch["record"])]}
 
 
@@ -234,6 +234,11 @@ def _plain(value: Any) -> bool:
 
 _MARK = "PTOOLS-ERROR"
 _MARKED = re.compile(_MARK + r"\[(\w+)\]: ([^\n]*)")
+
+
+def _marked(kind: str, message: str) -> RuntimeError:
+    """A worker's error as text :func:`_unwrap` turns back into ptools' ``kind`` on the driver."""
+    return RuntimeError(f"{_MARK}[{kind}]: {message}")
 
 
 def _unwrap(failure: BaseException) -> BaseException:

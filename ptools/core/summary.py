@@ -292,13 +292,7 @@ def summarize(
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
-        if saved_buffers:
-            with torch.no_grad():
-                current = model.state_dict(keep_vars=True)
-                for key, value in saved_buffers.items():
-                    current[key].copy_(value)
+        restore_state(model, modes, saved_buffers)
     counts = counter.get_flop_counts()
     root = type(model).__name__
     rows = []
@@ -357,6 +351,20 @@ def summarize(
     )
 
 
+def restore_state(model: Any, modes: dict[Any, bool], saved: dict[str, Any]) -> None:
+    """Put back each module's train/eval mode and the values of ``saved`` (state-dict keys to
+    copies taken before a pass that may have changed them)."""
+    import torch
+
+    for module, training in modes.items():
+        module.training = training
+    if saved:
+        with torch.no_grad():
+            current = model.state_dict(keep_vars=True)
+            for key, value in saved.items():
+                current[key].copy_(value)
+
+
 def torchsummary_text(model: Any, input_sizes: list[tuple[int, ...]], batch_size: int, device: str) -> str:
     """The classic torchsummary layout, via the torchsummary package, in eval mode under
     no_grad with mode and buffers restored (torchsummary itself would update BatchNorm).
@@ -386,8 +394,7 @@ def torchsummary_text(model: Any, input_sizes: list[tuple[int, ...]], batch_size
             "use the default format",
         ) from None
     finally:
-        for module, training in modes.items():
-            module.training = training
+        restore_state(model, modes, {})
     return text.getvalue()
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from ptools.core.choices import TrainOptimizer as Optimizer
 from ptools.core.choices import TrainTarget as Target
 from ptools.core.choices import values
+from ptools.core.summary import restore_state
 from ptools.errors import BadInputError
 
 OPTIMIZERS = values(Optimizer)
@@ -181,10 +182,6 @@ class _Ledger:
         self.live += entry.nbytes
         self._check_peak()
         return serial
-
-    def mark(self, tensor: Any, part: str) -> int | None:
-        """Classify a tensor the step made (a gradient, optimizer state, a saved activation)."""
-        return self.add(tensor, part)
 
     def _free(self, serial: int) -> None:
         entry = self.entries[serial]
@@ -486,12 +483,14 @@ def estimate_training_step(
         with fake.mode:
             opt = make_optimizer(optimizer, parameters, foreach=target == "cuda")
             _create_state(opt, parameters)
-            ledger = _Ledger(CUDA_BLOCK if target == "cuda" else 1)
-            for value in tensors.values():
-                ledger.add(value, "parameters" if isinstance(value, torch.nn.Parameter) else "buffers")
-            for value in _tensors([fake_args, fake_kwargs]):
-                ledger.add(value, "inputs")
-            _mark_state(ledger, opt, host_steps=target == "cuda")
+            ledger = _ledger_at_start(
+                _Ledger(CUDA_BLOCK if target == "cuda" else 1),
+                [t for t in tensors.values() if isinstance(t, torch.nn.Parameter)],
+                [t for t in tensors.values() if not isinstance(t, torch.nn.Parameter)],
+                [fake_args, fake_kwargs],
+                opt,
+                host_steps=target == "cuda",
+            )
             result = _traced_step(
                 model,
                 names,
@@ -505,8 +504,7 @@ def estimate_training_step(
                 fake_target=target,
             )
     finally:
-        for module, training in modes.items():
-            module.training = training
+        restore_state(model, modes, {})
     seconds = time.perf_counter() - started
     if amp is not None:
         notes.append(
@@ -526,6 +524,21 @@ def _create_state(opt: Any, parameters: list[Any]) -> None:
         parameter.grad = torch.zeros_like(parameter)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def _ledger_at_start(
+    ledger: _Ledger, parameters: list[Any], buffers: list[Any], inputs: Any, opt: Any, *, host_steps: bool = False
+) -> _Ledger:
+    """``ledger`` holding what lives before the step: parameters, buffers, the batch, and the
+    optimizer state."""
+    for value in parameters:
+        ledger.add(value, "parameters")
+    for value in buffers:
+        ledger.add(value, "buffers")
+    for value in _tensors(inputs):
+        ledger.add(value, "inputs")
+    _mark_state(ledger, opt, host_steps=host_steps)
+    return ledger
 
 
 def _mark_state(ledger: _Ledger, opt: Any, *, host_steps: bool = False) -> None:
@@ -570,7 +583,7 @@ def _traced_step(
     counted: set[int] = set()
 
     def pack(tensor: Any) -> Any:
-        serial = ledger.mark(tensor, "activations")
+        serial = ledger.add(tensor, "activations")
         if serial is not None and serial not in counted and ledger.entries[serial].part == "activations":
             counted.add(serial)
             for module_name in {*stack}:
@@ -601,7 +614,7 @@ def _traced_step(
             for group in opt.param_groups:
                 for parameter in group["params"]:
                     if parameter.grad is not None:
-                        ledger.mark(parameter.grad, "gradients")
+                        ledger.add(parameter.grad, "gradients")
             ledger.phase = "optimizer"
             opt.step()
             _mark_state(ledger, opt, host_steps=host_steps)
@@ -740,14 +753,13 @@ def _real_step(
             ) from failure
         del warm_loss
         opt.zero_grad(set_to_none=True)
-        ledger = _Ledger(CUDA_BLOCK if cuda else 1, device_type=first.device.type)
-        for value in model.parameters():
-            ledger.add(value, "parameters")
-        for value in model.buffers():
-            ledger.add(value, "buffers")
-        for value in _tensors([args, kwargs]):
-            ledger.add(value, "inputs")
-        _mark_state(ledger, opt)
+        ledger = _ledger_at_start(
+            _Ledger(CUDA_BLOCK if cuda else 1, device_type=first.device.type),
+            list(model.parameters()),
+            list(model.buffers()),
+            [args, kwargs],
+            opt,
+        )
         if cuda:
             torch.cuda.synchronize(first.device)
             torch.cuda.reset_peak_memory_stats(first.device)
@@ -763,13 +775,7 @@ def _real_step(
             }
         seconds = time.perf_counter() - started
     finally:
-        for module, training in modes.items():
-            module.training = training
-        if saved_state:
-            with torch.no_grad():
-                current = model.state_dict(keep_vars=True)
-                for key, value in saved_state.items():
-                    current[key].copy_(value)
+        restore_state(model, modes, saved_state)
     notes.append("a real step, measured after one warm-up step (the step ran under the ledger, so it was slower)")
     return _report(
         model,
