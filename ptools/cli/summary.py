@@ -16,6 +16,9 @@ from ptools.core.units import format_bytes
 from ptools.errors import BadInputError
 
 NAME = "summary"
+META_FALLBACK_NOTE = (
+    "note: the model does not run on the meta device (it needs values, e.g. for NMS): measured on the CPU instead"
+)
 SHORT_HELP = "Layer table of a model: output shapes, parameters, MACs and FLOPs from the real operations."
 HELP = f"""{SHORT_HELP}
 
@@ -192,10 +195,7 @@ def command(
     except BadInputError as failure:
         if not (device == "auto" and chosen == "meta" and isinstance(failure, ForwardPassError)):
             raise
-        output.info(
-            "note: the model does not run on the meta device (it needs values, e.g. for NMS): "
-            "measured on the CPU instead"
-        )
+        output.info(META_FALLBACK_NOTE)
         data = measure("cpu")
     if data is None:
         return

@@ -122,10 +122,9 @@ def run(request: TrainRequest, depth: int, json_output: bool) -> None:
         fallback = isinstance(failure, ForwardPassError) or getattr(failure, "needs_values", False)
         if not (device == "auto" and chosen == "meta" and request.fit is None and fallback):
             raise
-        output.info(
-            "note: the model does not run on the meta device (it needs values, e.g. for NMS): "
-            "measured on the CPU instead"
-        )
+        from ptools.cli.summary import META_FALLBACK_NOTE
+
+        output.info(META_FALLBACK_NOTE)
         data = _measure(request, "cpu")
     output.emit(data, json_output, lambda shown: render(shown, depth))
     if not json_output:
