@@ -174,6 +174,57 @@ class RecordedNvml:
         return [SimpleNamespace(pid=pid, usedGpuMemory=memory) for pid, memory in handle["processes"]]
 
 
+MAX_DELAY_S = 600.0
+_COUNT = (int, type(None))
+# What the reader asks of every device (a MIG instance too), and of whole GPUs besides.
+_DEVICE: dict[str, Any] = {
+    "name": str,
+    "uuid": str,
+    "cc": list,
+    "total": int,
+    "used": int,
+    "util": _COUNT,
+    "processes": list,
+}
+_WHOLE_GPU: dict[str, Any] = {
+    **_DEVICE,
+    "bus": str,
+    "temp": _COUNT,
+    "power_mw": _COUNT,
+    "limit_mw": _COUNT,
+    "mig": (bool, type(None)),
+    "mig_instances": list,
+}
+_HEALTH_LENGTHS = {"ecc": 3, "retired": 3, "remapped": 4}  # each a list of that many integers, or null
+
+
+def _check_device(device: Any, where: str, fields: dict[str, Any]) -> None:
+    """A recorded device holds every field the reader asks for, of the type it expects: a
+    recording that lies fails here, in one line, not deep inside a query."""
+    if not isinstance(device, dict):
+        raise ValueError(f"{where} is not an object")
+    for name, kind in fields.items():
+        if name not in device or not isinstance(device[name], kind):
+            raise ValueError(f"{where}.{name} is missing or of the wrong type")
+    cc = device["cc"]
+    if len(cc) != 2 or not all(isinstance(part, int) for part in cc):
+        raise ValueError(f"{where}.cc must be [major, minor]")
+    if device["total"] < 0 or not 0 <= device["used"] <= device["total"]:
+        raise ValueError(f"{where}: memory must satisfy 0 <= used <= total")
+    for process in device["processes"]:
+        if not (isinstance(process, list) and len(process) == 2 and isinstance(process[0], int)
+                and isinstance(process[1], _COUNT)):  # fmt: skip
+            raise ValueError(f"{where}.processes holds [pid, bytes or null] pairs")
+    for name, length in _HEALTH_LENGTHS.items():
+        value = device.get(name)
+        if value is not None and not (
+            isinstance(value, list) and len(value) == length and all(isinstance(v, int) for v in value)
+        ):
+            raise ValueError(f"{where}.{name} must be {length} integers or null")
+    if not isinstance(device.get("throttle"), _COUNT):
+        raise ValueError(f"{where}.throttle must be an integer mask or null")
+
+
 def load_recording(path: str) -> RecordedNvml:
     """A :class:`RecordedNvml` from a JSON recording (see the module's docstring).
 
@@ -183,12 +234,25 @@ def load_recording(path: str) -> RecordedNvml:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
+        if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
+            raise ValueError('not an object with a "gpus" list')
+        for number, gpu in enumerate(data["gpus"]):
+            _check_device(gpu, f"gpus[{number}]", _WHOLE_GPU)
+            for slot, instance in enumerate(gpu["mig_instances"]):
+                if instance is not None:
+                    _check_device(instance, f"gpus[{number}].mig_instances[{slot}]", _DEVICE)
+        delay = float(data.get("delay_s", 0.0))
+        if not 0 <= delay <= MAX_DELAY_S:
+            raise ValueError(f"delay_s must be 0 to {MAX_DELAY_S:g} seconds")
+        if not isinstance(data.get("init_error"), (int, type(None))):
+            raise ValueError("init_error must be an NVML error code or null")
         return RecordedNvml(
             list(data["gpus"]),
             init_error=data.get("init_error"),
             driver=str(data.get("driver", "580.159.04")),
             cuda=int(data.get("cuda", 13000)),
-            delay_s=float(data.get("delay_s", 0.0)),
+            delay_s=delay,
         )
-    except (OSError, ValueError, KeyError, TypeError) as failure:
-        raise BadInputError(f"{RECORDING_VARIABLE}={path}: not a readable NVML recording ({failure})") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as failure:  # deep nesting: RecursionError
+        reason = "nested too deeply" if isinstance(failure, RecursionError) else str(failure)[:200]
+        raise BadInputError(f"{RECORDING_VARIABLE}={path}: not a readable NVML recording ({reason})") from None
