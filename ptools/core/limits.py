@@ -56,6 +56,9 @@ DEPTH = Limit("PTOOLS_MAX_DEPTH", 100, "levels of nesting")
 OBJECTS = Limit("PTOOLS_MAX_OBJECTS", 2_000_000, "objects built or walked")
 # JSON headers and indexes (safetensors' reference implementation bounds headers at 100 MB).
 HEADER_BYTES = Limit("PTOOLS_MAX_HEADER_BYTES", 100_000_000, "bytes of JSON header")
+# Byte runs a checkpoint's tensors are assembled from (ZeRO-3: ranks × parameters); each costs
+# a read, so their count bounds the work a conversion does whatever the file's size.
+PIECES = Limit("PTOOLS_MAX_PIECES", 16_000_000, "byte runs assembled from rank partitions")
 # A stride-0 (expanded) tensor may claim this many elements per stored element.
 EXPANSION = Limit("PTOOLS_MAX_EXPANSION", 64, "× elements over what is stored")
 

@@ -266,3 +266,34 @@ def _expected_at(folder: Path) -> dict[str, object]:
     import torch
 
     return torch.load(folder / "expected.pt", weights_only=True)
+
+
+def test_alignment_paddings_of_a_group_past_64_parameters(tmp_path: Path) -> None:
+    """``param_alignment_paddings`` is one count per parameter, not a shape: a group of 70
+    parameters (most real models) is read, each parameter after its padding."""
+    import struct
+
+    from tests.hostile.corpus import zero_run
+
+    count = 70
+    shapes = {f"p{index}": (1,) for index in range(count)}
+    paddings = [[1] * count]  # one padding element after every parameter
+    world, total = 2, 2 * count  # 70 values + 70 paddings, split over 2 ranks
+    run = zero_run(tmp_path, shapes=shapes, partitions=[total // world] * world, paddings=paddings)
+    values = [float(index if position % 2 == 0 else -1) for position, index in
+              ((position, position // 2) for position in range(total))]
+    step = run / "global_step1"
+    import zipfile
+    for rank in range(world):
+        path = step / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: archive.read(info) for info in archive.infolist()}
+        half = values[rank * count:(rank + 1) * count]
+        members["archive/data/0"] = struct.pack(f"<{count}f", *half)
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in members.items():
+                archive.writestr(zipfile.ZipInfo(name), data)
+    checkpoint = open_checkpoint(run)
+    assert [float(read_tensor(checkpoint, checkpoint.root[f"p{index}"])[0]) for index in range(count)] == [
+        float(index) for index in range(count)
+    ]

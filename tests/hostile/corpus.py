@@ -662,6 +662,30 @@ def dcp_chunk_outside_shape(folder: Path, marker: Path) -> Path:
     return _dcp(folder, {"w": _dcp_entry(chunks=[chunk])}, _dcp_storage(chunk_offset=(2**40,)))
 
 
+def _dcp_chunk(offsets: Any, sizes: Any) -> Call:
+    return Call(G("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+                state={"offsets": offsets, "sizes": sizes})
+
+
+@case("dcp", DCP, expect="overlap")
+def dcp_identical_chunks_add_up(folder: Path, marker: Path) -> Path:
+    # Two copies of one half: 2 + 2 elements "cover" 4, and the other half was never stored.
+    chunks = [_dcp_chunk((0,), (2,)), _dcp_chunk((0,), (2,))]
+    return _dcp(folder, {"w": _dcp_entry(chunks=chunks)}, _dcp_storage(chunk_offset=(0,)))
+
+
+@case("dcp", DCP, expect="overlap")
+def dcp_chunks_overlap_in_a_row(folder: Path, marker: Path) -> Path:
+    chunks = [_dcp_chunk((0, 0), (2, 4)), _dcp_chunk((1, 0), (2, 4))]  # rows 0-1 and 1-2 of 4
+    storage = {**_dcp_storage(chunk_offset=(0, 0)), **_dcp_storage(chunk_offset=(1, 0))}
+    return _dcp(folder, {"w": _dcp_entry(size=(4, 4), chunks=chunks)}, storage)
+
+
+@case("dcp", DCP, expect="")
+def dcp_zero_size_hides_2_to_80(folder: Path, marker: Path) -> Path:
+    return _dcp(folder, {"w": _dcp_entry(size=(0, 2**40, 2**40), chunks=[])}, _dcp_storage())
+
+
 @case("containment", DCP, expect="outside")
 def dcp_relative_path_escapes(folder: Path, marker: Path) -> Path:
     (folder / "secret.distcp").write_bytes(b"\0" * 64)
@@ -840,7 +864,8 @@ _LOSS_SCALER = G("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
 
 def zero_run(folder: Path, *, stage: int = 2, shapes: dict[str, tuple[Any, ...]] | None = None,
              partitions: list[int] | None = None, partition_count: Any = 2, ranks: tuple[int, ...] = (0, 1),
-             latest: str = "global_step1", loss_scaler: Any = None, groups: Any = None) -> Path:
+             latest: str = "global_step1", loss_scaler: Any = None, groups: Any = None,
+             paddings: Any = None) -> Path:
     """A ZeRO run folder with DeepSpeed's layout: ``latest``, a step folder, a model-states file
     (one per rank for stage 3) and one optimizer file per rank. The defaults make a valid
     checkpoint of one 6-element parameter ``w`` over 2 ranks; each argument bends one part."""
@@ -862,6 +887,7 @@ def zero_run(folder: Path, *, stage: int = 2, shapes: dict[str, tuple[Any, ...]]
         numel = partitions[rank] if rank < len(partitions) else partitions[-1]
         flat = [tensor(storage("0", numel), (numel,), (1,))] if groups is None else groups
         optimizer = {"zero_stage": Call(_ZERO_STAGE, stage), "partition_count": partition_count, key: flat,
+                     **({} if paddings is None else {"param_alignment_paddings": paddings}),
                      "loss_scaler": loss_scaler if loss_scaler is not None else Call(_LOSS_SCALER,
                                                                                      state={"cur_scale": 1.0})}
         state_zip(step / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", {"optimizer_state_dict": optimizer},
@@ -886,6 +912,12 @@ def zero_partition_shorter_than_param_shapes(folder: Path, marker: Path) -> Path
 @case("zero", ZERO, expect="short or missing")
 def zero_stage3_partition_shorter(folder: Path, marker: Path) -> Path:
     return zero_run(folder, stage=3, shapes={"w": (6,), "v": (4,)}, partitions=[3, 3])
+
+
+@case("geometry", CHECKPOINT_AND_WEIGHTS, expect="sizes no tensor can hold")
+def zero_size_hides_2_to_80(folder: Path, marker: Path) -> Path:
+    # numel is 0, so no element bound sees it; numpy refuses such a shape with a ValueError.
+    return state_zip(folder / "m.pt", {"w": tensor(storage("0", 4), (0, 2**40, 2**40), (2**40, 1, 1))})
 
 
 @case("zero", ZERO, expect="short or missing")
@@ -926,6 +958,38 @@ def zero_stage_99(folder: Path, marker: Path) -> Path:
     for rank in (0, 1):
         state_zip(run / "global_step1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
                   {"optimizer_state_dict": optimizer}, storages={})
+    return run
+
+
+def _zero3_rank1_model(folder: Path, model: Any) -> Path:
+    """A valid two-rank ZeRO-3 run whose rank-1 model-states file holds ``model``."""
+    run = zero_run(folder, stage=3)
+    path = run / "global_step1" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    torch_zip(path, dumps(model), storages={})
+    return run
+
+
+def _zero_model(**overrides: Any) -> Call:
+    model = {"module": Call(G("collections", "OrderedDict"), []), "buffer_names": [],
+             "param_shapes": [Call(G("collections", "OrderedDict"), [["w", (6,)]])], "shared_params": {},
+             "frozen_param_shapes": None, "frozen_param_fragments": None, **overrides}
+    return Call(G("collections", "OrderedDict"), [list(item) for item in model.items()])
+
+
+@case("zero", ZERO, expect="not a mapping")
+def zero_rank1_model_file_is_a_list(folder: Path, marker: Path) -> Path:
+    return _zero3_rank1_model(folder, [1, 2, 3])
+
+
+@case("zero", ZERO, expect="not a mapping")
+def zero_rank1_frozen_fragments_a_list(folder: Path, marker: Path) -> Path:
+    return _zero3_rank1_model(folder, _zero_model(frozen_param_fragments=[1, 2]))
+
+
+@case("zero", ZERO, expect="not a mapping")
+def zero_module_is_a_list(folder: Path, marker: Path) -> Path:
+    run = zero_run(folder)
+    torch_zip(run / "global_step1" / "mp_rank_00_model_states.pt", dumps(_zero_model(module=[1, 2])), storages={})
     return run
 
 

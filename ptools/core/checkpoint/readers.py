@@ -6,6 +6,7 @@ Only metadata is read here; the cost does not grow with the size of the tensor d
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ptools.core import limits
-from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, contiguous_stride, whole_numbers
+from ptools.core.checkpoint.tensors import ITEMSIZE, StorageRef, TensorInfo, contiguous_stride, is_shape, whole_numbers
 from ptools.core.checkpoint.unpickle import Opaque, TorchDType, unpickle
 from ptools.core.choices import ZeroWeights
 from ptools.core.files import is_within, path_kind, require_regular_file, size_on_disk
@@ -592,7 +593,7 @@ def _safetensors_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int
         raise BadInputError(f"{what}: unknown dtype {brief(code)}")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if not (isinstance(shape, list) and whole_numbers(tuple(shape))):
+    if not (isinstance(shape, list) and is_shape(tuple(shape))):
         raise BadInputError(f"{what}: shape {brief(shape)} is not a list of sizes")
     if not (
         isinstance(offsets, list) and len(offsets) == 2 and whole_numbers(tuple(offsets)) and offsets[0] <= offsets[1]
@@ -851,7 +852,7 @@ def _dcp_tensor(
     if (
         not isinstance(dtype, TorchDType)
         or dtype.name not in ITEMSIZE
-        or not whole_numbers(shape)
+        or not is_shape(shape)
         or not isinstance(chunks, (list, tuple))
     ):
         raise BadInputError(f"{metadata_path}: corrupt tensor entry for {brief(fqn)}")
@@ -883,7 +884,43 @@ def _dcp_tensor(
         raise BadInputError(
             f"{metadata_path}: the chunks of {brief(fqn)} hold {covered:,} of its {tensor.numel:,} elements"
         )
+    _check_tiling(metadata_path, fqn, shape, [(offsets, sizes) for offsets, sizes, _ in tensor.chunks])
     return tensor
+
+
+def _check_tiling(
+    metadata_path: str, fqn: str, shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
+) -> None:
+    """Refuse chunks that overlap. Inside the tensor and adding up to its size (checked
+    before), disjoint chunks tile it exactly: no element is left for uninitialised memory.
+
+    The chunks' edges cut each dimension into intervals; every chunk is a block of the grid
+    they make, painted once (the grid is bounded, so a hostile layout costs little).
+    """
+    import numpy as np
+
+    boxes = [box for box in boxes if all(box[1])]  # empty chunks hold nothing to overlap
+    if len(boxes) < 2:
+        return
+    edges = [sorted({0, extent, *(o[d] for o, _ in boxes), *(o[d] + n[d] for o, n in boxes)})
+             for d, extent in enumerate(shape)]
+    cells = math.prod(len(cuts) - 1 for cuts in edges)
+    if cells > limits.OBJECTS.value:
+        raise limits.OBJECTS.exceeded(f"{metadata_path}: the chunks of {brief(fqn)} cut it into {cells:,} cells")
+    painted = np.zeros([len(cuts) - 1 for cuts in edges], dtype=bool)
+    for offsets, sizes in boxes:
+        block = painted[
+            tuple(
+                slice(bisect.bisect_left(cuts, o), bisect.bisect_left(cuts, o + n))
+                for cuts, o, n in zip(edges, offsets, sizes)
+            )
+        ]
+        if block.any():
+            raise BadInputError(
+                f"{metadata_path}: chunks of {brief(fqn)} overlap (one at offsets {list(offsets)}); "
+                "DCP chunks must tile the tensor"
+            )
+        block[...] = True
 
 
 class DcpBytes:

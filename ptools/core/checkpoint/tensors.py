@@ -8,6 +8,7 @@ device tag) and where its bytes are (:class:`StorageRef`); values are read on de
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,33 @@ class StorageRef:
     byteorder: str = "little"
 
 
+Run = tuple[StorageRef, int, int]  # a storage, its first byte, a length in bytes
+
+
+class DeferredRuns:
+    """A parameter's byte runs, computed each time they are read.
+
+    A ZeRO-3 parameter is cut across every rank, so a run of W ranks and P parameters has
+    W × P runs; a listing holds P of these (and ``refs``, one tuple shared by all) instead.
+    """
+
+    __slots__ = ("_build", "refs", "count")
+
+    def __init__(self, build: Callable[[], list[Run]], refs: tuple[StorageRef, ...], count: int) -> None:
+        self._build = build
+        self.refs = refs  # every storage a run may come from (the first one is where the data is)
+        self.count = count
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(self._build())
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Run:
+        return self._build()[index]
+
+
 @dataclass(slots=True)
 class TensorInfo:
     """One tensor as the checkpoint describes it. ``storage`` is None for meta tensors."""
@@ -121,7 +149,7 @@ class TensorInfo:
     chunks: list[tuple[tuple[int, ...], tuple[int, ...], StorageRef]] = field(default_factory=list)
     # For DeepSpeed ZeRO: byte runs (storage, first byte, length) whose concatenation is the
     # tensor's dense bytes, in order (a parameter cut across rank partitions).
-    pieces: list[tuple[StorageRef, int, int]] = field(default_factory=list)
+    pieces: list[Run] | DeferredRuns = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -145,7 +173,7 @@ class TensorInfo:
         if self.storage is not None:
             return self.storage.location
         if self.pieces:
-            return self.pieces[0][0].location
+            return _piece_refs(self.pieces)[0].location
         return self.chunks[0][2].location if self.chunks else "meta"
 
     @property
@@ -178,7 +206,11 @@ def storage_identity(tensor: TensorInfo) -> tuple[str, str | int]:
 def data_refs(tensor: TensorInfo) -> list[StorageRef]:
     """Every storage a tensor's bytes are read from: its own, its DCP chunks', its ZeRO pieces'."""
     refs = [tensor.storage] if tensor.storage is not None else []
-    return refs + [ref for _, _, ref in tensor.chunks] + [ref for ref, _, _ in tensor.pieces]
+    return refs + [ref for _, _, ref in tensor.chunks] + list(_piece_refs(tensor.pieces))
+
+
+def _piece_refs(pieces: list[Run] | DeferredRuns) -> tuple[StorageRef, ...] | list[StorageRef]:
+    return pieces.refs if isinstance(pieces, DeferredRuns) else [ref for ref, _, _ in pieces]
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -192,6 +224,9 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 MAX_DIMS = 64  # torch's own bound on a tensor's dimensions
 _INDEX_LIMIT = 1 << 62  # sizes, strides, offsets: what an int64 index can address
+# Elements an array may hold, counting only its non-zero sizes: numpy and torch refuse a
+# shape whose product of non-zero sizes times 16 bytes overflows int64, even when numel is 0.
+_ELEMENT_LIMIT = 1 << 58
 
 
 def whole_numbers(values: Any, length: int | None = None) -> bool:
@@ -203,6 +238,22 @@ def whole_numbers(values: Any, length: int | None = None) -> bool:
         and (length is None or len(values) == length)
         and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INDEX_LIMIT for v in values)
     )
+
+
+def counts(values: Any, length: int) -> bool:
+    """A tuple of ``length`` non-negative ints an int64 index can address (any length:
+    a list per parameter, not a shape)."""
+    return (
+        isinstance(values, tuple)
+        and len(values) == length
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INDEX_LIMIT for v in values)
+    )
+
+
+def is_shape(values: Any, length: int | None = None) -> bool:
+    """Sizes of a tensor: :func:`whole_numbers` whose non-zero sizes multiply to at most
+    :data:`_ELEMENT_LIMIT`, so that a size of 0 cannot hide 2^80 elements from every bound."""
+    return whole_numbers(values, length) and math.prod(v for v in values if v) <= _ELEMENT_LIMIT
 
 
 def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int, storage_bytes: int | None) -> None:
@@ -223,6 +274,10 @@ def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int, 
 
     if not whole_numbers(shape):
         raise BadInputError(f"corrupt tensor record: shape {brief(shape)} is not a tuple of sizes")
+    if not is_shape(shape):
+        raise BadInputError(
+            f"corrupt tensor record: shape {brief(shape)} has sizes no tensor can hold (their product past 2^58)"
+        )
     if not whole_numbers(stride, len(shape)):
         raise BadInputError(f"corrupt tensor record: stride {brief(stride)} is not {len(shape)} non-negative integers")
     if not whole_numbers((storage_offset,)):

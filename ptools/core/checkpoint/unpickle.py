@@ -33,7 +33,7 @@ from ptools.core.checkpoint.tensors import (
     StorageRef,
     TensorInfo,
     check_geometry,
-    whole_numbers,
+    is_shape,
 )
 from ptools.core.limits import brief, brief_text
 from ptools.errors import BadInputError, PtoolsError, UnsafeFileError
@@ -305,7 +305,7 @@ class NumpyArray:
             raise BadInputError("corrupt pickle: numpy array without a plain dtype")
         if not isinstance(data, (bytes, bytearray)):
             raise UnsafeFileError("numpy object arrays are not read without `trust=True`", TRUST_HINT)
-        if not (whole_numbers(shape) and len(shape) <= 32):
+        if not (is_shape(shape) and len(shape) <= 32):
             raise BadInputError(f"corrupt pickle: numpy array shape {brief(shape)}")
         if math.prod(shape) * dtype.dtype.itemsize != len(data):
             raise BadInputError(

@@ -141,6 +141,7 @@ def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
     from ptools.core.checkpoint.unpickle import unpickle
 
     result: np.ndarray | None = None
+    filled = 0
     for offsets, sizes, ref in tensor.chunks:
         blob = checkpoint.read(ref, 0, ref.size_bytes)
         try:
@@ -169,10 +170,14 @@ def _read_chunked(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
         )
         values = read_tensor(inner, chunk_info)
         if result is None:
-            result = np.empty(tensor.shape, dtype=values.dtype)
+            # Zeros, not np.empty: should chunks ever leave a gap, it holds no process memory.
+            result = np.zeros(tensor.shape, dtype=values.dtype)
         result[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = values
+        filled += values.size
+    if filled != tensor.numel:  # the metadata's tiling check makes this unreachable; kept as a guard
+        raise BadInputError(f"a DCP tensor of shape {list(tensor.shape)} has {filled:,} elements in its chunks")
     if result is None:
-        return np.empty(tensor.shape, dtype=np.float32)
+        return np.zeros(tensor.shape, dtype=np.float32)
     return result
 
 
