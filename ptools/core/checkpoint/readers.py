@@ -902,8 +902,10 @@ def _check_tiling(
     boxes = [box for box in boxes if all(box[1])]  # empty chunks hold nothing to overlap
     if len(boxes) < 2:
         return
-    edges = [sorted({0, extent, *(o[d] for o, _ in boxes), *(o[d] + n[d] for o, n in boxes)})
-             for d, extent in enumerate(shape)]
+    edges = [
+        sorted({0, extent, *(o[d] for o, _ in boxes), *(o[d] + n[d] for o, n in boxes)})
+        for d, extent in enumerate(shape)
+    ]
     cells = math.prod(len(cuts) - 1 for cuts in edges)
     if cells > limits.OBJECTS.value:
         raise limits.OBJECTS.exceeded(f"{metadata_path}: the chunks of {brief(fqn)} cut it into {cells:,} cells")

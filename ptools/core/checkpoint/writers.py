@@ -216,6 +216,7 @@ class OutputStorage:
     def chunks(self) -> Iterator[bytes | memoryview]:
         """The output bytes in bounded pieces."""
         ref = self.tensor.storage
+        runs: Iterable[tuple[StorageRef, int, int]]
         if ref is not None:
             runs = [(ref, 0, ref.size_bytes)]
         elif self.tensor.pieces:

@@ -387,9 +387,7 @@ def _cut_across_ranks(
         return []
 
     def build() -> list[tuple[StorageRef, int, int]]:
-        return [
-            run for rank in range(ranks) for run in flats[rank].runs(offset, min(part, numel - rank * part))
-        ]
+        return [run for rank in range(ranks) for run in flats[rank].runs(offset, min(part, numel - rank * part))]
 
     return DeferredRuns(build, refs, ranks)
 
@@ -413,8 +411,9 @@ def _frozen(
     """Frozen parameters have no master copy: stage 1-2 keep them whole in the model file,
     stage 3 keeps ``ceil(numel / world)`` elements of each in every rank's model file."""
     frozen: dict[str, TensorInfo] = {}
-    fragments = [_mapping(model.root.get("frozen_param_fragments"), model.path, "frozen_param_fragments")
-                 for model in models]
+    fragments = [
+        _mapping(model.root.get("frozen_param_fragments"), model.path, "frozen_param_fragments") for model in models
+    ]
     module = _mapping(models[0].root.get("module"), models[0].path, "module")
     for name, shape in shapes.items():
         numel = math.prod(shape)
