@@ -140,32 +140,38 @@ def open_average(
 
 
 class _AverageReader:
-    """Bytes of averaged tensors, computed on first request; one tensor's result is kept so
-    that a writer reading it in pieces computes it once."""
+    """Bytes of averaged tensors, computed for the range a writer asks for: each input's
+    tensor is read once (kept while the writer is on that tensor) and averaged a bounded
+    range of elements at a time, so an expanded input is never materialised whole."""
 
     def __init__(self, sources_of: dict[str, list[tuple[Checkpoint, TensorInfo]]]) -> None:
         self.sources_of = sources_of
-        self.cached: tuple[str, bytes] | None = None
+        self.inputs: tuple[str, list[Any]] | None = None
 
     def read(self, ref: StorageRef, start: int, length: int) -> bytes:
-        if self.cached is None or self.cached[0] != ref.key:
-            self.cached = None  # free the previous tensor before computing the next
-            self.cached = (ref.key, self._average(ref.key))
-        return self.cached[1][start : start + length]
+        from ptools.core.checkpoint.tensors import ITEMSIZE
 
-    def _average(self, name: str) -> bytes:
+        if self.inputs is None or self.inputs[0] != ref.key:
+            self.inputs = None  # free the previous tensor's inputs before reading the next
+            self.inputs = (ref.key, [read_tensor(c, t) for c, t in self.sources_of[ref.key]])
+        itemsize = ITEMSIZE[self.sources_of[ref.key][0][1].dtype]
+        first, stop = start // itemsize, -(-(start + length) // itemsize)
+        skip = start - first * itemsize
+        return self._average(ref.key, self.inputs[1], first, stop)[skip : skip + length]
+
+    def _average(self, name: str, inputs: list[Any], start: int, stop: int) -> bytes:
         import numpy as np
 
+        from ptools.core.checkpoint.values import flat_range
         from ptools.core.checkpoint.writers import encode_values
 
-        pairs = self.sources_of[name]
-        dtype = pairs[0][1].dtype
+        dtype = self.sources_of[name][0][1].dtype
         wide = np.complex128 if dtype in COMPLEX else np.float64
         total: Any = None
-        for checkpoint, tensor in pairs:
-            values = read_tensor(checkpoint, tensor).astype(wide)
-            total = values if total is None else np.add(total, values, out=total)
-        mean = total / len(pairs)
+        for values in inputs:
+            part = flat_range(values, start, stop).astype(wide)
+            total = part if total is None else np.add(total, part, out=total)
+        mean = total / len(inputs)
         if dtype in ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"):
             mean = mean.astype(np.float32)  # torch casts float64 through float32
         elif dtype in ("complex64", "complex32"):

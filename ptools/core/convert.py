@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -734,7 +735,9 @@ _PLAIN_VALUES = (bool, int, float, str, type(None))
 def _is_dcp_output(folder: str) -> bool:
     """Whether ``folder`` holds a DCP checkpoint and nothing else (what `force` may replace)."""
     names = os.listdir(folder)
-    return ".metadata" in names and all(_DCP_FILE.match(name) for name in names)
+    return ".metadata" in names and all(
+        _DCP_FILE.match(name) and stat.S_ISREG(os.lstat(os.path.join(folder, name)).st_mode) for name in names
+    )
 
 
 def _prepare_dcp(context: _Context) -> _Prepared:
@@ -767,6 +770,9 @@ def _prepare_dcp(context: _Context) -> _Prepared:
     if not isinstance(context.root, Mapping):
         raise BadInputError("DCP output needs a dict at the top level", "pass `extract='auto'`")
     check(context.root, "")
+    from ptools.core.checkpoint.values import check_expansion_budget
+
+    check_expansion_budget(context.checkpoint, [entry.tensor for entry in entries.values()])
     for entry in entries.values():
         if entry.dtype != entry.tensor.dtype:
             entry.tally = CastTally([entry.name], entry.tensor.dtype, entry.dtype)

@@ -62,6 +62,12 @@ PIECES = Limit("PTOOLS_MAX_PIECES", 16_000_000, "byte runs assembled from rank p
 # A stride-0 (expanded) tensor may claim this many elements per stored element.
 EXPANSION = Limit("PTOOLS_MAX_EXPANSION", 64, "× elements over what is stored")
 
+# Bytes inflated from compressed zip records over a command (torch never compresses them).
+INFLATED_BYTES = Limit("PTOOLS_MAX_INFLATED_BYTES", 8 << 30, "bytes inflated from compressed records")
+# What all of a checkpoint's expanded tensors together may claim beyond their storage, as one
+# command materialises them (each alone is bounded by EXPANSION; several were not).
+EXPANDED_BYTES = Limit("PTOOLS_MAX_EXPANDED_BYTES", 1 << 30, "bytes of expanded (stride-0) tensors")
+
 _BRIEF = reprlib.Repr()
 _BRIEF.maxstring = 60
 _BRIEF.maxother = 60

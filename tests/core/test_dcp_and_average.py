@@ -94,6 +94,12 @@ def test_dcp_output_never_replaces_what_it_did_not_write(tmp_path: Path) -> None
         convert_checkpoint(source, tmp_path / "dcp", format="dcp")
     convert_checkpoint(source, tmp_path / "dcp", format="dcp", force=True)
     assert sorted(os.listdir(tmp_path / "dcp"))[0] == ".metadata"
+    # A folder named like a shard is not DCP output, so the folder holding it is not either.
+    (tmp_path / "dcp" / "__9_0.distcp").mkdir()
+    (tmp_path / "dcp" / "__9_0.distcp" / "mine.txt").write_text("mine")
+    with pytest.raises(BadInputError, match="not a DCP checkpoint folder"):
+        convert_checkpoint(source, tmp_path / "dcp", format="dcp", force=True)
+    assert (tmp_path / "dcp" / "__9_0.distcp" / "mine.txt").read_text() == "mine"
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".ptools-tmp")]
     with pytest.raises(BadInputError, match="cannot go with `format` dcp"):
         convert_checkpoint(source, tmp_path / "x", format="dcp", shard_size=100)
@@ -164,7 +170,8 @@ def test_average_refuses_different_keys_shapes_and_dtypes(tmp_path: Path) -> Non
 
 
 def test_average_holds_one_tensor_of_each_input_at_a_time(tmp_path: Path) -> None:
-    """The averaged tensor is computed when the writer asks for it, and only the last one is kept."""
+    """The averaged tensor is computed when the writer asks for it; only the last tensor's
+    inputs are kept."""
     from ptools.core.average import open_average
 
     paths, _ = _three(tmp_path)
@@ -174,8 +181,8 @@ def test_average_holds_one_tensor_of_each_input_at_a_time(tmp_path: Path) -> Non
     for name in ("w", "h"):
         tensor = checkpoint.root[name]
         checkpoint.read(tensor.storage, 0, tensor.nbytes)
-    cached = [cell.cell_contents for cell in reader if hasattr(cell.cell_contents, "cached")][0].cached
-    assert cached[0] == "h"  # 'w' was let go
+    kept = [cell.cell_contents for cell in reader if hasattr(cell.cell_contents, "inputs")][0].inputs
+    assert kept[0] == "h" and len(kept[1]) == len(paths)  # 'w' was let go
 
 
 def test_average_keeps_ties_that_every_input_has(tmp_path: Path) -> None:

@@ -920,6 +920,13 @@ def zero_size_hides_2_to_80(folder: Path, marker: Path) -> Path:
     return state_zip(folder / "m.pt", {"w": tensor(storage("0", 4), (0, 2**40, 2**40), (2**40, 1, 1))})
 
 
+@case("memory", ("inspect-stats", "convert-st", "convert-dcp", "diff"), expect="expanded")
+def four_allowed_stride0_tensors(folder: Path, marker: Path) -> Path:
+    # Each alone is within the expansion bound (2^27 elements from one); together 2 GiB.
+    return state_zip(folder / "m.pt", {f"w{i}": tensor(storage(str(i), 4), (2**27,), (0,)) for i in range(4)},
+                     storages={str(i): b"\0" * 16 for i in range(4)})
+
+
 @case("zero", ZERO, expect="short or missing")
 def zero_param_shape_2_to_40(folder: Path, marker: Path) -> Path:
     return zero_run(folder, shapes={"w": (2**40,)})

@@ -94,6 +94,9 @@ class Checkpoint:
     # which ``read_record`` then reads through zipfile.
     locate: Callable[[StorageRef], int | None] = lambda ref: ref.offset
     read_record: Callable[[StorageRef, int, int], bytes] | None = None
+    # Bytes that expanded (stride-0) tensors have claimed beyond their storage so far: the
+    # budget :data:`limits.EXPANDED_BYTES` bounds, over a whole command.
+    expanded_bytes: int = 0
 
     def read(self, ref: StorageRef, start: int, length: int) -> bytes:
         """``length`` bytes of a storage from byte ``start``; one tensor's worth, never more."""
@@ -292,12 +295,13 @@ def _open_zip(path: str, trust: bool, extra_globals: dict[str, Any] | None = Non
     extra = _torchscript_globals() if is_script else extra_globals
     root = unpickle(data, storage_ref, what=path, trust=trust, extra_globals=extra)
 
+    inflated = _Inflated(path)
+
     def read_record(ref: StorageRef, start: int, length: int) -> bytes:
         try:
-            _check_inflation(path, zip_file.getinfo(records[ref.key]))
-            with zip_file.open(records[ref.key]) as record:
-                record.seek(start)  # inflates and discards in bounded pieces
-                return record.read(length)
+            info = zip_file.getinfo(records[ref.key])
+            _check_inflation(path, info)
+            return inflated.read(zip_file, info, start, length)
         except ZIP_ERRORS as failure:
             raise BadInputError(f"{path}: corrupt zip record for storage {ref.key} ({failure})") from None
 
@@ -326,6 +330,38 @@ def _open_zip(path: str, trust: bool, extra_globals: dict[str, Any] | None = Non
                 f"(not in the module's state_dict) left out: {shown}"
             )
     return checkpoint
+
+
+class _Inflated:
+    """Compressed zip records (torch never writes them; a hand-made file may), inflated at most
+    once per command: the last one is kept whole when it is small enough, so 30,000 tensors of
+    one deflated record do not inflate it from its start 30,000 times. What is inflated in
+    all is counted against :data:`limits.INFLATED_BYTES`."""
+
+    _KEEP_BYTES = 256 << 20
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.kept: tuple[str, bytes] | None = None
+        self.total = 0
+
+    def _spend(self, count: int, name: str) -> None:
+        self.total += count
+        if self.total > limits.INFLATED_BYTES.value:
+            raise limits.INFLATED_BYTES.exceeded(f"{self.path}: inflating record {name} again")
+
+    def read(self, zip_file: zipfile.ZipFile, info: zipfile.ZipInfo, start: int, length: int) -> bytes:
+        if self.kept is not None and self.kept[0] == info.filename:
+            return self.kept[1][start : start + length]
+        if info.file_size <= self._KEEP_BYTES:
+            self.kept = None
+            self._spend(info.file_size, info.filename)
+            self.kept = (info.filename, zip_file.read(info))
+            return self.kept[1][start : start + length]
+        self._spend(start + length, info.filename)
+        with zip_file.open(info) as record:
+            record.seek(start)  # inflates and discards in bounded pieces
+            return record.read(length)
 
 
 def _zip_read(zip_file: zipfile.ZipFile, path: str, name: str) -> bytes:

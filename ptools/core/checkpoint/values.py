@@ -10,6 +10,7 @@ import functools
 import io
 import math
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -113,6 +114,8 @@ def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
             f"a tensor of shape {list(tensor.shape)} claims {tensor.numel:,} elements over "
             f"{extent:,} stored ones; refusing to expand it"
         )
+    if tensor.numel > extent:
+        _spend_expansion(checkpoint, tensor, expansion_claim(tensor))
     raw = checkpoint.read(tensor.storage, tensor.storage_offset * itemsize, extent * itemsize)
     flat = decode(raw, tensor.dtype, tensor.storage.byteorder)
     if tensor.numel == 0:
@@ -122,6 +125,63 @@ def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(
         flat, shape=tensor.shape, strides=[s * flat.itemsize for s in tensor.stride], writeable=False
     )
+
+
+def expansion_claim(tensor: TensorInfo) -> int:
+    """Bytes an expanded (stride-0) tensor claims beyond the elements it spans in storage."""
+    return max(0, tensor.numel - tensor.extent) * ITEMSIZE[tensor.dtype] if tensor.storage is not None else 0
+
+
+def _spend_expansion(checkpoint: Checkpoint, tensor: TensorInfo, claimed: int, *, plan_only: bool = False) -> None:
+    """Count what an expanded tensor claims beyond its storage against the command's budget:
+    four allowed stride-0 tensors made a 3 GB DCP output out of a few bytes. ``plan_only``:
+    check what a writer is about to materialise, without spending it."""
+    from ptools.core import limits
+
+    spent = checkpoint.expanded_bytes + claimed
+    if not plan_only:
+        checkpoint.expanded_bytes = spent
+    if spent > limits.EXPANDED_BYTES.value:
+        raise limits.EXPANDED_BYTES.exceeded(
+            f"{checkpoint.path}: expanded tensors (the last of shape {list(tensor.shape)}) claim "
+            f"{spent:,} bytes over what is stored"
+        )
+
+
+def check_expansion_budget(checkpoint: Checkpoint, tensors: list[TensorInfo]) -> None:
+    """Refuse, before any is built, tensors whose expansions together exceed the budget (an
+    output that holds them all in memory at once)."""
+    total = 0
+    for tensor in tensors:
+        claim = expansion_claim(tensor)
+        if claim:
+            total += claim
+            _spend_expansion(checkpoint, tensor, total, plan_only=True)
+
+
+def flat_range(values: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Elements ``start:stop`` of ``values`` in row-major order, 1-D; memory of that range
+    alone (``reshape(-1)`` of a strided or expanded view would copy all of it)."""
+    import numpy as np
+
+    if values.ndim <= 1 or values.flags.c_contiguous:
+        return values.reshape(-1)[start:stop]
+    row = values[0].size
+    first, last = start // row, (stop - 1) // row
+    if first == last:
+        return flat_range(values[first], start - first * row, stop - first * row)
+    parts = [flat_range(values[first], start - first * row, row)]
+    if last > first + 1:
+        parts.append(values[first + 1 : last].reshape(-1))
+    parts.append(flat_range(values[last], 0, stop - last * row))
+    return np.concatenate(parts)
+
+
+def flat_chunks(values: np.ndarray, elements: int | None = None) -> Iterator[np.ndarray]:
+    """``values`` in row-major order, in 1-D pieces of at most ``elements`` (CHUNK_ELEMENTS)."""
+    step = elements or CHUNK_ELEMENTS
+    for start in range(0, values.size, step):
+        yield flat_range(values, start, min(start + step, values.size))
 
 
 def _no_offset(ref: StorageRef) -> int | None:
@@ -203,12 +263,10 @@ def tensor_stats(values: np.ndarray, dtype: str) -> TensorStats:
     """Min, max, mean, std, NaN and Inf counts, accumulated over chunks (Chan et al. merge)."""
     import numpy as np
 
-    flat = values.reshape(-1)
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf
     nan = inf = 0
-    for start in range(0, flat.size, CHUNK_ELEMENTS):
-        chunk = flat[start : start + CHUNK_ELEMENTS]
+    for chunk in flat_chunks(values):
         if dtype in COMPLEX:
             nan += int(np.isnan(chunk).sum())
             inf += int((np.isinf(chunk) & ~np.isnan(chunk)).sum())
@@ -241,11 +299,8 @@ def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float | None:
     """Largest |a - b| over elements, chunked; NaN where either side is NaN; None when empty."""
     import numpy as np
 
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     worst: float | None = None
-    for start in range(0, flat_a.size, CHUNK_ELEMENTS):
-        left = flat_a[start : start + CHUNK_ELEMENTS]
-        right = flat_b[start : start + CHUNK_ELEMENTS]
+    for left, right in zip(flat_chunks(a), flat_chunks(b)):
         kind = np.complex128 if np.iscomplexobj(left) or np.iscomplexobj(right) else np.float64
         difference = np.abs(left.astype(kind) - right.astype(kind))
         both_nan = np.isnan(left.astype(kind)) & np.isnan(right.astype(kind))
@@ -266,12 +321,10 @@ def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float | None:
     :func:`max_abs_difference`."""
     import numpy as np
 
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     worst: float | None = None
-    for start in range(0, flat_a.size, CHUNK_ELEMENTS):
-        kind = np.complex128 if np.iscomplexobj(flat_a) or np.iscomplexobj(flat_b) else np.float64
-        left = flat_a[start : start + CHUNK_ELEMENTS].astype(kind)
-        right = flat_b[start : start + CHUNK_ELEMENTS].astype(kind)
+    kind = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
+    for chunk_a, chunk_b in zip(flat_chunks(a), flat_chunks(b)):
+        left, right = chunk_a.astype(kind), chunk_b.astype(kind)
         with np.errstate(invalid="ignore", divide="ignore"):
             relative = np.abs(left - right) / np.maximum(np.abs(left), np.abs(right))
         relative = np.where((left == right) | (np.isnan(left) & np.isnan(right)), 0.0, relative)

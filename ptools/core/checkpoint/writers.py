@@ -547,10 +547,11 @@ class SafetensorsEntry:
         if tensor.pieces:
             yield from byte_runs(self.checkpoint, tensor.pieces, source, self.dtype, self.tally)
             return
-        from ptools.core.checkpoint.values import read_tensor
+        from ptools.core.checkpoint.values import flat_chunks, read_tensor
 
-        # A strided view: gather its elements (one tensor in memory), then encode densely.
-        yield encode_values(read_tensor(self.checkpoint, tensor), self.dtype, self.tally)
+        # A strided or expanded view: gathered and encoded densely, a bounded piece at a time.
+        for piece in flat_chunks(read_tensor(self.checkpoint, tensor)):
+            yield encode_values(piece, self.dtype, self.tally)
 
 
 def safetensors_header(entries: list[SafetensorsEntry], metadata: dict[str, str]) -> bytes:
