@@ -196,6 +196,25 @@ _WHOLE_GPU: dict[str, Any] = {
     "mig_instances": list,
 }
 _HEALTH_LENGTHS = {"ecc": 3, "retired": 3, "remapped": 4}  # each a list of that many integers, or null
+# Magnitudes a real device can report, so that a 400-byte recording cannot ask for 9 GB
+# (a list of 10^9 retired pages) or overflow a float (watts of 10^400 mW).
+_PETABYTE = 1 << 50
+_RANGES: dict[str, tuple[int, int]] = {
+    "total": (0, _PETABYTE),
+    "used": (0, _PETABYTE),
+    "util": (0, 100),
+    "temp": (-273, 1000),
+    "power_mw": (0, 10**8),
+    "limit_mw": (0, 10**8),
+    "throttle": (0, (1 << 64) - 1),
+}
+_HEALTH_RANGES = {"ecc": (0, (1 << 64) - 1), "retired": (0, 1 << 16), "remapped": (0, 1 << 20)}
+_MAX_ITEMS = 4096  # GPUs, processes, MIG instances in one recording
+_MAX_TEXT = 1024
+
+
+def _in_range(value: Any, low: int, high: int) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high)
 
 
 def _check_device(device: Any, where: str, fields: dict[str, Any]) -> None:
@@ -206,21 +225,34 @@ def _check_device(device: Any, where: str, fields: dict[str, Any]) -> None:
     for name, kind in fields.items():
         if name not in device or not isinstance(device[name], kind):
             raise ValueError(f"{where}.{name} is missing or of the wrong type")
+    for name, (low, high) in _RANGES.items():
+        if name in device and not _in_range(device[name], low, high):
+            raise ValueError(f"{where}.{name} must be {low:,} to {high:,}")
+    for name in ("name", "uuid", "bus"):
+        if len(device.get(name) or "") > _MAX_TEXT:
+            raise ValueError(f"{where}.{name} is longer than {_MAX_TEXT} characters")
+    for name in ("processes", "mig_instances"):
+        if len(device.get(name) or ()) > _MAX_ITEMS:
+            raise ValueError(f"{where}.{name} holds more than {_MAX_ITEMS:,} entries")
     cc = device["cc"]
-    if len(cc) != 2 or not all(isinstance(part, int) for part in cc):
+    if len(cc) != 2 or not all(_in_range(part, 0, 99) and part is not None for part in cc):
         raise ValueError(f"{where}.cc must be [major, minor]")
     if device["total"] < 0 or not 0 <= device["used"] <= device["total"]:
         raise ValueError(f"{where}: memory must satisfy 0 <= used <= total")
     for process in device["processes"]:
         if not (isinstance(process, list) and len(process) == 2 and isinstance(process[0], int)
-                and isinstance(process[1], _COUNT)):  # fmt: skip
+                and _in_range(process[0], 0, (1 << 32) - 1)
+                and _in_range(process[1], 0, _PETABYTE)):  # fmt: skip
             raise ValueError(f"{where}.processes holds [pid, bytes or null] pairs")
     for name, length in _HEALTH_LENGTHS.items():
         value = device.get(name)
+        low, high = _HEALTH_RANGES[name]
         if value is not None and not (
-            isinstance(value, list) and len(value) == length and all(isinstance(v, int) for v in value)
+            isinstance(value, list)
+            and len(value) == length
+            and all(isinstance(v, int) and _in_range(v, low, high) for v in value)
         ):
-            raise ValueError(f"{where}.{name} must be {length} integers or null")
+            raise ValueError(f"{where}.{name} must be {length} integers of {low:,} to {high:,}, or null")
     if not isinstance(device.get("throttle"), _COUNT):
         raise ValueError(f"{where}.throttle must be an integer mask or null")
 
@@ -236,6 +268,8 @@ def load_recording(path: str) -> RecordedNvml:
             data = json.load(handle)
         if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
             raise ValueError('not an object with a "gpus" list')
+        if len(data["gpus"]) > _MAX_ITEMS:
+            raise ValueError(f"more than {_MAX_ITEMS:,} GPUs")
         for number, gpu in enumerate(data["gpus"]):
             _check_device(gpu, f"gpus[{number}]", _WHOLE_GPU)
             for slot, instance in enumerate(gpu["mig_instances"]):
@@ -244,8 +278,10 @@ def load_recording(path: str) -> RecordedNvml:
         delay = float(data.get("delay_s", 0.0))
         if not 0 <= delay <= MAX_DELAY_S:
             raise ValueError(f"delay_s must be 0 to {MAX_DELAY_S:g} seconds")
-        if not isinstance(data.get("init_error"), (int, type(None))):
+        if not _in_range(data.get("init_error"), 0, 1 << 16):
             raise ValueError("init_error must be an NVML error code or null")
+        if not _in_range(data.get("cuda", 13000), 0, 10**6) or len(str(data.get("driver", ""))) > _MAX_TEXT:
+            raise ValueError("cuda must be a version number like 13000, driver a version string")
         return RecordedNvml(
             list(data["gpus"]),
             init_error=data.get("init_error"),

@@ -38,6 +38,16 @@ CASES = {
     "endless delay": json.dumps({**good(), "delay_s": 1e9}).encode(),
     "negative delay": json.dumps({**good(), "delay_s": -1}).encode(),
     "bad init error": json.dumps({**good(), "init_error": "boom"}).encode(),
+    # Magnitudes: a few hundred bytes that asked for gigabytes or overflowed a float.
+    "a billion retired pages": json.dumps(lie(lambda d: d["gpus"][1].update(retired=[10**9, 0, 0]))).encode(),
+    "watts past a float": json.dumps(lie(lambda d: d["gpus"][1].update(power_mw=10**400))).encode(),
+    "limit past a float": json.dumps(lie(lambda d: d["gpus"][1].update(limit_mw=10**400))).encode(),
+    "total past a petabyte": json.dumps(lie(lambda d: d["gpus"][1].update(total=10**30, used=0))).encode(),
+    "negative ecc": json.dumps(lie(lambda d: d["gpus"][1].update(ecc=[-1, 0, 0]))).encode(),
+    "process bytes past a float": json.dumps(lie(lambda d: d["gpus"][1].update(processes=[[1, 10**400]]))).encode(),
+    "utilisation 1e6": json.dumps(lie(lambda d: d["gpus"][1].update(util=10**6))).encode(),
+    "temperature 1e30": json.dumps(lie(lambda d: d["gpus"][1].update(temp=10**30))).encode(),
+    "compute capability 1e30": json.dumps(lie(lambda d: d["gpus"][1].update(cc=[10**30, 0]))).encode(),
 }
 
 
