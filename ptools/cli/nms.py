@@ -387,6 +387,8 @@ def _in_memory(
     kept, report = core.run_nms(
         detections,
         models=models,
+        # Every input is a model, records or not: ensemble-boxes divides by the number of inputs.
+        model_count=len(sources) if len(sources) > 1 else None,
         class_iou=tables[0],
         class_score_threshold=tables[1],
         # The records were parsed for this run: soft/merge may update them in place, unless

@@ -351,6 +351,7 @@ def run_nms(
     keep_input: bool = True,
     criterion: IouKind = "iou",
     models: np.ndarray | None = None,
+    model_count: int | None = None,
     model_weights: Sequence[float] | None = None,
     skip_box_threshold: float = 0.0,
     conf_type: ConfType = "avg",
@@ -369,7 +370,8 @@ def run_nms(
             of ``iou_threshold`` / ``score_threshold`` for that class; other classes keep
             the single values (see :func:`resolve_class_table` for names and text keys).
         models: for ``wbf`` and ``nmw``: the input (model) each record comes from, 0 to M-1;
-            ``model_weights`` their weights, ``skip_box_threshold`` and ``conf_type`` as in
+            ``model_weights`` their weights, ``model_count`` how many inputs there are (an
+            input without records still counts), ``skip_box_threshold`` and ``conf_type`` as in
             :func:`ptools.core.fusion.fuse_groups`.
 
     Returns:
@@ -393,6 +395,7 @@ def run_nms(
             agnostic=agnostic,
             box_format=box_format,
             models=models,
+            model_count=model_count,
             model_weights=model_weights,
             skip_box_threshold=skip_box_threshold,
             conf_type=conf_type,
@@ -604,6 +607,7 @@ def _run_fusion(
     agnostic: bool,
     box_format: str,
     models: np.ndarray | None,
+    model_count: int | None,
     model_weights: Sequence[float] | None,
     skip_box_threshold: float,
     conf_type: str,
@@ -628,6 +632,7 @@ def _run_fusion(
         skip_box_threshold=skip_box_threshold,
         conf_type=conf_type,
         iou_thresholds=iou_per_box,
+        model_count=model_count,
     )
     positions = nms_core.limit_per_image(detections.images, result.head, result.scores, max_det)
     heads = result.head[positions]

@@ -77,6 +77,7 @@ def fuse_groups(
     skip_box_threshold: float = 0.0,
     conf_type: str = "avg",
     iou_thresholds: np.ndarray | None = None,
+    model_count: int | None = None,
 ) -> FusionResult:
     """Fuse the boxes of several models within each group (image × class).
 
@@ -89,6 +90,9 @@ def fuse_groups(
         conf_type (WBF): ``avg``, ``max``, ``box_and_model_avg``, ``absent_model_aware_avg``.
         iou_thresholds (ndarray[N], optional): per box (per-class settings), in place of
             ``iou_threshold``; NaN where the single value applies.
+        model_count: how many models there are (a model without boxes still counts, as in
+            ensemble-boxes): ``len(model_weights)`` when weights are given, else the highest
+            model index + 1.
 
     Raises:
         BadInputError: an unknown method or conf type, weights not matching the models.
@@ -104,7 +108,13 @@ def fuse_groups(
     groups = np.asarray(groups, dtype=np.int64)
     models = np.asarray(models, dtype=np.int64)
     count = int(models.max(initial=-1)) + 1
+    if model_count is not None:
+        if model_count < max(count, 1):
+            raise BadInputError(f"`model_count` {model_count} is below the {count} models the boxes come from")
+        count = model_count
     weights = np.ones(max(count, 1)) if model_weights is None else np.asarray(model_weights, dtype=np.float64)
+    if model_count is not None and model_weights is not None and weights.size != model_count:
+        raise BadInputError(f"`model_weights` has {weights.size} weights for {model_count} models")
     if weights.size < count or (weights <= 0).any() or not np.isfinite(weights).all():
         raise BadInputError(f"`model_weights` needs a positive weight for each of the {count} inputs")
     if weights.size > MAX_MODELS:

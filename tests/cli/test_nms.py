@@ -329,3 +329,18 @@ def test_criterion_names_its_rule_and_matches_the_library(tmp_path: Path, synthe
     assert "gaussian decay s *= exp(-DIoU^2 / 0.5)" in soft.stderr
     clash = run(path, "--method", "diou", "--criterion", "ciou")
     assert clash.exit_code == 1 and "method diou compares DIoU" in clash.stderr
+
+
+@pytest.mark.parametrize("order", ["empty last", "empty first"])
+def test_wbf_counts_every_input_as_a_model_even_without_records(order: str, tmp_path: Path) -> None:
+    """The model count is the number of inputs: an input without records given last made every
+    score 0.8 instead of ensemble-boxes' 0.4."""
+    from ensemble_boxes import weighted_boxes_fusion
+
+    boxes = write(tmp_path / "a.json", [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.8}])
+    empty = write(tmp_path / "empty.json", [])
+    inputs = [boxes, empty] if order == "empty last" else [empty, boxes]
+    result = run(*map(str, inputs), "--method", "wbf")
+    assert result.exit_code == 0, result.stderr
+    _, expected, _ = weighted_boxes_fusion([[[0, 0, 0.1, 0.1]], []], [[0.8], []], [[1], []])
+    assert [record["score"] for record in json.loads(result.stdout)] == pytest.approx(list(expected))
