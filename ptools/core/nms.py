@@ -523,10 +523,11 @@ def nms(
 
     Raises:
         BadInputError: an unknown method, soft function or box format; ``iou_threshold``
-            outside [0, 1]; ``max_det`` below 1; ``sigma`` <= 0; boxes and scores of
-            different lengths.
+            outside [0, 1]; ``max_det`` below 1; ``sigma`` <= 0; boxes not [N, 4], scores
+            (labels, images) not [N].
     """
     check_parameters(iou_threshold, max_det)
+    _check_shapes(boxes, scores, labels, images)
     is_torch = type(boxes).__module__.startswith("torch")
     if is_torch:
         import torch
@@ -565,6 +566,19 @@ def nms(
     if is_torch:
         return torch.as_tensor(keep, device=device), torch.as_tensor(final, device=device)
     return keep, final
+
+
+def _check_shapes(boxes: Any, scores: Any, labels: Any, images: Any) -> None:
+    """boxes [N, 4], scores [N], labels and images [N] when given, as torchvision's ops ask:
+    a (2, 6) array is not three boxes, nor a flat array of 8 numbers two."""
+    box_shape, score_shape = tuple(np.shape(boxes)), tuple(np.shape(scores))
+    if len(box_shape) != 2 or box_shape[1] != 4:
+        raise BadInputError(f"boxes must be [N, 4], not {list(box_shape)}")
+    if score_shape != box_shape[:1]:
+        raise BadInputError(f"scores must be [N] for boxes {list(box_shape)}, not {list(score_shape)}")
+    for name, values in (("labels", labels), ("images", images)):
+        if values is not None and tuple(np.shape(values)) != box_shape[:1]:
+            raise BadInputError(f"{name} must be [N] for boxes {list(box_shape)}, not {list(np.shape(values))}")
 
 
 def _codes(values: Any, count: int) -> np.ndarray:

@@ -369,3 +369,48 @@ def test_run_nms_may_update_records_the_caller_gives_up() -> None:
                {"image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "score": 0.8}]
     kept, _ = detections.run_nms(detections.validate(records), method="soft", keep_input=False)
     assert kept[1] is records[1] and records[1]["score"] < 0.8  # decayed in place, no copy
+
+
+@pytest.mark.parametrize(("boxes", "scores", "message"), [
+    (np.zeros((2, 6)), np.zeros(3), r"boxes must be \[N, 4\], not \[2, 6\]"),
+    (np.zeros(8), np.zeros(2), r"boxes must be \[N, 4\], not \[8\]"),
+    (np.zeros((2, 4)), np.zeros((2, 1)), r"scores must be \[N\] for boxes \[2, 4\], not \[2, 1\]"),
+    (np.zeros((2, 4)), np.zeros(3), r"scores must be \[N\]"),
+])
+def test_nms_refuses_shapes_torchvision_refuses(boxes: np.ndarray, scores: np.ndarray, message: str) -> None:
+    """A (2, 6) array was reshaped into three boxes and a flat array accepted."""
+    from ptools.core.nms import nms
+
+    with pytest.raises(BadInputError, match=message):
+        nms(boxes, scores)
+    with pytest.raises(BadInputError, match=message):
+        nms(torch.as_tensor(boxes), torch.as_tensor(scores))
+    with pytest.raises(BadInputError, match=r"labels must be \[N\]"):
+        nms(np.zeros((2, 4)), np.zeros(2), np.zeros(3))
+
+
+def test_iou_exactly_at_the_threshold_is_compared_in_float64() -> None:
+    """(0,0,10,10) and (0,0,10,2) have IoU 0.2 exactly. torchvision compares a float32 IoU
+    (0.2000000030) for float32 tensors and suppresses; in float64 it keeps both, as ptools
+    does for every input (README: hard NMS, 'float32 inputs')."""
+    from torchvision.ops import nms as torchvision_nms
+
+    from ptools.core.nms import nms
+
+    boxes, scores = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 2.0]]), torch.tensor([0.9, 0.8])
+    assert torchvision_nms(boxes, scores, 0.2).tolist() == [0]
+    assert torchvision_nms(boxes.double(), scores.double(), 0.2).tolist() == [0, 1]
+    assert nms(boxes, scores, iou_threshold=0.2)[0].tolist() == [0, 1]
+
+
+def test_a_nan_score_ranks_last_and_never_suppresses() -> None:
+    """torchvision sorts NaN first, so a NaN-scored box is kept and suppresses real ones;
+    ptools ranks it below every number (README: hard NMS, 'NaN scores')."""
+    from torchvision.ops import nms as torchvision_nms
+
+    from ptools.core.nms import nms
+
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 9.0], [50, 50, 60, 60]])
+    scores = torch.tensor([float("nan"), 0.8, 0.7])
+    assert torchvision_nms(boxes, scores, 0.5).tolist() == [0, 2]
+    assert nms(boxes, scores, iou_threshold=0.5)[0].tolist() == [1, 2]
