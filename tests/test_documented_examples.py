@@ -41,6 +41,16 @@ class Net(torch.nn.Module):
         return self.head(self.backbone(x).mean((2, 3)))
 
 
+class LazyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.LazyConv2d(8, 3), torch.nn.ReLU())
+        self.head = torch.nn.LazyLinear(10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
 class Tagger(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -254,3 +264,41 @@ def test_every_documented_command_is_collected() -> None:
     """The parsers above find what they should (a README without bash blocks would pass vacuously)."""
     assert len(readme_lines()) >= 30 and len(help_lines()) >= 25
     assert any(line.startswith("ptools freeze models.py:Net") for line in readme_lines())
+
+
+# Flags README names that belong to a benchmark script of the section, not to the command.
+_BENCHMARK_FLAGS = {"--runs": "bench_ray.py", "--wall-only": "bench_models.py", "--optimizers": "bench_train.py"}
+
+
+def _command_options() -> dict[str, set[str]]:
+    from typer.main import get_command
+
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+    return {name: {flag for param in command.params for flag in (*param.opts, *param.secondary_opts)
+                   if flag.startswith("--")} | {"--help"} for name, command in commands.items()}
+
+
+def test_every_option_readme_names_exists_for_that_command() -> None:
+    """In each command's README section, every `--flag` is an option of that command (README
+    documented a `count-params --weights` that never existed), or of the benchmark named."""
+    options = _command_options()
+    text = (ROOT / "README.md").read_text()
+    sections = re.split(r"^##+ ", text, flags=re.MULTILINE)
+    checked = 0
+    for section in sections:
+        match = re.match(r"`ptools ([a-z-]+)`", section)
+        if not match or match.group(1) not in options:
+            continue
+        command = match.group(1)
+        for flag in sorted(set(re.findall(r"`(--[a-z][a-z0-9-]*)", section))):
+            checked += 1
+            if flag in options[command]:
+                continue
+            script = _BENCHMARK_FLAGS.get(flag)
+            assert script and flag in (ROOT / "benchmarks" / script).read_text(), (
+                f"README's `ptools {command}` section names {flag}, which `ptools {command}` does not have"
+            )
+    assert checked > 100
+    for command, flags in options.items():  # "count-params --weights" written in prose anywhere
+        for flag in re.findall(rf"`(?:ptools )?{command} (--[a-z][a-z0-9-]*)", text):
+            assert flag in flags, f"README writes `{command} {flag}`, which does not exist"

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
-from ptools.cli.options import DepthOption, JsonOption, KwargsOption, TagOption, TrustOption
+from ptools.cli.options import DepthOption, JsonOption, KwargsOption, TagOption, TrustOption, usage_check
+from ptools.core.summary import parse_input_size
 from ptools.core.units import format_bytes
 
 NAME = "count-params"
@@ -26,6 +27,8 @@ MODEL_OR_CHECKPOINT is a model spec (resnet50, torchvision:NAME, timm:NAME, pack
   ptools count-params run/last.ckpt
 
   ptools count-params models.py:Net --kwargs '{{"width": 64}}'
+
+  ptools count-params models.py:LazyNet --input-size 3,32,32
 """
 
 
@@ -41,6 +44,15 @@ def command(
         str, typer.Option("--key", metavar="KEY", help="Checkpoints: where the state dict is ('auto' finds it).")
     ] = "auto",
     kwargs: KwargsOption = None,
+    input_size: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input-size",
+            metavar="C,H,W",
+            callback=usage_check(parse_input_size),
+            help="Models with lazy modules (nn.LazyLinear…): one input's size without the batch dimension, to initialise them; repeatable.",
+        ),
+    ] = None,
     tag: TagOption = None,
     trust: TrustOption = False,
     json_output: JsonOption = False,
@@ -62,9 +74,17 @@ def command(
         # Library models are built on the meta device: exact counts, no memory, no init time.
         device = "meta" if models.is_library_model(target) else None
         model = models.load_model(target, models.parse_kwargs(kwargs), trust=trust, device=device)
-        result = models.count_model(model, depth=depth)
+        sizes = [parse_input_size(text) for text in input_size or []]
+        result = models.count_model(model, depth=depth, input_sizes=sizes)
     data = result.to_dict()
     output.emit(data, json_output, render)
+    if data["uninitialized"] and not json_output:
+        shown = ", ".join(data["uninitialized"][:4]) + (" …" if len(data["uninitialized"]) > 4 else "")
+        output.info(
+            f"note: {len(data['uninitialized'])} tensor(s) of lazy modules are not initialised ({shown}): "
+            "their sizes are unknown until the first input, and the counts leave them out; "
+            "pass --input-size to initialise them"
+        )
     if data["inferred_from_names"] and not json_output:
         output.info(
             "note: counted from a checkpoint: parameters vs buffers inferred from names "

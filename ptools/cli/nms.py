@@ -231,7 +231,7 @@ def command(
         _on_ray(
             sources, destination, ray_address, shards, force, skip_invalid, json_output,
             refused={"--eval": eval_path, "--class-iou": class_iou, "--class-score-thr": class_score_thr,
-                     "--model-weights": model_weights, "--format": output_format, "--tmp-dir": tmp_dir},
+                     "--model-weights": model_weights, "--output-format": output_format, "--tmp-dir": tmp_dir},
             options=dict(method=method, iou_threshold=(0.55 if method in core.FUSION_METHODS else 0.5)
                          if iou is None else iou, score_threshold=score_thr, soft_fn=soft_fn, sigma=sigma,
                          max_det=max_det, agnostic=agnostic, box_format=box_format, device=device,

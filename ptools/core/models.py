@@ -435,16 +435,56 @@ class ParameterCount:
     modules: list[dict[str, Any]] = field(default_factory=list)
     inferred_from_names: bool = False
     source: str = "model"
+    # Lazy modules' parameters and buffers not initialised yet (their sizes come from the
+    # first input): not in the counts above, which are then lower bounds.
+    uninitialized: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def count_model(model: Any, depth: int = 1) -> ParameterCount:
+def _is_uninitialized(tensor: Any) -> bool:
+    from torch.nn.parameter import UninitializedTensorMixin
+
+    return isinstance(tensor, UninitializedTensorMixin)
+
+
+def count_model(model: Any, depth: int = 1, input_sizes: list[tuple[int, ...]] | None = None) -> ParameterCount:
     """Count a model's parameters; ``modules`` holds per-module subtotals down to ``depth``
-    (a parameter shared by two modules is counted in each of them, once in the totals)."""
-    parameters = list(model.parameters())  # deduplicated by torch: tied weights once
-    buffers = list(model.buffers())
+    (a parameter shared by two modules is counted in each of them, once in the totals).
+
+    Lazy modules (``nn.LazyLinear`` …) learn their sizes from the first input: with
+    ``input_sizes`` (each without the batch dimension) one forward pass of zeros initialises
+    them; without, their tensors are listed in ``uninitialized`` and left out of the counts.
+
+    Raises:
+        BadInputError: the forward pass that initialises lazy modules fails.
+    """
+    import torch
+
+    def pending() -> list[str]:
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        return [name for name, tensor in named if _is_uninitialized(tensor)]
+
+    uninitialized = pending()
+    if uninitialized and input_sizes:
+        device = next((t.device for t in model.parameters() if not _is_uninitialized(t)), torch.device("cpu"))
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()  # a batch of one: BatchNorm in training mode would refuse it
+        try:
+            with torch.no_grad():
+                model(*(torch.zeros((1, *size), device=device) for size in input_sizes))
+        except Exception as failure:  # the user's model: any error is theirs, reported in one line
+            raise BadInputError(
+                f"initialising the lazy modules with inputs {[list(s) for s in input_sizes]} failed: "
+                f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+            ) from None
+        finally:
+            for module, training in modes:
+                module.training = training
+        uninitialized = pending()
+    parameters = [p for p in model.parameters() if not _is_uninitialized(p)]  # torch dedups: tied once
+    buffers = [b for b in model.buffers() if not _is_uninitialized(b)]
     by_dtype: dict[str, int] = {}
     for p in parameters:
         key = str(p.dtype).removeprefix("torch.")
@@ -454,7 +494,7 @@ def count_model(model: Any, depth: int = 1) -> ParameterCount:
         level = name.count(".") + 1 if name else 0
         if not name or level > depth:
             continue
-        own = list(module.parameters())
+        own = [p for p in module.parameters() if not _is_uninitialized(p)]
         modules.append(
             {
                 "name": name,
@@ -462,7 +502,7 @@ def count_model(model: Any, depth: int = 1) -> ParameterCount:
                 "depth": level,
                 "parameters": sum(p.numel() for p in own),
                 "trainable": sum(p.numel() for p in own if p.requires_grad),
-                "buffers": sum(b.numel() for b in module.buffers()),
+                "buffers": sum(b.numel() for b in module.buffers() if not _is_uninitialized(b)),
             }
         )
     total = sum(p.numel() for p in parameters)
@@ -476,6 +516,7 @@ def count_model(model: Any, depth: int = 1) -> ParameterCount:
         buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
         by_dtype=by_dtype,
         modules=modules,
+        uninitialized=uninitialized,
     )
 
 

@@ -576,9 +576,9 @@ def _check_shapes(boxes: Any, scores: Any, labels: Any, images: Any) -> None:
         raise BadInputError(f"boxes must be [N, 4], not {list(box_shape)}")
     if score_shape != box_shape[:1]:
         raise BadInputError(f"scores must be [N] for boxes {list(box_shape)}, not {list(score_shape)}")
-    for name, values in (("labels", labels), ("images", images)):
-        if values is not None and tuple(np.shape(values)) != box_shape[:1]:
-            raise BadInputError(f"{name} must be [N] for boxes {list(box_shape)}, not {list(np.shape(values))}")
+    for name, given in (("labels", labels), ("images", images)):
+        if given is not None and tuple(np.shape(given)) != box_shape[:1]:
+            raise BadInputError(f"{name} must be [N] for boxes {list(box_shape)}, not {list(np.shape(given))}")
 
 
 def _codes(values: Any, count: int) -> np.ndarray:

@@ -185,3 +185,39 @@ def test_freeze_out_refused_up_front_when_the_module_name_is_taken(tmp_path: Pat
     assert result.exit_code == 1 and "a pickled model could not be loaded back" in result.stderr
     assert "--trainable-out" in result.stderr and not out.exists()
     assert invoke("freeze", f"{source}:Net", "--layers", "backbone", "--dry-run").exit_code == 0
+
+
+LAZY_MODEL = """
+import torch
+
+
+def build():
+    return torch.nn.Sequential(torch.nn.LazyLinear(10), torch.nn.ReLU(), torch.nn.Linear(10, 2),
+                               torch.nn.LazyBatchNorm1d())
+"""
+
+
+def test_lazy_modules_are_counted_once_initialised_and_reported_unknown_before(tmp_path: Path) -> None:
+    """count-params crashed with a raw ValueError on nn.LazyLinear: the initialised part is
+    counted, the rest named; with --input-size one forward pass gives the real counts."""
+    from ptools.core.models import count_model
+
+    spec = f"{tmp_path / 'lazy.py'}:build"
+    (tmp_path / "lazy.py").write_text(LAZY_MODEL)
+    before = runner.invoke(app, ["count-params", spec, "--json"])
+    assert before.exit_code == 0, before.stderr
+    data = json.loads(before.stdout)
+    assert data["total"] == 22 and data["uninitialized"] == ["0.weight", "0.bias", "3.weight", "3.bias",
+                                                             "3.running_mean", "3.running_var"]
+    human = runner.invoke(app, ["count-params", spec])
+    assert "6 tensor(s) of lazy modules are not initialised" in human.stderr and "--input-size" in human.stderr
+    after = runner.invoke(app, ["count-params", spec, "--input-size", "7", "--json"])
+    assert after.exit_code == 0, after.stderr
+    expected = torch.nn.Sequential(torch.nn.Linear(7, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2),
+                                   torch.nn.BatchNorm1d(2))
+    counted = json.loads(after.stdout)
+    assert counted["uninitialized"] == [] and counted["total"] == count_model(expected).total == 106
+    assert counted["buffers"] == count_model(expected).buffers
+    wrong = runner.invoke(app, ["count-params", spec, "--input-size", "3,5,5"])
+    assert wrong.exit_code == 1 and "initialising the lazy modules" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
