@@ -444,9 +444,9 @@ class ParameterCount:
 
 
 def _is_uninitialized(tensor: Any) -> bool:
-    from torch.nn.parameter import UninitializedTensorMixin
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-    return isinstance(tensor, UninitializedTensorMixin)
+    return isinstance(tensor, (UninitializedParameter, UninitializedBuffer))
 
 
 def count_model(model: Any, depth: int = 1, input_sizes: list[tuple[int, ...]] | None = None) -> ParameterCount:
