@@ -10,6 +10,7 @@ Importing this module imports neither torch nor the conversion pipeline.
 from __future__ import annotations
 
 import collections
+import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -28,7 +29,13 @@ DTYPES = {
     "float32": "float32",
     "float": "float32",
 }
-_DEVICE_RE = re.compile(r"^[a-z]+(:\d+)?$")
+_DEVICE_RE = re.compile(r"^([a-z]+)(:\d+)?$")
+# The device types torch.device accepts (c10's DeviceType names), so that a tag torch cannot
+# load (`gpu`, `foo`) is refused here instead of being written into the output.
+TORCH_DEVICE_TYPES = (
+    "cpu", "cuda", "mps", "xpu", "meta", "hpu", "mtia", "xla", "lazy", "ipu", "hip", "ve", "fpga", "maia",
+    "vulkan", "opengl", "opencl", "ideep", "mkldnn", "privateuseone",
+)  # fmt: skip
 
 
 def _with_metadata(
@@ -204,8 +211,19 @@ def parse_map_location(text: str) -> Callable[[str], str]:
 
     def device(value: str) -> str:
         value = value.strip()
-        if not _DEVICE_RE.match(value):
+        match = _DEVICE_RE.match(value)
+        if not match:
             raise BadInputError(f"`map_location`: {value!r} is not a device (cpu, cuda, cuda:1, …)")
+        if match.group(1) not in TORCH_DEVICE_TYPES:
+            close = (
+                ["cuda"]
+                if match.group(1) == "gpu"
+                else difflib.get_close_matches(match.group(1), TORCH_DEVICE_TYPES, n=1)
+            )
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise BadInputError(
+                f"`map_location`: {value!r} is not a device type torch knows{hint} (cpu, cuda, cuda:1, mps, xpu, …)"
+            )
         return value
 
     if "=" not in text:

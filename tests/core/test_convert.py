@@ -175,6 +175,16 @@ def test_bad_map_location(spec: str) -> None:
         keys.parse_map_location(spec)
 
 
+@pytest.mark.parametrize(("spec", "hint"), [("gpu", "did you mean 'cuda'"), ("foo=bar", "'foo'"),
+                                           ("cuda:1=gpu:0", "did you mean 'cuda'")])
+def test_device_types_torch_does_not_know_are_refused(spec: str, hint: str) -> None:
+    """`gpu` and `foo=bar` were accepted and written into a file torch.load cannot load."""
+    with pytest.raises(BadInputError, match=f"not a device type torch knows.*{hint}|{hint}.*not a device type"):
+        keys.parse_map_location(spec)
+    for name in keys.TORCH_DEVICE_TYPES:  # every name the table holds is one torch accepts
+        torch.device(name)
+
+
 def test_remap_to_cuda_on_a_cpu_machine(tmp_path: Path) -> None:
     path = save_zip({"w": torch.ones(3)}, tmp_path / "cpu.pt")
     convert_checkpoint(path, tmp_path / "gpu.pt", map_location="cuda:1")
