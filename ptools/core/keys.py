@@ -234,5 +234,6 @@ def parse_map_location(text: str) -> Callable[[str], str]:
         source, sep, target = pair.partition("=")
         if not sep:
             raise BadInputError(f"`map_location`: {pair!r} is not FROM=TO")
-        mapping[device(source)] = device(target)
+        origin = device(source)  # checked first: an error names the first bad device of the pair
+        mapping[origin] = device(target)
     return lambda location: mapping.get(location, location)
