@@ -367,6 +367,7 @@ def _in_memory(
     records: list[Any] = []
     model_of: list[int] = []
     input_format = None
+    origins: list[tuple[str, int]] = []
     for number, source in enumerate(sources):
         data = head if head is not None and number == 0 else _read(source)
         parsed, parsed_format = core.parse_detections(data, "stdin" if source == "-" else source)
@@ -374,8 +375,14 @@ def _in_memory(
         input_format = input_format or parsed_format
         records.extend(parsed)
         model_of.extend([number] * len(parsed))
+        origins.append(("stdin" if source == "-" else source, len(parsed)))
     assert input_format is not None
-    detections = core.validate(records, box_format=options["box_format"], skip_invalid=skip_invalid)
+    detections = core.validate(
+        records,
+        box_format=options["box_format"],
+        skip_invalid=skip_invalid,
+        sources=origins if len(sources) > 1 else None,
+    )
     names = _category_names(eval_path) if eval_path is not None and (class_iou or class_score_thr) else None
     tables = [
         None

@@ -8,6 +8,7 @@ descending (equal scores keep input order).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import operator
@@ -67,18 +68,36 @@ def parse_detections(data: bytes, source: str = "input") -> tuple[list[Any], str
         return records, "json"
     if text[:1] == b"{":
         try:
-            return parse_lines(data.splitlines(), source), "jsonl"
+            lines = parse_lines(data.splitlines(), source)
         except BadInputError:
             if not _parses(data):  # else one object over several lines, not JSON Lines: said below
                 raise
+        else:
+            if len(lines) == 1 and is_ground_truth(lines[0]):
+                raise _ground_truth_given(source)
+            return lines, "jsonl"
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as failure:
         raise BadInputError(f"{source} is not valid JSON ({brief_text(str(failure))})") from None
+    if is_ground_truth(value):
+        raise _ground_truth_given(source)
     raise BadInputError(
         f"{source} holds a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, not an "
         "array of detection records or JSON Lines",
         'COCO results are a list: [{"image_id": …, "category_id": …, "bbox": […], "score": …}]',
+    )
+
+
+def is_ground_truth(value: Any) -> bool:
+    """Whether a JSON value is a COCO ground-truth document (an object of images and annotations)."""
+    return isinstance(value, dict) and "annotations" in value and "images" in value
+
+
+def _ground_truth_given(source: str) -> BadInputError:
+    return BadInputError(
+        f"{source} is a COCO ground-truth file (images, annotations), not detections",
+        "give it to --eval; the detections to filter are a list of records with image_id, bbox and score",
     )
 
 
@@ -228,9 +247,17 @@ def _id_codes(values: list[Any]) -> tuple[np.ndarray, list[Any]] | None:
     return None
 
 
-def validate(records: Any, box_format: BoxFormat = "xywh", skip_invalid: bool = False, offset: int = 0) -> Detections:
+def validate(
+    records: Any,
+    box_format: BoxFormat = "xywh",
+    skip_invalid: bool = False,
+    offset: int = 0,
+    sources: Sequence[tuple[str, int]] | None = None,
+) -> Detections:
     """Check every record (fast path: vectorised; slow path only to name the culprit).
     ``offset``: the number of the first record in messages (a batch of a larger file).
+    ``sources``: (file name, record count) of each input the records were concatenated
+    from, in order, so that a message names the file and its own record number.
 
     Raises:
         BadInputError: the input is not a list, or a record is invalid (record index and
@@ -258,8 +285,12 @@ def validate(records: Any, box_format: BoxFormat = "xywh", skip_invalid: bool = 
     skipped = 0
     if fast is None:
         valid = []
+        where = _Origins(sources)
         for position, record in enumerate(records):
             problem = _record_problem(position + offset, record, box_format)
+            if problem is not None and sources:
+                name, number = where.of(position)
+                problem = f"{name}: {_record_problem(number, record, box_format)}"
             if problem is None:
                 valid.append(position)
             elif not skip_invalid:
@@ -285,6 +316,18 @@ def validate(records: Any, box_format: BoxFormat = "xywh", skip_invalid: bool = 
         scores=scores,
         skipped=skipped,
     )
+
+
+class _Origins:
+    """Record position in concatenated inputs -> (input name, record number in that input)."""
+
+    def __init__(self, sources: Sequence[tuple[str, int]] | None) -> None:
+        self.names = [name for name, _ in sources or ()]
+        self.starts = list(itertools.accumulate((count for _, count in sources or ()), initial=0))
+
+    def of(self, position: int) -> tuple[str, int]:
+        which = bisect.bisect_right(self.starts, position) - 1
+        return self.names[which], position - self.starts[which]
 
 
 def _mixed_codes(values: list[Any]) -> tuple[np.ndarray, list[Any]]:
@@ -679,6 +722,30 @@ def _cuda_hard(
     return nms_core.NmsResult(keep=kept, scores=scores[kept], boxes=xyxy[kept])
 
 
+def _ground_truth_document(path: str) -> dict[str, Any]:
+    """The COCO ground-truth object at ``path``, checked before pycocotools sees it (which
+    answers a detections file with a 48-line assertion traceback)."""
+    orjson = _json()
+    try:
+        with open(path, "rb") as handle:
+            document = orjson.loads(handle.read())
+    except OSError as failure:
+        raise BadInputError(f"`ground_truth` {path}: {failure.strerror or failure}") from None
+    except orjson.JSONDecodeError as failure:
+        raise BadInputError(f"`ground_truth` {path} is not valid JSON ({brief_text(str(failure))})") from None
+    if isinstance(document, list):
+        raise BadInputError(
+            f"`ground_truth` {path} is a list of records (detections?), not a COCO ground-truth file",
+            "ground truth is an object with images, annotations and categories, like instances_val2017.json",
+        )
+    if not is_ground_truth(document) or not all(isinstance(document[key], list) for key in ("images", "annotations")):
+        raise BadInputError(
+            f"`ground_truth` {path}: not a COCO ground-truth file (no images and annotations lists)",
+            "ground truth is an object with images, annotations and categories, like instances_val2017.json",
+        )
+    return document
+
+
 def evaluate(ground_truth_path: str, *results: list[Any]) -> list[dict[str, float]]:
     """COCO bbox metrics (pycocotools) of each list of result records against ground truth.
 
@@ -700,17 +767,16 @@ def evaluate(ground_truth_path: str, *results: list[Any]) -> list[dict[str, floa
         raise RequirementNotMetError("`ground_truth` evaluation needs pycocotools: pip install pycocotools") from None
     chatter = io.StringIO()  # pycocotools prints progress to stdout, which carries our data
     metrics = []
+    document = _ground_truth_document(ground_truth_path)
     with contextlib.redirect_stdout(chatter):
+        ground_truth = COCO()
+        ground_truth.dataset = document
         try:
-            ground_truth = COCO(ground_truth_path)
-        except (OSError, ValueError, KeyError, TypeError) as failure:
+            ground_truth.createIndex()
+        except (ValueError, KeyError, TypeError, AssertionError) as failure:
             raise BadInputError(
-                f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file ({failure})"
+                f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file ({brief_text(str(failure))})"
             ) from None
-        if "annotations" not in ground_truth.dataset or "images" not in ground_truth.dataset:
-            raise BadInputError(
-                f"`ground_truth` {ground_truth_path}: not a COCO ground-truth file (no images/annotations)"
-            )
         for records in results:
             copies = [
                 {

@@ -344,3 +344,38 @@ def test_wbf_counts_every_input_as_a_model_even_without_records(order: str, tmp_
     assert result.exit_code == 0, result.stderr
     _, expected, _ = weighted_boxes_fusion([[[0, 0, 0.1, 0.1]], []], [[0.8], []], [[1], []])
     assert [record["score"] for record in json.loads(result.stdout)] == pytest.approx(list(expected))
+
+
+def test_a_detections_file_given_as_ground_truth_is_one_line(tmp_path: Path) -> None:
+    """`--eval DETS.json` printed pycocotools' 48-line assertion traceback."""
+    detections = write(tmp_path / "dets.json", [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1}])
+    done = subprocess.run([sys.executable, "-m", "ptools", "nms", str(detections), "--eval", str(detections)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a list of records (detections?), not a COCO ground-truth file" in lines[0]
+    broken = write(tmp_path / "broken.json", {"images": 3, "annotations": []})
+    result = run(str(detections), "--eval", str(broken))
+    assert result.exit_code == 1 and "not a COCO ground-truth file" in result.stderr
+
+
+def test_errors_over_several_inputs_name_the_file_and_its_own_record(tmp_path: Path) -> None:
+    good = write(tmp_path / "a.json", [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1}] * 3)
+    bad = write(tmp_path / "b.json", [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1},
+                                      {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]}])
+    result = run(str(good), str(bad))
+    assert result.exit_code == 1
+    assert f"error: {bad}: record 1: missing field 'score'" in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["pretty", "one line"])
+def test_a_ground_truth_file_given_as_detections_points_to_eval(layout: str, tmp_path: Path) -> None:
+    """It said "record 0: missing field 'image_id' … pass --skip-invalid", and --skip-invalid
+    then gave an empty output with exit 0."""
+    truth = {"images": [{"id": 1, "width": 10, "height": 10}], "annotations": [], "categories": [{"id": 1}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(truth, indent=2 if layout == "pretty" else None))
+    for extra in ([], ["--skip-invalid"]):
+        result = run(str(path), *extra)
+        assert result.exit_code == 1 and result.stdout == ""
+        assert "is a COCO ground-truth file" in result.stderr and "--eval" in result.stderr
