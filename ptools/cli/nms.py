@@ -212,7 +212,7 @@ def command(
             help="JSON Lines input larger than SIZE is run in batches of whole images of about SIZE of JSON: "
             "memory stays near 25 x SIZE whatever the file's size.",
         ),
-    ] = "16MB",
+    ] = "16MiB",
     force: Annotated[bool, typer.Option("--force", help="Replace the -o FILE if it exists (never the input).")] = False,
     json_output: Annotated[
         bool,

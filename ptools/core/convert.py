@@ -836,7 +836,7 @@ def _prepare_dcp(context: _Context) -> _Prepared:
 class OutputKind:
     """One output format: whether it holds only a flat name -> tensor map, and how a plan
     prepares it. A new format is one entry here (and its name in
-    :data:`ptools.core.choices.CheckpointOutputFormat`, its extensions in :data:`EXTENSIONS`)."""
+    :data:`ptools.core.choices.CheckpointOutputFormat`, its extensions in the entry)."""
 
     extensions: tuple[str, ...]  # of an output path that chooses this format; the first is suggested
     flat: bool  # holds only a flat name -> tensor map

@@ -379,3 +379,15 @@ def test_a_ground_truth_file_given_as_detections_points_to_eval(layout: str, tmp
         result = run(str(path), *extra)
         assert result.exit_code == 1 and result.stdout == ""
         assert "is a COCO ground-truth file" in result.stderr and "--eval" in result.stderr
+
+
+def test_the_batch_default_is_the_librarys() -> None:
+    """--batch said 16MB (16,000,000 bytes) while the core default is 16 MiB."""
+    import inspect
+
+    from ptools.cli import nms as nms_cli
+    from ptools.core.streaming import BATCH_BYTES
+    from ptools.core.units import parse_size
+
+    default = inspect.signature(nms_cli.command).parameters["batch"].default
+    assert parse_size(default) == BATCH_BYTES
