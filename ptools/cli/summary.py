@@ -195,8 +195,10 @@ def command(
     except BadInputError as failure:
         if not (device == "auto" and chosen == "meta" and isinstance(failure, ForwardPassError)):
             raise
-        output.info(META_FALLBACK_NOTE)
+        # The note only when the meta device was the cause: a CPU pass that fails as well is
+        # the model's (or the input's) error, reported alone.
         data = measure("cpu")
+        output.info(META_FALLBACK_NOTE)
     if data is None:
         return
     output.emit(data, json_output, lambda shown: render(shown, depth))

@@ -124,8 +124,8 @@ def run(request: TrainRequest, depth: int, json_output: bool) -> None:
             raise
         from ptools.cli.summary import META_FALLBACK_NOTE
 
+        data = _measure(request, "cpu")  # fails too: the model's own error, without the note
         output.info(META_FALLBACK_NOTE)
-        data = _measure(request, "cpu")
     output.emit(data, json_output, lambda shown: render(shown, depth))
     if not json_output:
         for note in data["step"]["notes"]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -142,3 +144,13 @@ def test_models_that_need_values_fall_back_to_the_cpu_without_downloading() -> N
     assert result.exit_code == 0, result.output  # no network here: the backbone weights are not fetched
     assert "does not run on the meta device" in result.stderr and "Downloading" not in result.stderr
     assert json.loads(result.stdout)["device"] == "cpu"
+
+
+def test_an_input_the_model_refuses_is_one_line_without_blaming_the_meta_device() -> None:
+    """`summary resnet18 --input-size 224,224` printed a note blaming the meta device first."""
+    result = subprocess.run([sys.executable, "-m", "ptools", "summary", "resnet18", "--input-size", "224,224"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the forward pass failed"), lines
+    assert "meta device" not in result.stderr
