@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--optimizers", default="adamw")
     parser.add_argument("--amp", default="none", help="none, bf16, or none,bf16")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--no-torchinfo", action="store_true", help="skip the torchinfo column (a CPU pass per point)")
     options = parser.parse_args()
     mib = 2**20
     measured = "RSS growth" if options.device == "cpu" else "max_allocated"
@@ -208,7 +209,8 @@ def main() -> None:
                 for amp in options.amp.split(","):
                     report, seconds = estimate(name, batch, optimizer, amp, options.device, options.runs)
                     real = real_step(name, batch, optimizer, amp, options.device)
-                    info = torchinfo_total(name, batch) if amp == "none" and optimizer == options.optimizers.split(",")[0] else None
+                    first_point = amp == "none" and optimizer == options.optimizers.split(",")[0]
+                    info = torchinfo_total(name, batch) if first_point and not options.no_torchinfo else None
                     if "error" in real:
                         print(f"{name:16} {batch:>5} {optimizer:>5} {amp:>4} | real step failed: {real['error']}")
                         continue

@@ -9,6 +9,7 @@ One forward pass under ``no_grad``; the model's mode (train/eval, per module) an
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -202,8 +203,9 @@ class ModelSummary:
 
 
 def _extra_flop_formulas() -> dict[Any, Any]:
-    """Attention kernels torch's counter does not know: on the CPU, SDPA runs as
-    ``_scaled_dot_product_flash_attention_for_cpu``, which it would count as zero."""
+    """CPU kernels torch's counter does not know and would count as zero: SDPA runs as
+    ``_scaled_dot_product_flash_attention_for_cpu``, and LSTMs (GRU/RNN where oneDNN takes
+    them) as one ``mkldnn_rnn_layer`` per layer and direction."""
     import torch
     from torch.utils.flop_counter import sdpa_flop_count
 
@@ -212,8 +214,30 @@ def _extra_flop_formulas() -> dict[Any, Any]:
     ) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {kernel: cpu_flash_attention} if kernel is not None else {}
+    def recurrent_layer(
+        input_shape: Any, input_weight: Any, hidden_weight: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+    ) -> int:
+        # One layer and direction of an LSTM/GRU/RNN as oneDNN runs it on the CPU: every time
+        # step of every sequence multiplies the input by W_ih [G·H, I] and the state by
+        # W_hh [G·H, H] (what the meta device's decomposition counts as addmm).
+        steps = math.prod(input_shape[:-1])  # T × B, or the rows of a packed sequence
+        return 2 * steps * (math.prod(input_weight) + math.prod(hidden_weight))
+
+    def recurrent_layer_backward(
+        input_shape: Any, input_weight: Any, hidden_weight: Any, *args: Any, **kwargs: Any
+    ) -> int:
+        return 2 * recurrent_layer(input_shape, input_weight, hidden_weight)  # input and weight gradients
+
+    formulas: dict[Any, Any] = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", cpu_flash_attention),
+        ("mkldnn_rnn_layer", recurrent_layer),
+        ("mkldnn_rnn_layer_backward", recurrent_layer_backward),
+    ):
+        kernel = getattr(torch.ops.aten, name, None)
+        if kernel is not None:
+            formulas[kernel] = formula
+    return formulas
 
 
 def summarize(

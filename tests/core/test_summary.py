@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,41 @@ def test_timm_models_when_timm_is_installed() -> None:
     assert models.count_model(model).total == 11_689_512
     with pytest.raises(BadInputError, match="unknown timm model"):
         models.load_model("timm:resnet18x")
+
+
+def _recurrent_macs(module: torch.nn.Module, tokens: int) -> int:
+    """Analytic MACs of a recurrent module: every token of every layer and direction multiplies
+    by W_ih and W_hh (and W_hr with proj_size)."""
+    return tokens * sum(p.numel() for n, p in module.named_parameters() if n.startswith(("weight_ih", "weight_hh",
+                                                                                         "weight_hr")))
+
+
+@pytest.mark.parametrize("case", ["lstm-2-layers-batch-first", "lstm-bidirectional", "lstm-proj", "gru", "rnn",
+                                  "lstm-packed"])
+def test_recurrent_layers_are_counted_on_the_cpu_as_on_meta(case: str) -> None:
+    """On the CPU an nn.LSTM runs as one opaque mkldnn_rnn_layer kernel that torch's flop
+    counter has no formula for: it counted 0 MACs (meta and GRU/RNN were right)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from ptools.core.summary import summarize
+
+    torch.manual_seed(0)
+    module = {
+        "lstm-2-layers-batch-first": lambda: torch.nn.LSTM(8, 16, 2, batch_first=True),
+        "lstm-bidirectional": lambda: torch.nn.LSTM(8, 16, 1, bidirectional=True),
+        "lstm-proj": lambda: torch.nn.LSTM(8, 16, 2, proj_size=4),
+        "gru": lambda: torch.nn.GRU(8, 16, 2, bidirectional=True),
+        "rnn": lambda: torch.nn.RNN(8, 16, 3),
+        "lstm-packed": lambda: torch.nn.LSTM(8, 16, 2),
+    }[case]()
+    inputs = torch.randn(3, 5, 8) if "batch-first" in case else torch.randn(5, 3, 8)
+    tokens = 15
+    if case == "lstm-packed":
+        inputs = pack_padded_sequence(inputs, torch.tensor([5, 3, 2]))
+        tokens = 10
+    expected = _recurrent_macs(module, tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "LSTM with projections is not supported with oneDNN"
+        assert summarize(module, [inputs]).totals["macs"] == expected
+        if case != "lstm-packed":  # a packed sequence does not go to the meta device
+            assert summarize(module.to("meta"), [inputs.to("meta")]).totals["macs"] == expected
