@@ -16,7 +16,7 @@ NAME = "inspect-state-dict"
 SHORT_HELP = "List a checkpoint's tensors (names, shapes, dtypes, devices, sharing) without loading it; stats, diff."
 HELP = f"""{SHORT_HELP}
 
-Reads PyTorch zip and legacy files, TorchScript archives, safetensors (single, or sharded through *.index.json), and torch.distributed.checkpoint folders, by content. Listing reads metadata only, so it costs the same for 10 MB or 10 GB, and never runs code from the file (see --trust).
+Reads PyTorch zip and legacy files, TorchScript archives, safetensors (single, or sharded through *.index.json), torch.distributed.checkpoint folders and DeepSpeed ZeRO run or step folders (the consolidated weights; --tag, --weights), by content. Listing reads metadata only, so it costs the same for 10 MB or 10 GB, and never runs code from the file (see --trust).
 
 [bold]Examples[/bold]
 
@@ -36,7 +36,10 @@ Reads PyTorch zip and legacy files, TorchScript archives, safetensors (single, o
 
 def command(
     file: Annotated[
-        str, typer.Argument(help="Checkpoint file, *.index.json, or a sharded/DCP folder.", show_default=False)
+        str,
+        typer.Argument(
+            help="Checkpoint file, *.index.json, or a sharded, DCP or DeepSpeed ZeRO folder.", show_default=False
+        ),
     ],
     key: Annotated[
         str,

@@ -349,7 +349,11 @@ def render(data: dict[str, Any], depth: int) -> list[Any]:
         )
     ]
     summary_rows = [
-        ("parameters", f"{totals['parameters']:,} (tied weights once)"),
+        (
+            "parameters",
+            f"{totals['parameters']:,}"
+            + (f" ({totals['tied_names']} tied name(s): each weight once)" if totals.get("tied_names") else ""),
+        ),
         ("trainable / non-trainable", f"{totals['trainable']:,} / {totals['non_trainable']:,}"),
         ("buffers", f"{totals['buffers']:,}"),
         ("parameter memory", format_bytes(totals["parameter_bytes"])),

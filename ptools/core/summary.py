@@ -354,6 +354,9 @@ def summarize(
         "input_bytes": _tensor_bytes(args) + _tensor_bytes(kwargs),
         "macs": total_flops // 2,
         "flops": total_flops,
+        # Names beyond the first that a parameter is reachable under (an LM head tied to its
+        # embedding: 1); the totals count each parameter once.
+        "tied_names": len(list(model.named_parameters(remove_duplicate=False))) - len(parameters),
     }
     notes = []
     if scripted:

@@ -154,3 +154,25 @@ def test_an_input_the_model_refuses_is_one_line_without_blaming_the_meta_device(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the forward pass failed"), lines
     assert "meta device" not in result.stderr
+
+
+def test_the_totals_mention_tied_weights_only_when_there_are_some() -> None:
+    from ptools.core.summary import summarize
+    from tests.checkpoint_fixtures import TiedLM
+
+    tied = summarize(TiedLM(), [torch.zeros(1, 4, dtype=torch.long)]).totals
+    untied = summarize(torch.nn.Linear(3, 2), [torch.zeros(1, 3)]).totals
+    assert tied["tied_names"] == 1 and untied["tied_names"] == 0
+    from ptools.cli.summary import render
+
+    def parameters_row(totals: dict) -> str:
+        from rich.console import Console
+
+        console = Console(width=200, record=True)
+        data = {"model": "m", "mode": "eval", "device": "cpu", "dtype": "float32", "inputs": [], "output": [],
+                "rows": [], "totals": totals, "notes": []}
+        for renderable in render(data, 1):
+            console.print(renderable)
+        return next(line for line in console.export_text().splitlines() if "parameters " in line)
+
+    assert "tied" not in parameters_row(untied) and "1 tied name(s)" in parameters_row(tied)
