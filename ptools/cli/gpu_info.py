@@ -460,28 +460,10 @@ def render(data: dict[str, Any]) -> list[Any]:
                 d["pci_bus_id"],
             )
         )
-    renderables.append(
-        output.make_table(
-            f"Devices ({sum(d['cuda_index'] is not None for d in devices)} usable by CUDA)",
-            [
-                ("CUDA", "right"),
-                ("NVML", "right"),
-                "Name",
-                "CC",
-                ("Memory used / total", "right"),
-                ("Free", "right"),
-                ("Util", "right"),
-                ("Temp", "right"),
-                ("Power", "right"),
-                "MIG",
-                ("Procs", "right"),
-                "UUID",
-                "PCI bus",
-            ],
-            device_rows,
-            optional=("PCI bus", "UUID", "NVML", "MIG", "CC", "Power", "Temp"),
-        )
-    )
+    if not devices:  # one plain row instead of thirteen empty columns; the notes say why
+        renderables.append(output.make_table("Devices (none)", ["device"], [("no NVIDIA GPU found",)]))
+    else:
+        renderables.append(_device_table(devices, device_rows))
 
     health_rows = [_health_row(d) for d in devices if d["kind"] == "gpu"]
     if any(row[2:] != ("-", "-", "-", "-") for row in health_rows):
@@ -540,3 +522,26 @@ def _health_row(d: dict[str, Any]) -> tuple[Any, ...]:
     if d["xid_errors"] is not None:
         xid = "none" if not d["xid_errors"] else ", ".join(str(e["xid"]) for e in d["xid_errors"])
     return (d["cuda_index"], d["nvml_index"], ecc, memory, events, xid)
+
+
+def _device_table(devices: list[dict[str, Any]], device_rows: list[Any]) -> Any:
+    return output.make_table(
+        f"Devices ({sum(d['cuda_index'] is not None for d in devices)} usable by CUDA)",
+        [
+            ("CUDA", "right"),
+            ("NVML", "right"),
+            "Name",
+            "CC",
+            ("Memory used / total", "right"),
+            ("Free", "right"),
+            ("Util", "right"),
+            ("Temp", "right"),
+            ("Power", "right"),
+            "MIG",
+            ("Procs", "right"),
+            "UUID",
+            "PCI bus",
+        ],
+        device_rows,
+        optional=("PCI bus", "UUID", "NVML", "MIG", "CC", "Power", "Temp"),
+    )

@@ -158,7 +158,7 @@ class GpuReport:
     """Everything ``gpu-info`` knows.
 
     ``sources`` says who answered: ``devices`` is ``nvml``, ``torch`` or ``none``;
-    ``cuda_order`` is ``pci``, ``torch`` or ``guess``; ``torch`` is ``torch``, ``skipped`` or
+    ``cuda_order`` is ``pci``, ``torch``, ``guess`` or ``none`` (no devices); ``torch`` is ``torch``, ``skipped`` or
     ``not-installed``. ``problems`` lists, in plain words, what is missing and why.
     """
 
@@ -655,7 +655,7 @@ def query_devices(
         cuda_device_order=env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST"),
     )
     problems: list[str] = []
-    sources = {"devices": "none", "cuda_order": "pci", "torch": "skipped"}
+    sources = {"devices": "none", "cuda_order": "none", "torch": "skipped"}  # no devices: no order
     devices = _read_nvml(nvml, system, problems, process_describer or describe_process)
     if devices is not None:
         sources["devices"] = "nvml"
@@ -675,7 +675,7 @@ def query_devices(
 
     if devices is None and torch_info is not None and torch_info.devices:
         devices = _devices_from_torch(torch_info, env)
-        sources["devices"] = "torch"
+        sources["devices"] = sources["cuda_order"] = "torch"
         problems.append(
             "device details from torch: NVML gave no answer, so utilization, "
             "temperature, power and processes are unknown"
@@ -686,6 +686,8 @@ def query_devices(
         sources["cuda_order"] = how
         problems.extend(order_problems)
     devices = devices or []
+    if not devices:
+        sources["cuda_order"] = "none"
     if not any(d.addressable for d in devices) and devices:
         problems.append(
             "no GPU is visible to CUDA programs started from here "
