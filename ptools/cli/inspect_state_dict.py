@@ -358,7 +358,10 @@ def _diff_renderables(data: dict[str, Any]) -> list[Any]:
         "bytes": "keys, shapes, dtypes and the bytes of every common tensor",
         "numbers": "keys, shapes, dtypes and values (bytes, max |A−B|, max relative)",
     }[data["compared"]]
-    summary.append(("identical", f"{'yes' if data['identical'] else 'no'} (compared: {compared})"))
+    verdict = "yes" if data["identical"] else "no"
+    if prefix and data["identical_after_prefix"]:
+        verdict = f"after removing the prefix {prefix['prefix']!r} from {prefix['side'].upper()}"
+    summary.append(("identical", f"{verdict} (compared: {compared})"))
     renderables: list[Any] = [output.make_table("Diff", ["", "value"], summary)]
     if prefix:
         renderables.append(Text(f"Fix: {prefix['fix']}"))

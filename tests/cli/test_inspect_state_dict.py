@@ -102,7 +102,10 @@ def test_diff_detects_prefix_and_shows_fix(tmp_path: Path) -> None:
     assert f"Fix: ptools convert-ckpt {ddp} OUT --strip-prefix module." in result.stdout
     assert "Values: 0 of 9 compared tensors differ" in result.stdout
     data = json.loads(run(ddp, "--diff", plain, "--json").stdout)
-    assert data["prefix"]["prefix"] == "module." and data["identical"] and data["common"] == 9
+    # Equal once `module.` is removed, which is not the same keys: two fields say which.
+    assert data["prefix"]["prefix"] == "module." and data["common"] == 9
+    assert data["identical_after_prefix"] and not data["identical"]
+    assert "after removing the prefix 'module.' from A" in result.stdout
     assert data["compared"] == "bytes" and [v["equal"] for v in data["values"]] == [True] * 9
 
 
@@ -202,7 +205,7 @@ def test_shipped_examples() -> None:
     assert all(t["name"].startswith("module.") for t in listing["tensors"])
     diff = json.loads(run(root / "ddp_checkpoint.pt", "--diff", root / "plain_weights.safetensors",
                           "--values", "--json").stdout)
-    assert diff["prefix"]["prefix"] == "module." and diff["identical"]
+    assert diff["prefix"]["prefix"] == "module." and diff["identical_after_prefix"] and not diff["identical"]
 
 
 def test_filter_matching_nothing_says_so(tmp_path: Path) -> None:

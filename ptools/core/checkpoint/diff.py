@@ -61,11 +61,16 @@ class StateDictDiff:
     values: list[dict[str, Any]] | None = field(default=None)
 
     @property
-    def identical(self) -> bool:
-        """Same keys (after alignment), shapes and dtypes, and - unless only keys were
-        compared - equal values in every common tensor."""
+    def identical_after_prefix(self) -> bool:
+        """Same keys (after removing the prefix one side carries), shapes and dtypes, and -
+        unless only keys were compared - equal values in every common tensor."""
         same = not (self.only_in_a or self.only_in_b or self.shape_mismatches or self.dtype_mismatches)
         return same and all(v["equal"] for v in self.values or ())
+
+    @property
+    def identical(self) -> bool:
+        """:attr:`identical_after_prefix` with no prefix to remove: the same keys as written."""
+        return self.prefix is None and self.identical_after_prefix
 
     @property
     def differing(self) -> int:
@@ -86,6 +91,7 @@ class StateDictDiff:
             "values": self.values,
             "values_differ": self.differing,
             "identical": self.identical,
+            "identical_after_prefix": self.identical_after_prefix,
         }
 
 
