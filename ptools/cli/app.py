@@ -105,9 +105,42 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def usage_line(failure: Exception, argv: list[str]) -> str:
+    """A usage error (Typer's own exceptions) as one line with the help to read, and a
+    suggestion when a choice was mistyped: ``error: --method: 'sfot' is not one of …; did
+    you mean 'soft'? (ptools nms -h)``."""
+    import difflib
+    import re
+
+    message = " ".join(getattr(failure, "format_message", lambda: str(failure))().split())
+    message = message.replace("Value error, ", "")
+    given = re.search(r"'([^']*)' is not one of (.*)", message)
+    choices = re.findall(r"'([^']*)'", given.group(2)) if given else []
+    if choices and given:
+        close = difflib.get_close_matches(given.group(1).lower(), [str(c) for c in choices], n=1, cutoff=0.5)
+        if close:
+            message += f" Did you mean {close[0]!r}?"
+    context = getattr(failure, "ctx", None)
+    where = getattr(context, "command_path", None) or "ptools"
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if where == "ptools" and command and command in {c.name for c in app.registered_commands}:
+        where = f"ptools {command}"
+    return f"error: {message} (see '{where} -h')"
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage errors are one line (exit 2), as every other error."""
     import signal
 
     signal.signal(signal.SIGTERM, _raise_terminated)
-    app(prog_name="ptools")
+    try:
+        code = app(prog_name="ptools", standalone_mode=False)
+    except Exception as failure:
+        if type(failure).__name__ == "NoArgsIsHelpError" or not hasattr(failure, "exit_code"):
+            if hasattr(failure, "show"):  # bare `ptools`: the help, as before
+                failure.show()
+                sys.exit(failure.exit_code)  # type: ignore[attr-defined]
+            raise
+        sys.stderr.write(usage_line(failure, sys.argv[1:]) + "\n")
+        sys.exit(failure.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

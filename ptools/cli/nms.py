@@ -81,6 +81,7 @@ def command(
         NmsMethod,
         typer.Option(
             "--method",
+            case_sensitive=False,
             help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft; wbf, nmw (fuse "
             "models); nmm, greedy-nmm (SAHI's merging of sliced predictions).",
         ),

@@ -97,7 +97,7 @@ def is_ground_truth(value: Any) -> bool:
 def _ground_truth_given(source: str) -> BadInputError:
     return BadInputError(
         f"{source} is a COCO ground-truth file (images, annotations), not detections",
-        "give it to --eval; the detections to filter are a list of records with image_id, bbox and score",
+        "give it as `ground_truth`; the detections to filter are a list of records with image_id, bbox and score",
     )
 
 

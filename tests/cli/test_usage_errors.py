@@ -64,3 +64,29 @@ def test_help_lists_the_choices(args: list[str], allowed: str) -> None:
     listed = "|".join(value.strip("'") for value in allowed.split(", "))
     help_text = flat(runner.invoke(app, [args[0], "--help"], env={"COLUMNS": "300"}).stdout)
     assert re.search(re.escape(option) + r" +<" + re.escape(listed), help_text), help_text
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["nms", "x.json", "--method", "sfot"], "Did you mean 'soft'? (see 'ptools nms -h')"),
+    (["nms", "x.json", "--iuo", "0.3"], "No such option: --iuo (Possible options: --iou)"),
+    (["nmss"], "No such command 'nmss'. Did you mean 'nms'?"),
+    (["summary", "resnet18", "--input-size", "3,a"], "is not a list of integers"),
+])
+def test_a_usage_error_from_the_shell_is_one_line_with_a_suggestion(args: list[str], expected: str) -> None:
+    """They were 5-7-line boxes with no "did you mean"."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ptools", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
+
+
+def test_the_method_is_case_insensitive(tmp_path) -> None:  # noqa: ANN001
+    """`--method Soft` was refused."""
+    detections = tmp_path / "d.json"
+    detections.write_text('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}]')
+    result = runner.invoke(app, ["nms", str(detections), "--method", "Soft", "-o", str(tmp_path / "out.json")])
+    assert result.exit_code == 0, result.stderr
+    assert "soft" in result.stderr.lower()
