@@ -541,6 +541,15 @@ def plan_conversion(
                 )
     if relocate is not None and not OUTPUT_KINDS[kind].devices:
         report.notes.append("`map_location` has no effect on safetensors output (it stores no devices)")
+    if relocate is None and OUTPUT_KINDS[kind].devices:
+        # The tags are kept as the input had them; say so once, since a laptop without CUDA then
+        # needs map_location to load the output.
+        tags = sorted({ref.location for _, tensor in iter_tensors(root) for ref in data_refs(tensor)} - {"cpu"})
+        if tags:
+            report.notes.append(
+                f"tensors keep their device tags ({', '.join(tags[:4])}): `map_location='cpu'` writes a file "
+                "that loads anywhere"
+            )
 
     context = _Context(
         src=src,

@@ -157,7 +157,13 @@ def test_cuda_tagged_checkpoint_remapped_to_cpu(tmp_path: Path) -> None:
             torch.load(path, weights_only=True)
     report = convert_checkpoint(path, tmp_path / "cpu.pt", map_location="cpu", verify=True)
     assert report.devices == {"cuda:0": "cpu", "cuda:1": "cpu"}
+    assert not any("device tags" in note for note in report.notes)
     assert_same_tensors(torch.load(tmp_path / "cpu.pt", weights_only=True), state)
+    # Without map_location the tags are kept, and one note says how to load anywhere.
+    kept = convert_checkpoint(path, tmp_path / "still_gpu.pt")
+    assert [note for note in kept.notes if "device tags" in note] == [
+        "tensors keep their device tags (cuda:0, cuda:1): `map_location='cpu'` writes a file that loads anywhere"
+    ]
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
