@@ -67,7 +67,12 @@ def test_geometry_refuses_malformed_records(shape: Any, stride: Any, offset: Any
 def test_geometry_bounds_expansion() -> None:
     check_geometry((1 << 27,), (0,), 0, 4, 4)  # a large expand of one value is legitimate
     with pytest.raises(BadInputError, match="PTOOLS_MAX_EXPANSION"):
+        check_geometry((2**28, 2**28), (0, 0), 0, 4, 16)
+    # Past 2^58 elements no tensor can exist at all: refused before any expansion question.
+    with pytest.raises(BadInputError, match="sizes no tensor can hold"):
         check_geometry((2**40, 2**40), (0, 0), 0, 4, 16)
+    with pytest.raises(BadInputError, match="sizes no tensor can hold"):
+        check_geometry((0, 2**40, 2**40), (0, 0, 0), 0, 4, 16)  # numel 0 hid it from every bound
 
 
 @settings(max_examples=400, deadline=None)
