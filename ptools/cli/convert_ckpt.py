@@ -323,7 +323,12 @@ def _summary(data: dict[str, Any]) -> None:
     for old, new in data["devices"].items():
         lines.append(f"  device {old} → {new}")
     if data["aliases"]:
-        lines.append(f"  {len(data['aliases'])} tied name(s) stored once, recorded in __metadata__")
+        first = next(iter(data["aliases"]))
+        lines.append(
+            f"  {len(data['aliases'])} tied name(s) stored once, recorded in __metadata__; "
+            f"note: safetensors' load_file does not restore them ({first} is missing from what it returns): "
+            "load with strict=False and tie the weights again, as transformers does"
+        )
     if data["shards"]:
         lines.append(f"  {data['shards']} shard(s) + model.safetensors.index.json")
     if data["verified"]:

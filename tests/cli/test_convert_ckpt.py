@@ -127,3 +127,15 @@ def test_cast_warns_about_lost_values_and_skips_optimizer_state(tmp_path: Path) 
     data = json.loads(run(source, tmp_path / "all.ckpt", "--dtype", "fp16", "--cast-scope", "all", "--json").stdout)
     assert [(loss["names"], loss["to_zero"]) for loss in data["cast_losses"]] == [
         (["state_dict.w"], 1), (["optimizer.state.0.exp_avg_sq"], 4)]
+
+
+def test_a_safetensors_output_with_tied_names_says_load_file_will_not_restore_them(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tests.checkpoint_fixtures import TiedLM
+
+    source = save_zip(TiedLM().state_dict(), tmp_path / "tied.pt")
+    result = CliRunner().invoke(app, ["convert-ckpt", str(source), str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 0, result.stderr
+    assert "load_file does not restore them (head.weight is missing" in result.stderr
+    assert "head.weight" not in load_file(tmp_path / "out.safetensors")  # what the note says is so

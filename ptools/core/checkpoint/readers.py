@@ -523,23 +523,34 @@ def _walk_legacy_storages(
     file_size = os.fstat(handle.fileno()).st_size
     offsets: dict[str, int] = {}
     position = handle.tell()
-    for key in storage_keys:
+    # The keys are torch's in-memory storage ids (addresses at save time): meaningless to a
+    # user, so messages count storages instead.
+    truncated = "the file is cut short (an interrupted download or copy?)"
+    for number, key in enumerate(storage_keys, start=1):
         if key not in keys_seen:
-            raise BadInputError(f"{path}: corrupt legacy checkpoint: unknown storage {key!r}")
+            raise BadInputError(f"{path}: corrupt legacy checkpoint: storage {number} is not described by its pickle")
         handle.seek(position)
         count_bytes = handle.read(8)
+        where = f"storage {number} of {len(storage_keys)}"
         if len(count_bytes) < 8:
-            raise BadInputError(f"{path}: truncated legacy checkpoint (storage {key} is missing)")
+            raise BadInputError(f"{path}: truncated legacy checkpoint: {where} is missing; {truncated}")
         count = int.from_bytes(count_bytes, "little", signed=True)
         size = keys_seen[key][1]
-        if count < 0 or position + 8 + size > file_size:
-            raise BadInputError(f"{path}: truncated or corrupt legacy checkpoint (storage {key})")
+        if count < 0:
+            raise BadInputError(f"{path}: corrupt legacy checkpoint: {where} has a negative size")
+        if position + 8 + size > file_size:
+            raise BadInputError(
+                f"{path}: truncated legacy checkpoint: {where} needs bytes {position + 8:,}–{position + 8 + size:,}, "
+                f"the file has {file_size:,}; {truncated}"
+            )
         offsets[key] = position + 8
         # The count is in elements; the size we derived from the pickle is in bytes.
         position += 8 + size
     missing = set(keys_seen) - set(offsets)
     if missing:
-        raise BadInputError(f"{path}: corrupt legacy checkpoint: no data for storage(s) {', '.join(sorted(missing))}")
+        raise BadInputError(
+            f"{path}: corrupt legacy checkpoint: no data for {len(missing)} storage(s) its pickle describes"
+        )
     return offsets
 
 
