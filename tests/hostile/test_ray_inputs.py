@@ -22,7 +22,8 @@ runner = CliRunner()
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    # A cluster of its own, even where another is running (ray.init would join that one).
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()
 
