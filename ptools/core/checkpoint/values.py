@@ -365,12 +365,18 @@ def tensors_equal(checkpoint_a: Checkpoint, a: TensorInfo, checkpoint_b: Checkpo
     import numpy as np
 
     values_a, values_b = read_tensor(checkpoint_a, a), read_tensor(checkpoint_b, b)
-    # Same dtype on both sides, so the decoded arrays share a numpy dtype: compare their bits.
+    # Same dtype on both sides, so the decoded arrays share a numpy dtype: compare their bits,
+    # a bounded piece at a time (a strided or expanded view is never made dense whole).
     bits = np.dtype(f"u{values_a.dtype.itemsize}") if values_a.dtype.itemsize in (1, 2, 4, 8) else None
-    if bits is None:
-        return bool(np.array_equal(values_a, values_b, equal_nan=True))
-    left = np.ascontiguousarray(values_a).view(bits)
-    right = np.ascontiguousarray(values_b).view(bits)
-    if values_a.dtype.isnative != values_b.dtype.isnative:
-        right = right.byteswap()
-    return bool(np.array_equal(left, right))
+    for piece_a, piece_b in zip(flat_chunks(values_a), flat_chunks(values_b)):
+        if bits is None:
+            if not np.array_equal(piece_a, piece_b, equal_nan=True):
+                return False
+            continue
+        left = np.ascontiguousarray(piece_a).view(bits)
+        right = np.ascontiguousarray(piece_b).view(bits)
+        if values_a.dtype.isnative != values_b.dtype.isnative:
+            right = right.byteswap()
+        if not np.array_equal(left, right):
+            return False
+    return True
