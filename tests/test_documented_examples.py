@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from ptools.cli.app import app
+from ptools.cli.help_format import examples_in
 from tests.checkpoint_fixtures import retag_devices, save_safetensors, save_zip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,11 +182,12 @@ def readme_lines() -> list[str]:
 
 
 def help_lines() -> list[str]:
+    """Each command's examples as its printed help shows them at 80 columns, continued lines
+    joined: what a user copies out of `ptools X --help | less`."""
     lines = []
     for command in app.registered_commands:
-        examples = (command.help or "").split("[bold]Examples[/bold]", 1)
-        if len(examples) == 2:
-            lines += [line.strip() for line in examples[1].splitlines() if line.strip()]
+        printed = CliRunner().invoke(app, [command.name, "--help"], env={"COLUMNS": "80"}).stdout
+        lines += examples_in(printed)
     return lines
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from ptools import __version__
-from ptools.cli import output
+from ptools.cli import help_format, output
 from ptools.cli.wording import cli_words
 from ptools.errors import PtoolsError
 
@@ -35,7 +35,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # Click's plain help: copyable at 80 columns (ptools.cli.help_format)
+    cls=help_format.Group,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -93,9 +94,9 @@ def _register() -> None:
     from ptools.cli import convert_ckpt, count_params, freeze, gpu_info, inspect_state_dict, nms, summary
 
     for module in (gpu_info, inspect_state_dict, convert_ckpt, nms, summary, count_params, freeze):
-        app.command(module.NAME, help=module.HELP, short_help=module.SHORT_HELP, no_args_is_help=False)(
-            error_edge(module.command, module.NAME)
-        )
+        app.command(
+            module.NAME, help=module.HELP, short_help=module.SHORT_HELP, no_args_is_help=False, cls=help_format.Command
+        )(error_edge(module.command, module.NAME))
 
 
 _register()
@@ -114,6 +115,8 @@ def usage_line(failure: Exception, argv: list[str]) -> str:
 
     message = " ".join(getattr(failure, "format_message", lambda: str(failure))().split())
     message = message.replace("Value error, ", "")
+    # Read from the message: recent Typer validates choices with pydantic, and the failing
+    # option carries no Click type whose choices could be asked.
     given = re.search(r"'([^']*)' is not one of (.*)", message)
     choices = re.findall(r"'([^']*)'", given.group(2)) if given else []
     if choices and given:
@@ -135,6 +138,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = app(prog_name="ptools", standalone_mode=False)
+    except typer.Exit as finished:  # --help, --version: done, nothing wrong
+        sys.exit(finished.exit_code)
     except Exception as failure:
         if type(failure).__name__ == "NoArgsIsHelpError" or not hasattr(failure, "exit_code"):
             if hasattr(failure, "show"):  # bare `ptools`: the help, as before

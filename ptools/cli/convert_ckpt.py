@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.cli.help_format import command_help
 from ptools.cli.options import JsonOption, TagOption, TrustOption, ZeroWeightsOption, usage_check
 from ptools.cli.wording import cli_words
 from ptools.core.choices import CastDtype, CastScope, CheckpointOutputFormat
@@ -17,26 +18,17 @@ from ptools.errors import BadInputError
 
 NAME = "convert-ckpt"
 SHORT_HELP = "Remap devices, strip/rename/select keys, extract, cast and convert checkpoints (torch ⇄ safetensors)."
-HELP = f"""{SHORT_HELP}
-
-Reads any format inspect-state-dict reads (DeepSpeed ZeRO run folders too: --tag, --weights), with the same safety rules, and streams tensor data storage by storage. Never overwrites the input; OUT is written to a temporary file beside it and renamed into place only when complete (and verified, with --verify).
-
-[bold]Examples[/bold]
-
-  ptools convert-ckpt gpu_run.pt laptop.pt --map-location cpu
-
-  ptools convert-ckpt ddp.ckpt weights.safetensors --extract auto --strip-prefix auto --dtype bf16 --keep-dtype norm
-
-  ptools convert-ckpt last.ckpt slim.ckpt --drop-optimizer --verify
-
-  ptools convert-ckpt model.pt out --shard-size 2GB
-
-  ptools convert-ckpt old.pt new.pt --rename '^backbone\\.=encoder.' --drop '^head\\.' --dry-run
-
-  ptools convert-ckpt ds_run/ consolidated.safetensors --verify
-
-  ptools convert-ckpt epoch_8.pt epoch_9.pt epoch_10.pt --average -o soup.safetensors
-"""
+DETAILS = "Reads any format inspect-state-dict reads (DeepSpeed ZeRO run folders too: --tag, --weights), with the same safety rules, and streams tensor data storage by storage. Never overwrites the input; OUT is written to a temporary file beside it and renamed into place only when complete (and verified, with --verify)."
+EXAMPLES = [
+    "ptools convert-ckpt gpu_run.pt laptop.pt --map-location cpu",
+    "ptools convert-ckpt ddp.ckpt weights.safetensors --extract auto --strip-prefix auto --dtype bf16 --keep-dtype norm",
+    "ptools convert-ckpt last.ckpt slim.ckpt --drop-optimizer --verify",
+    "ptools convert-ckpt model.pt out --shard-size 2GB",
+    "ptools convert-ckpt old.pt new.pt --rename '^backbone\\.=encoder.' --drop '^head\\.' --dry-run",
+    "ptools convert-ckpt ds_run/ consolidated.safetensors --verify",
+    "ptools convert-ckpt epoch_8.pt epoch_9.pt epoch_10.pt --average -o soup.safetensors",
+]
+HELP = command_help(SHORT_HELP, DETAILS, EXAMPLES)
 
 
 def _parse_map_location(text: str) -> Any:

@@ -8,28 +8,22 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.cli.help_format import command_help
 from ptools.cli.options import DepthOption, JsonOption, KwargsOption, TagOption, TrustOption, usage_check
 from ptools.core.summary import parse_input_size
 from ptools.core.units import format_bytes
 
 NAME = "count-params"
 SHORT_HELP = "Count parameters (total, trainable, frozen, buffers, by dtype, per module) of a model or a checkpoint."
-HELP = f"""{SHORT_HELP}
-
-MODEL_OR_CHECKPOINT is a model spec (resnet50, torchvision:NAME, timm:NAME, package.module:factory, file.py:Class, a TorchScript or .pt2 file) or a checkpoint file: then nothing is built and no tensor data is read, and parameters vs buffers are inferred from names. Tied parameters count once.
-
-[bold]Examples[/bold]
-
-  ptools count-params resnet50
-
-  ptools count-params vit_b_16 --depth 2 --json
-
-  ptools count-params run/last.ckpt
-
-  ptools count-params models.py:Net --kwargs '{{"width": 64}}'
-
-  ptools count-params models.py:LazyNet --input-size 3,32,32
-"""
+DETAILS = "MODEL_OR_CHECKPOINT is a model spec (resnet50, torchvision:NAME, timm:NAME, package.module:factory, file.py:Class, a TorchScript or .pt2 file) or a checkpoint file: then nothing is built and no tensor data is read, and parameters vs buffers are inferred from names. Tied parameters count once."
+EXAMPLES = [
+    "ptools count-params resnet50",
+    "ptools count-params vit_b_16 --depth 2 --json",
+    "ptools count-params run/last.ckpt",
+    "ptools count-params models.py:Net --kwargs '{\"width\": 64}'",
+    "ptools count-params models.py:LazyNet --input-size 3,32,32",
+]
+HELP = command_help(SHORT_HELP, DETAILS, EXAMPLES)
 
 
 def command(
@@ -50,7 +44,7 @@ def command(
             "--input-size",
             metavar="C,H,W",
             callback=usage_check(parse_input_size),
-            help="Models with lazy modules (nn.LazyLinear…): one input's size without the batch dimension, to initialise them; repeatable.",
+            help="Models with lazy modules (nn.LazyLinear, nn.LazyConv2d, ...): one input's size without the batch dimension, to initialise them; repeatable.",
         ),
     ] = None,
     tag: TagOption = None,

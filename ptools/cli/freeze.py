@@ -9,24 +9,20 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.cli.help_format import command_help
 from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption
 from ptools.core.choices import BatchNormMode
 from ptools.errors import BadInputError
 
 NAME = "freeze"
 SHORT_HELP = "Freeze layers by glob on module names, BatchNorm included; report frozen vs trainable; save."
-HELP = f"""{SHORT_HELP}
-
-Patterns are globs on dotted module names (backbone.*, layer1, *.bn*), matched on dotted boundaries (layer1 does not match layer10), with or without a module. wrapper prefix. A pattern that matches nothing is an error. --bn frozen (default) replaces BatchNorm in the frozen part with FrozenBatchNorm so a later model.train() cannot update its statistics.
-
-[bold]Examples[/bold]
-
-  ptools freeze resnet50 --layers conv1,bn1,layer1,layer2 --dry-run
-
-  ptools freeze resnet50 --layers 'layer*' --except layer4 --trainable-out trainable.json
-
-  ptools freeze models.py:Net --weights last.ckpt --layers 'backbone.*' --out frozen.pt
-"""
+DETAILS = "Patterns are globs on dotted module names (backbone.*, layer1, *.bn*), matched on dotted boundaries (layer1 does not match layer10), with or without a module. wrapper prefix. A pattern that matches nothing is an error. --bn frozen (default) replaces BatchNorm in the frozen part with FrozenBatchNorm so a later model.train() cannot update its statistics."
+EXAMPLES = [
+    "ptools freeze resnet50 --layers conv1,bn1,layer1,layer2 --dry-run",
+    "ptools freeze resnet50 --layers 'layer*' --except layer4 --trainable-out trainable.json",
+    "ptools freeze models.py:Net --weights last.ckpt --layers 'backbone.*' --out frozen.pt",
+]
+HELP = command_help(SHORT_HELP, DETAILS, EXAMPLES)
 
 
 def _check_outputs(model_spec: str, weights: str | None, outputs: dict[str, str | None], force: bool) -> None:
@@ -54,7 +50,9 @@ def command(
     model_spec: Annotated[
         str,
         typer.Argument(
-            metavar="MODEL", show_default=False, help="resnet50, timm:NAME, package.module:factory, file.py:Class, …"
+            metavar="MODEL",
+            show_default=False,
+            help="A model spec: resnet50, torchvision:NAME, timm:NAME, package.module:factory, file.py:Class.",
         ),
     ],
     layers: Annotated[

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.cli.help_format import command_help
 from ptools.cli.options import JsonOption, RayAddressOption, usage_check
 from ptools.core import gpu
 from ptools.core.choices import GpuFormat, SelectOrder
@@ -18,24 +19,16 @@ from ptools.errors import BadInputError
 
 NAME = "gpu-info"
 SHORT_HELP = "Show GPUs, memory, utilization, processes and CUDA/torch versions; pick free GPUs."
-HELP = f"""{SHORT_HELP}
-
-Asks NVML first (no CUDA context is created); torch is imported once, only for its own build and only in the full report. --select, --require and --no-torch never import it.
-
-[bold]Examples[/bold]
-
-  ptools gpu-info
-
-  ptools gpu-info --json | jq '.devices[].memory_free_bytes'
-
-  ptools gpu-info --select 2 --min-free-memory 20GiB -- python train.py
-
-  GPUS=$(ptools gpu-info --select 2) && CUDA_VISIBLE_DEVICES=$GPUS python train.py
-
-  ptools gpu-info --require 4 && torchrun --nproc-per-node 4 train.py
-
-  ptools gpu-info --watch 2
-"""
+DETAILS = "Asks NVML first (no CUDA context is created); torch is imported once, only for its own build and only in the full report. --select, --require and --no-torch never import it."
+EXAMPLES = [
+    "ptools gpu-info",
+    "ptools gpu-info --json | jq '.devices[].memory_free_bytes'",
+    "ptools gpu-info --select 2 --min-free-memory 20GiB -- python train.py",
+    "GPUS=$(ptools gpu-info --select 2) && CUDA_VISIBLE_DEVICES=$GPUS python train.py",
+    "ptools gpu-info --require 4 && torchrun --nproc-per-node 4 train.py",
+    "ptools gpu-info --watch 2",
+]
+HELP = command_help(SHORT_HELP, DETAILS, EXAMPLES)
 
 
 def command(

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.cli.help_format import command_help
 from ptools.cli.options import JsonOption, NdjsonOption, TagOption, TrustOption, ZeroWeightsOption
 from ptools.cli.wording import cli_words
 from ptools.core.units import format_bytes
@@ -14,24 +15,16 @@ from ptools.errors import BadInputError
 
 NAME = "inspect-state-dict"
 SHORT_HELP = "List a checkpoint's tensors (names, shapes, dtypes, devices, sharing) without loading it; stats, diff."
-HELP = f"""{SHORT_HELP}
-
-Reads PyTorch zip and legacy files, TorchScript archives, safetensors (single, or sharded through *.index.json), torch.distributed.checkpoint folders and DeepSpeed ZeRO run or step folders (the consolidated weights; --tag, --weights), by content. Listing reads metadata only, so it costs the same for 10 MB or 10 GB, and never runs code from the file (see --trust).
-
-[bold]Examples[/bold]
-
-  ptools inspect-state-dict last.ckpt
-
-  ptools inspect-state-dict model.safetensors --filter 'attn' --tree --depth 3
-
-  ptools inspect-state-dict run/epoch_90.pth --key model_ema --stats
-
-  ptools inspect-state-dict ckpt.pt --check-finite
-
-  ptools inspect-state-dict ddp.pt --diff plain.pt --values
-
-  ptools inspect-state-dict big.pt --ndjson | jq -r 'select(.dtype=="float16") | .name'
-"""
+DETAILS = "Reads PyTorch zip and legacy files, TorchScript archives, safetensors (single, or sharded through *.index.json), torch.distributed.checkpoint folders and DeepSpeed ZeRO run or step folders (the consolidated weights; --tag, --weights), by content. Listing reads metadata only, so it costs the same for 10 MB or 10 GB, and never runs code from the file (see --trust)."
+EXAMPLES = [
+    "ptools inspect-state-dict last.ckpt",
+    "ptools inspect-state-dict model.safetensors --filter 'attn' --tree --depth 3",
+    "ptools inspect-state-dict run/epoch_90.pth --key model_ema --stats",
+    "ptools inspect-state-dict ckpt.pt --check-finite",
+    "ptools inspect-state-dict ddp.pt --diff plain.pt --values",
+    "ptools inspect-state-dict big.pt --ndjson | jq -r 'select(.dtype==\"float16\") | .name'",
+]
+HELP = command_help(SHORT_HELP, DETAILS, EXAMPLES)
 
 
 def command(

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.cli.help_format import command_help
 from ptools.cli.options import RayAddressOption, usage_check
 from ptools.core.choices import BoxFormat, ConfType, DetectionsFormat, IouKind, NmsDevice, NmsMethod, SoftFunction
 from ptools.core.files import path_kind, require_regular_file
@@ -22,24 +23,16 @@ SHORT_HELP = (
     "Offline NMS (hard, and, merge, diou, soft), box fusion of several models (wbf, nmw) and merging of "
     "sliced predictions (nmm, greedy-nmm) over COCO-style detection JSON or JSON Lines."
 )
-HELP = f"""{SHORT_HELP}
-
-Per image, and per class unless --agnostic. hard is exactly torchvision's batched_nms keep set; soft re-picks the best decayed score after every decay and returns the decayed scores. Every other field of a record is kept. Output: by image id, then score descending.
-
-[bold]Examples[/bold]
-
-  ptools nms preds.json --method soft > out.json
-
-  ptools nms preds.json -o kept.json --iou 0.6 --score-thr 0.05 --max-det 100
-
-  cat preds.jsonl | ptools nms - --method diou --agnostic > out.jsonl
-
-  ptools nms examples/detections.json --method soft --eval examples/detections_gt.json -o out.json
-
-  ptools nms model_a.json model_b.json model_c.jsonl --method wbf --model-weights 2,1,1 -o fused.json
-
-  ptools nms sliced.json --method greedy-nmm --match-metric ios -o merged.json
-"""
+DETAILS = "Per image, and per class unless --agnostic. hard is exactly torchvision's batched_nms keep set; soft re-picks the best decayed score after every decay and returns the decayed scores. Every other field of a record is kept. Output: by image id, then score descending."
+EXAMPLES = [
+    "ptools nms preds.json --method soft > out.json",
+    "ptools nms preds.json -o kept.json --iou 0.6 --score-thr 0.05 --max-det 100",
+    "cat preds.jsonl | ptools nms - --method diou --agnostic > out.jsonl",
+    "ptools nms examples/detections.json --method soft --eval examples/detections_gt.json -o out.json",
+    "ptools nms model_a.json model_b.json model_c.jsonl --method wbf --model-weights 2,1,1 -o fused.json",
+    "ptools nms sliced.json --method greedy-nmm --match-metric ios -o merged.json",
+]
+HELP = command_help(SHORT_HELP, DETAILS, EXAMPLES)
 
 
 def _parse_batch(text: str) -> int:
@@ -81,6 +74,7 @@ def command(
         NmsMethod,
         typer.Option(
             "--method",
+            metavar="METHOD",
             case_sensitive=False,
             help="hard (aliases vision, vision_batch, batched, or), and, merge, diou, soft; wbf, nmw (fuse "
             "models); nmm, greedy-nmm (SAHI's merging of sliced predictions).",
@@ -90,12 +84,13 @@ def command(
         float | None,
         typer.Option(
             "--iou",
+            metavar="T",
             min=0.0,
             max=1.0,
-            show_default="0.5",
+            show_default=False,
             help="Suppress when the overlap (--criterion; DIoU for diou) > this; nmm/greedy-nmm merge when "
             "it is >= this (SAHI's rule); soft with --soft-fn linear decays above it; gaussian Soft-NMS has "
-            "no threshold (use --sigma). Default 0.55 for wbf/nmw.",
+            "no threshold (use --sigma). Default 0.5; 0.55 for wbf/nmw.",
         ),
     ] = None,
     score_thr: Annotated[
@@ -160,7 +155,9 @@ def command(
         ConfType, typer.Option("--conf-type", help="wbf: how a fused box's score is made (ensemble-boxes' conf_type).")
     ] = "avg",
     soft_fn: Annotated[SoftFunction, typer.Option("--soft-fn", help="Soft-NMS decay.")] = "gaussian",
-    sigma: Annotated[float, typer.Option("--sigma", help="Gaussian Soft-NMS: s *= exp(-IoU^2 / sigma).")] = 0.5,
+    sigma: Annotated[
+        float, typer.Option("--sigma", metavar="SIGMA", help="Gaussian Soft-NMS: s *= exp(-IoU^2 / sigma).")
+    ] = 0.5,
     box_format: Annotated[BoxFormat, typer.Option("--box-format", help="bbox layout (xywh: COCO).")] = "xywh",
     output_format: Annotated[
         DetectionsFormat | None, typer.Option("--output-format", help="Default: the input's format.")

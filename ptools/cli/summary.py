@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ptools.cli import output
+from ptools.cli.help_format import command_help
 from ptools.cli.options import JsonOption, KwargsOption, StrictOption, TrustOption, WeightsOption, usage_check
 from ptools.core.choices import SummaryDtype, SummaryFormat, SummaryMode, TrainOptimizer, TrainTarget
 from ptools.core.summary import ForwardPassError, check_device, parse_input_size
@@ -20,35 +21,29 @@ META_FALLBACK_NOTE = (
     "note: the model does not run on the meta device (it needs values, e.g. for NMS): measured on the CPU instead"
 )
 SHORT_HELP = "Layer table of a model: output shapes, parameters, MACs and FLOPs from the real operations."
-HELP = f"""{SHORT_HELP}
-
-One forward pass in eval mode under no_grad (the model's modes and BatchNorm statistics are left as they were). MACs/FLOPs come from torch.utils.flop_counter (matmul, linear, convolution, attention): FLOPs = 2 x MACs. --device meta measures any model without memory or compute.
-
---train: one training step (forward, loss, backward, optimizer step), traced on the meta device or run for real: memory by part at the peak (parameters, gradients, optimizer state, activations, temporaries) and the phase of the peak, backward FLOPs from the real backward ops, --sweep over batch or input sizes, --fit the largest batch for a memory budget.
-
-[bold]Examples[/bold]
-
-  ptools summary resnet50 --input-size 3,224,224
-
-  ptools summary vit_b_16 --input-size 3,224,224 --depth 2 --json
-
-  ptools summary vit_h_14 --input-size 3,518,518 --device meta --kwargs '{{"image_size": 518}}'
-
-  ptools summary models.py:Tagger --input-spec '{{"args": [{{"shape": [1, 128], "dtype": "int64", "fill": "randint", "high": 30000}}], "kwargs": {{"mask": {{"shape": [1, 128], "dtype": "bool", "fill": "ones"}}}}}}'
-
-  ptools summary resnet18 --input-size 3,224,224 --format torchsummary
-
-  ptools summary resnet50 --train --batch-size 32 --optimizer adamw --amp
-
-  ptools summary vit_b_16 --train --sweep batch=1,8,32,128 --fit 24GiB
-"""
+DETAILS = (
+    "One forward pass in eval mode under no_grad (the model's modes and BatchNorm statistics are left as they were). MACs/FLOPs come from torch.utils.flop_counter (matmul, linear, convolution, attention): FLOPs = 2 x MACs. --device meta measures any model without memory or compute.\n\n"
+    "--train: one training step (forward, loss, backward, optimizer step), traced on the meta device or run for real: memory by part at the peak (parameters, gradients, optimizer state, activations, temporaries) and the phase of the peak, backward FLOPs from the real backward ops, --sweep over batch or input sizes, --fit the largest batch for a memory budget."
+)
+EXAMPLES = [
+    "ptools summary resnet50 --input-size 3,224,224",
+    "ptools summary vit_b_16 --input-size 3,224,224 --depth 2 --json",
+    "ptools summary vit_h_14 --input-size 3,518,518 --device meta --kwargs '{\"image_size\": 518}'",
+    "ptools summary models.py:Tagger --input-spec @inputs.json",
+    "ptools summary resnet18 --input-size 3,224,224 --format torchsummary",
+    "ptools summary resnet50 --train --batch-size 32 --optimizer adamw --amp",
+    "ptools summary vit_b_16 --train --sweep batch=1,8,32,128 --fit 24GiB",
+]
+HELP = command_help(SHORT_HELP, DETAILS, EXAMPLES)
 
 
 def command(
     model_spec: Annotated[
         str,
         typer.Argument(
-            metavar="MODEL", show_default=False, help="resnet50, timm:NAME, package.module:factory, file.py:Class, …"
+            metavar="MODEL",
+            show_default=False,
+            help="A model spec: resnet50, torchvision:NAME, timm:NAME, package.module:factory, file.py:Class.",
         ),
     ],
     input_size: Annotated[
@@ -60,7 +55,9 @@ def command(
             help="One input's size without the batch dimension; repeatable.",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch dimension added to --input-size.")] = 1,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", metavar="N", min=1, help="Batch dimension added to --input-size.")
+    ] = 1,
     input_spec: Annotated[
         str | None,
         typer.Option(
@@ -75,6 +72,7 @@ def command(
         str,
         typer.Option(
             "--device",
+            metavar="DEVICE",
             callback=usage_check(check_device),
             help="auto: meta for torchvision/timm models (every shape and count, no memory or compute; the CPU "
             "if the model cannot run there), else cpu; or cpu, cuda, cuda:N, meta.",

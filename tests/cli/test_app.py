@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -195,3 +196,61 @@ def _readme_section_by_title(title: str) -> str:
     start = readme.index(f"### {title}")
     end = readme.index("\n### ", start + 4)
     return readme[start:end]
+
+
+
+def printed_help(*args: str) -> str:
+    """Help as a pipe gets it (`ptools nms -h | less`): 80 columns, no terminal."""
+    done = subprocess.run([sys.executable, "-m", "ptools", *args, "--help"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return done.stdout
+
+
+def option_spellings(command: str | None) -> set[str]:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    found = group if command is None else group.commands[command]  # type: ignore[attr-defined]
+    return {"--help"} | {spelling for param in found.params for spelling in getattr(param, "opts", [])}
+
+
+@pytest.mark.parametrize("command", [None, *[c.name for c in registered_commands()]])
+def test_help_at_80_columns_is_whole_and_copyable(command: str | None) -> None:
+    """Rich's panels cut option names with `…`, broke `--class-iou` at its hyphen and showed
+    Python types (`<list[str]>`, `(0.5)` defaults) at 80 columns."""
+    text = printed_help(*([command] if command else []))
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert "…" not in text and "─" not in text
+    assert not re.search(r"<(?:str|int|float|bool|path|list\[\w+\])>|\(0\.\d+\)|default: \(", text, re.I), text
+    assert not re.search(r"\w-\n", text), "a line ends in a hyphen: a flag or file name was split"
+    # Every flag the text names is spelt whole: one of ptools' (or torchrun's, in an example).
+    known = {"--nproc-per-node", "--version"}.union(*(option_spellings(c.name) for c in registered_commands()))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", text))
+    assert named <= known, named - known
+
+
+@pytest.mark.parametrize("command", registered_commands(), ids=lambda c: c.name)
+def test_every_help_example_is_printed_whole(command) -> None:  # noqa: ANN001
+    """Each example in a command's source comes back, whole, out of the printed help."""
+    from ptools.cli.help_format import examples_in
+
+    module = sys.modules[command.callback.__module__]
+    assert examples_in(printed_help(command.name)) == list(module.EXAMPLES)
+
+
+def test_a_long_example_breaks_between_words_as_a_shell_continues_it() -> None:
+    from ptools.cli.help_format import examples_in, shell_lines
+
+    example = ("ptools nms model_a.json model_b.json --method wbf --class-iou '{\"1\": 0.6, \"person\": 0.4}' "
+               "--model-weights 2,1 -o fused.json > log.txt")
+    lines = shell_lines(example, width=40)
+    assert lines == [
+        "ptools nms model_a.json model_b.json \\",
+        "    --method wbf \\",
+        "    --class-iou '{\"1\": 0.6, \"person\": 0.4}' \\",  # a quoted value is never split
+        "    --model-weights 2,1 -o fused.json \\",  # nor an option from its value
+        "    > log.txt",
+    ]
+    assert examples_in("Examples:\n\n" + "\n".join("  " + line for line in lines)) == [example]
+    assert shell_lines("ptools gpu-info") == ["ptools gpu-info"]

@@ -60,10 +60,16 @@ def test_malformed_value_is_exit_2(args: list[str], message: str) -> None:
 
 @pytest.mark.parametrize(("args", "allowed"), CHOICES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_help_lists_the_choices(args: list[str], allowed: str) -> None:
+    """In the option's row: as its metavar (``<a|b>``) or, where the list would not fit in 80
+    columns (``--method METHOD``), in its help text."""
     option = next(a for a in args if a.startswith("--") and a not in ("--layers", "--select"))
-    listed = "|".join(value.strip("'") for value in allowed.split(", "))
-    help_text = flat(runner.invoke(app, [args[0], "--help"], env={"COLUMNS": "300"}).stdout)
-    assert re.search(re.escape(option) + r" +<" + re.escape(listed), help_text), help_text
+    choices = [value.strip("'") for value in allowed.split(", ")]
+    help_text = flat(runner.invoke(app, [args[0], "--help"], env={"COLUMNS": "80"}).stdout)
+    options = help_text.partition(" Options: ")[2]
+    row = re.search(re.escape(option) + r"(?:, --[a-z-]+)? (.*?)(?= --[a-z]| -h, --help)", options)
+    assert row, options
+    assert row.group(1).startswith("<" + "|".join(choices)) or all(
+        re.search(rf"\b{re.escape(choice)}\b", row.group(1)) for choice in choices), row.group(1)
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -8,7 +8,7 @@ device tag) and where its bytes are (:class:`StorageRef`); values are read on de
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,7 +269,6 @@ def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int, 
             length, an element past the end of the storage, or an expanded (stride-0)
             tensor claiming far more elements than are stored.
     """
-    from ptools.core import limits
     from ptools.core.limits import brief
 
     if not whole_numbers(shape):
@@ -292,7 +291,16 @@ def check_geometry(shape: Any, stride: Any, storage_offset: Any, itemsize: int, 
             f"corrupt tensor record: shape {list(shape)} with stride {list(stride)} at "
             f"offset {storage_offset} reaches past the end of storage (byte {end:,} of {storage_bytes:,})"
         )
-    if numel > extent * limits.EXPANSION.value and numel > (1 << 27):
+    check_expansion(shape, numel, extent)
+
+
+def check_expansion(shape: Sequence[int], numel: int, extent: int) -> None:
+    """Refuse a stride-0 (expanded) tensor that claims far more elements than it stores: a
+    corrupt or hostile header, not a checkpoint. Checked when a record is read and again
+    before values are made from one (a tensor may be built without the reader)."""
+    from ptools.core import limits
+
+    if numel > max(extent, 1) * limits.EXPANSION.value and numel > (1 << 27):
         raise limits.EXPANSION.exceeded(
             f"a tensor of shape {list(shape)} claims {numel:,} elements over {extent:,} stored"
         )

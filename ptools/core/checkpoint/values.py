@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ptools.core.checkpoint.tensors import COMPLEX, FLOATING, ITEMSIZE, StorageRef, TensorInfo
+from ptools.core.checkpoint.tensors import COMPLEX, FLOATING, ITEMSIZE, StorageRef, TensorInfo, check_expansion
 from ptools.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ _NUMPY_CODES = {
     "quint2x4": "u1",
 }
 CHUNK_ELEMENTS = 1 << 22
-MAX_EXPANSION = 64
 
 
 def _float8_e4m3fn_table() -> np.ndarray:
@@ -108,12 +107,7 @@ def read_tensor(checkpoint: Checkpoint, tensor: TensorInfo) -> np.ndarray:
         raise BadInputError("a meta tensor has no values")
     itemsize = ITEMSIZE[tensor.dtype]
     extent = tensor.extent
-    if tensor.numel > MAX_EXPANSION * max(extent, 1) and tensor.numel > CHUNK_ELEMENTS * 32:
-        # Stride-0 expansion this large is a corrupt or hostile header, not a checkpoint.
-        raise BadInputError(
-            f"a tensor of shape {list(tensor.shape)} claims {tensor.numel:,} elements over "
-            f"{extent:,} stored ones; refusing to expand it"
-        )
+    check_expansion(tensor.shape, tensor.numel, extent)
     if tensor.numel > extent:
         _spend_expansion(checkpoint, tensor, expansion_claim(tensor))
     raw = checkpoint.read(tensor.storage, tensor.storage_offset * itemsize, extent * itemsize)
